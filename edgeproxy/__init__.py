@@ -1,0 +1,3 @@
+"""edgeproxy: a Docker-label-driven, auto-discovering edge proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""Admin listener: /healthz, /routes and /containers as JSON, apart from proxied traffic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from edgeproxy import __version__
+from edgeproxy.model import Route, Upstream
+from edgeproxy.table import Decision
+from edgeproxy.watcher import Watcher
+
+
+def upstream_json(u: Upstream) -> dict[str, Any]:
+    """One replica as shown by /routes."""
+    return {
+        "name": u.name,
+        "container_id": u.container_id[:12] if u.container_id else None,
+        "address": u.address if u.host else None,
+        "url": f"{u.scheme}://{u.address}" if u.host else None,
+        "state": u.state,
+        "eligible": u.eligible,
+        "reason": u.reason or None,
+    }
+
+
+def route_json(r: Route) -> dict[str, Any]:
+    """One route as shown by /routes."""
+    return {
+        "name": r.name,
+        "source": r.source,
+        "hosts": list(r.spec.hosts),
+        "paths": list(r.spec.paths),
+        "strip_prefix": r.spec.strip_prefix,
+        "policies": {},
+        "replicas": [upstream_json(u) for u in r.upstreams],
+        "healthy": len(r.pool),
+    }
+
+
+def decision_json(d: Decision) -> dict[str, Any]:
+    """One container's routing decision as shown by /containers."""
+    return {
+        "container": d.container,
+        "routed": d.routed,
+        "route": d.route,
+        "reason": d.reason,
+        "errors": [{"label": e.label, "value": e.value, "reason": e.reason} for e in d.errors],
+    }
+
+
+def _docker_state(watcher: Watcher) -> str:
+    if not watcher.settings.docker:
+        return "disabled"
+    return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
+
+
+def make_admin_app(watcher: Watcher, in_flight: Callable[[], int]) -> web.Application:
+    """The admin aiohttp application."""
+    started = time.time()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({
+            "status": "ok",
+            "version": __version__,
+            "uptime_s": round(time.time() - started, 1),
+            "docker": _docker_state(watcher),
+            "routes": len(watcher.table.routes),
+            "in_flight": in_flight(),
+        })
+
+    async def routes(_: web.Request) -> web.Response:
+        table = watcher.table
+        return web.json_response({
+            "swaps": watcher.swaps,
+            "last_swap": watcher.last_swap or None,
+            "docker": _docker_state(watcher),
+            "routes": [route_json(r) for r in table.routes],
+            "conflicts": [{"container": c.container, "reason": c.reason}
+                          for c in table.conflicts],
+        })
+
+    async def containers(_: web.Request) -> web.Response:
+        return web.json_response({
+            "containers": [decision_json(d) for d in watcher.table.decisions],
+        })
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/routes", routes)
+    app.router.add_get("/containers", containers)
+    return app

@@ -1,0 +1,310 @@
+"""The request handler: match, pick a replica, stream the request and response through."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from edgeproxy import headers as h
+from edgeproxy.errors import error_response
+from edgeproxy.logs import get_logger
+from edgeproxy.model import Route, Upstream
+from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
+from edgeproxy.settings import Settings
+from edgeproxy.table import RouteTable
+
+_SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
+_CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The streamed request body passed the size limit."""
+
+
+class _CountedBody:
+    """Streams the client's body upstream, counting bytes against the limit."""
+
+    __slots__ = ("_content", "limit", "seen", "too_large")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self.limit = limit
+        self.seen = 0
+        self.too_large = False
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        async for chunk in self._content.iter_chunked(_CHUNK):
+            self.seen += len(chunk)
+            if self.limit and self.seen > self.limit:
+                self.too_large = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """One ClientSession for the process: no decompression, no invented headers, no cookies."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30,
+                                     enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
+                                    sock_read=settings.read_timeout)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=_SKIP_AUTO,
+        trust_env=False,
+        requote_redirect_url=False,
+    )
+
+
+class Proxy:
+    """Answers every request on the traffic listener from the current route table."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: Callable[[], RouteTable],
+        session: aiohttp.ClientSession,
+        scheme: str = "http",
+    ) -> None:
+        self.settings = settings
+        self._table = table
+        self._session = session
+        self._scheme = scheme
+        self._trusted = settings.trusted_proxies
+        self._log = get_logger("access")
+        self._access = settings.access_log
+        self.in_flight = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Entry point for aiohttp's low-level server."""
+        start = time.perf_counter()
+        rid = h.request_id(request.headers)
+        self.in_flight += 1
+        info: dict[str, Any] = {"route": None, "upstream": None, "bytes": 0}
+        status = 500
+        try:
+            response = await self._dispatch(request, rid, info)
+            status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
+            if self._access:
+                self._log.info(
+                    "access", method=request.method, path=request.raw_path, status=status,
+                    route=info["route"], upstream=info["upstream"], bytes=info["bytes"],
+                    duration_ms=round((time.perf_counter() - start) * 1000, 3), request_id=rid,
+                    client=info.get("client"),
+                )
+
+    async def _dispatch(
+        self, request: web.BaseRequest, rid: str, info: dict[str, Any]
+    ) -> web.StreamResponse:
+        raw_path, query = split_target(request.raw_path)
+        try:
+            path = normalize_path(raw_path)
+        except PathError as exc:
+            return error_response(400, "bad_path", str(exc), rid)
+        host = h.request_host(request.headers)
+        found = self._table().match(host, path)
+        if found is None:
+            return error_response(404, "no_route",
+                                  f"no route matches host {host!r} and path {path!r}", rid)
+        route, prefix = found
+        info["route"] = route.name
+        upstream = route.pick()
+        if upstream is None:
+            return error_response(
+                503, "no_replica", f"route {route.name!r} has no healthy replica right now", rid,
+                {"Retry-After": str(self.settings.retry_after)})
+        info["upstream"] = upstream.address
+        limit = self.settings.max_body_size
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            return error_response(413, "body_too_large",
+                                  f"request body of {length} bytes exceeds the limit of {limit}",
+                                  rid, {"Connection": "close"})
+        fwd_path = strip_prefix(path, prefix) if route.spec.strip_prefix else path
+        peer = request.remote
+        trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
+        client = h.client_address(peer, request.headers, self._trusted)
+        info["client"] = client
+        hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
+                                          scheme=self._scheme, rid=rid, trusted_peer=trusted_peer)
+        if _is_websocket(request):
+            return await self._websocket(request, route, upstream, fwd_path, query, hdrs, rid,
+                                         info)
+        url = URL.build(scheme=upstream.scheme, host=upstream.host, port=upstream.port,
+                        path=fwd_path, query_string=query, encoded=True)
+        body: _CountedBody | None = None
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = _CountedBody(request.content, limit)
+        return await self._forward(request, url, hdrs, body, route, rid, info)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        hdrs: CIMultiDict[str],
+        body: _CountedBody | None,
+        route: Route,
+        rid: str,
+        info: dict[str, Any],
+    ) -> web.StreamResponse:
+        try:
+            upstream_cm = self._session.request(
+                request.method, url, headers=hdrs,
+                data=body.stream() if body is not None else None,
+                allow_redirects=False, compress=None, raise_for_status=False,
+            )
+            async with upstream_cm as resp:
+                out = web.StreamResponse(status=resp.status, reason=resp.reason,
+                                         headers=h.downstream_response_headers(resp.headers))
+                out.headers["X-Request-ID"] = rid
+                if resp.content_length is not None:
+                    out.content_length = resp.content_length
+                await out.prepare(request)
+                sent = 0
+                try:
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+                        sent += len(chunk)
+                except (TimeoutError, aiohttp.ClientError):
+                    # Headers are out: the only honest signal left is to cut the connection
+                    # so the client does not take a truncated body for a whole one.
+                    info["bytes"] = sent
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                except ConnectionError:
+                    info["bytes"] = sent
+                    return out
+                info["bytes"] = sent
+                await out.write_eof()
+                return out
+        except BodyTooLarge:
+            return self._too_large(body, rid)
+        except aiohttp.ServerTimeoutError as exc:
+            if body is not None and body.too_large:
+                return self._too_large(body, rid)
+            return error_response(504, "upstream_timeout",
+                                  f"replica of route {route.name!r} timed out: {exc}", rid)
+        except TimeoutError:
+            return error_response(504, "upstream_timeout",
+                                  f"replica of route {route.name!r} timed out", rid)
+        except aiohttp.ClientConnectorError as exc:
+            return error_response(502, "upstream_unreachable",
+                                  f"replica of route {route.name!r} refused or unreachable: "
+                                  f"{exc.os_error.strerror or exc}", rid)
+        except aiohttp.ClientError as exc:
+            if body is not None and body.too_large:
+                return self._too_large(body, rid)
+            return error_response(502, "upstream_error",
+                                  f"replica of route {route.name!r} failed: "
+                                  f"{type(exc).__name__}", rid)
+
+    def _too_large(self, body: _CountedBody | None, rid: str) -> web.Response:
+        limit = body.limit if body is not None else self.settings.max_body_size
+        return error_response(413, "body_too_large",
+                              f"request body exceeds the limit of {limit} bytes", rid,
+                              {"Connection": "close"})
+
+    async def _websocket(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        upstream: Upstream,
+        path: str,
+        query: str,
+        hdrs: CIMultiDict[str],
+        rid: str,
+        info: dict[str, Any],
+    ) -> web.StreamResponse:
+        protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+                     for p in v.split(",") if p.strip()]
+        for name in list(hdrs):
+            if name.lower().startswith("sec-websocket-"):
+                del hdrs[name]
+        scheme = "wss" if upstream.scheme == "https" else "ws"
+        url = URL.build(scheme=scheme, host=upstream.host, port=upstream.port, path=path,
+                        query_string=query, encoded=True)
+        try:
+            up = await self._session.ws_connect(url, headers=hdrs, protocols=protocols,
+                                                autoclose=False, autoping=False, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as exc:
+            return error_response(502, "upstream_websocket_refused",
+                                  f"replica of route {route.name!r} refused the WebSocket "
+                                  f"upgrade with {exc.status}", rid)
+        except aiohttp.ClientError as exc:
+            return error_response(502, "upstream_unreachable",
+                                  f"replica of route {route.name!r} unreachable: "
+                                  f"{type(exc).__name__}", rid)
+        except TimeoutError:
+            return error_response(504, "upstream_timeout",
+                                  f"replica of route {route.name!r} timed out", rid)
+        ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (),
+                                   autoclose=False, autoping=False, max_msg_size=0)
+        ws.headers["X-Request-ID"] = rid
+        await ws.prepare(request)
+        try:
+            await _pump_both(ws, up)
+        finally:
+            await up.close()
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return False
+    return "upgrade" in h.connection_tokens(request.headers)
+
+
+WS = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(src: WS, dst: WS) -> None:
+    async for msg in src:
+        if msg.type == WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type == WSMsgType.PING:
+            await dst.ping(msg.data)
+        elif msg.type == WSMsgType.PONG:
+            await dst.pong(msg.data)
+        elif msg.type == WSMsgType.CLOSE:
+            await dst.close(code=msg.data or 1000, message=(msg.extra or "").encode())
+            return
+        else:
+            return
+    if not dst.closed:
+        await dst.close()
+
+
+async def _pump_both(client: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse) -> None:
+    tasks = [asyncio.ensure_future(_pump(client, up)), asyncio.ensure_future(_pump(up, client))]
+    try:
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # Give the other direction a moment to deliver the close handshake.
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

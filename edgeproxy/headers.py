@@ -1,0 +1,134 @@
+"""Header rules for both directions: hop-by-hop stripping, forwarded headers, client address."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from edgeproxy.settings import IPNetwork
+
+HOP_BY_HOP = frozenset(
+    h.lower() for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+        "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+    )
+)
+# Set only by the proxy; a client sending them is trying to impersonate an authenticated user.
+RESERVED_REQUEST = frozenset(("x-auth-subject", "x-auth-scopes"))
+# Replaced unless the peer is a trusted proxy.
+FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                       "x-forwarded-port", "x-real-ip", "forwarded"))
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+def connection_tokens(headers: Headers) -> set[str]:
+    """Lower-case header names listed in Connection (they are hop-by-hop too)."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def is_trusted(address: str | None, trusted: Iterable[IPNetwork]) -> bool:
+    """True when an address lies inside one of the trusted proxy networks."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_address(peer: str | None, headers: Headers, trusted: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the peer, or, behind trusted proxies, the last untrusted hop."""
+    peer = peer or ""
+    if not trusted or not is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops and hops[0] else peer
+
+
+def request_id(headers: Headers) -> str:
+    """The client's X-Request-ID when it looks like one, else a fresh one."""
+    rid = headers.get("X-Request-ID")
+    if rid is not None and _REQUEST_ID.match(rid):
+        return rid
+    return uuid.uuid4().hex
+
+
+def upstream_request_headers(
+    headers: Headers,
+    *,
+    peer: str | None,
+    client: str,
+    scheme: str,
+    rid: str,
+    trusted_peer: bool,
+) -> CIMultiDict[str]:
+    """Headers to send upstream: hop-by-hop and reserved removed, forwarded headers set."""
+    drop = HOP_BY_HOP | connection_tokens(headers) | RESERVED_REQUEST
+    if not trusted_peer:
+        drop = drop | FORWARDED
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in drop or "_" in name or lname == "expect" or lname == "x-request-id":
+            continue
+        out.add(name, value)
+    if trusted_peer:
+        prior = out.popall("X-Forwarded-For", [])
+        chain = ", ".join([*prior, peer or ""]) if prior else (peer or "")
+        out["X-Forwarded-For"] = chain
+        out.setdefault("X-Forwarded-Proto", scheme)
+        host = headers.get("Host")
+        if host is not None:
+            out.setdefault("X-Forwarded-Host", host)
+    else:
+        out["X-Forwarded-For"] = peer or ""
+        out["X-Forwarded-Proto"] = scheme
+        host = headers.get("Host")
+        if host is not None:
+            out["X-Forwarded-Host"] = host
+    out["X-Real-IP"] = client
+    out["X-Request-ID"] = rid
+    return out
+
+
+def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
+    """Headers to send to the client: hop-by-hop and framing removed (we frame ourselves)."""
+    drop = HOP_BY_HOP | connection_tokens(headers) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def request_host(headers: Headers) -> str:
+    """Lower-case host name from the Host header, without port or trailing dot."""
+    host = headers.get("Host", "")
+    if not host:
+        return ""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    colon = host.rfind(":")
+    if colon >= 0:
+        host = host[:colon]
+    return host.rstrip(".")

@@ -1,0 +1,1 @@
+"""Providers: where observations come from (Docker, the routes file)."""

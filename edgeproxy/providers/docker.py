@@ -1,0 +1,210 @@
+"""Docker discovery: one list, then the event stream; reconnect with backoff. Only Docker I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from edgeproxy.logs import get_logger
+from edgeproxy.model import Container
+from edgeproxy.watcher import Watcher
+
+# Signals that end a container (a kill with SIGHUP/SIGUSR1 is a reload, not a stop).
+_TERMINATING = frozenset(("2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"))
+_IGNORED_ACTIONS = ("exec_", "attach", "commit", "copy", "export", "top", "resize", "archive")
+_STATUS_HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
+
+
+def _health_from_status(status: str) -> str | None:
+    m = _STATUS_HEALTH.search(status or "")
+    if not m:
+        return None
+    return "starting" if m.group(1) == "health: starting" else m.group(1)
+
+
+def _networks(settings: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    nets = (settings or {}).get("Networks") or {}
+    out = []
+    for name, net in nets.items():
+        net = net or {}
+        out.append((name, net.get("IPAddress") or net.get("GlobalIPv6Address") or ""))
+    return tuple(sorted(out))
+
+
+def container_from_list(item: Mapping[str, Any]) -> Container:
+    """A `GET /containers/json` entry -> Container (labels, state, health, networks included)."""
+    names = item.get("Names") or [item["Id"][:12]]
+    ports = sorted({p["PrivatePort"] for p in item.get("Ports") or ()
+                    if p.get("Type", "tcp") == "tcp" and p.get("PrivatePort")})
+    return Container(
+        id=item["Id"],
+        name=names[0].lstrip("/"),
+        labels=dict(item.get("Labels") or {}),
+        state=item.get("State") or "unknown",
+        health=_health_from_status(item.get("Status") or ""),
+        networks=_networks(item.get("NetworkSettings")),
+        exposed_ports=tuple(ports),
+        created=float(item.get("Created") or 0),
+    )
+
+
+def _parse_created(text: str) -> float:
+    text = text.rstrip("Z")
+    if "." in text:  # Docker gives nanoseconds; datetime takes microseconds
+        head, frac = text.split(".", 1)
+        text = f"{head}.{frac[:6]}"
+    try:
+        return datetime.fromisoformat(text + "+00:00").timestamp()
+    except ValueError:
+        return 0.0
+
+
+def container_from_inspect(item: Mapping[str, Any]) -> Container:
+    """A `GET /containers/{id}/json` document -> Container."""
+    config = item.get("Config") or {}
+    state = item.get("State") or {}
+    health = (state.get("Health") or {}).get("Status")
+    exposed = sorted({int(k.split("/")[0]) for k in (config.get("ExposedPorts") or {})
+                      if k.endswith("/tcp")})
+    return Container(
+        id=item["Id"],
+        name=(item.get("Name") or item["Id"][:12]).lstrip("/"),
+        labels=dict(config.get("Labels") or {}),
+        state=state.get("Status") or "unknown",
+        health=health if health in ("healthy", "unhealthy", "starting") else None,
+        networks=_networks(item.get("NetworkSettings")),
+        exposed_ports=tuple(exposed),
+        created=_parse_created(item.get("Created") or ""),
+    )
+
+
+Post = Callable[[Callable[[], None]], None]
+
+
+class DockerProvider:
+    """Runs the blocking docker SDK in a thread and posts observations to the watcher."""
+
+    def __init__(self, watcher: Watcher, loop: asyncio.AbstractEventLoop,
+                 client_factory: Callable[[], Any] | None = None) -> None:
+        self._watcher = watcher
+        self._loop = loop
+        self._factory = client_factory or (lambda: docker.from_env(timeout=10).api)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._api: Any = None
+        self._log = get_logger("docker")
+        self.reconnects = 0
+        self.last_event = 0.0
+
+    def start(self) -> None:
+        """Start the discovery thread."""
+        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end; closing the client unblocks its read."""
+        self._stop.set()
+        api = self._api
+        if api is not None:
+            with contextlib.suppress(Exception):  # a half-dead client may fail to close
+                api.close()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn)
+
+    def _run(self) -> None:
+        backoff = 0.25
+        first = True
+        while not self._stop.is_set():
+            try:
+                self._api = api = self._factory()
+                # Open the stream before listing: nothing can fall between the two.
+                events = api.events(decode=True, filters={"type": ["container", "network"]})
+                items = api.containers(all=True)
+                containers = [container_from_list(i) for i in items]
+                self._post(functools.partial(self._watcher.resync, containers))
+                self._post(functools.partial(self._connected, len(containers), first))
+                first = False
+                backoff = 0.25
+                self._follow(api, events)
+                if self._stop.is_set():
+                    return
+                raise ConnectionError("event stream ended")
+            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
+                if self._stop.is_set():
+                    return
+                self.reconnects += 1
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+                self._post(functools.partial(self._disconnected, reason, backoff))
+                self._close_quietly()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._watcher.settings.docker_backoff_max)
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._api is not None:
+                self._api.close()
+
+    def _connected(self, count: int, first: bool) -> None:
+        was = self._watcher.docker_connected
+        self._watcher.docker_connected = True
+        event = "docker_connected" if first else "docker_resynced"
+        self._log.info(event, containers=count, previously_connected=was)
+
+    def _disconnected(self, reason: str, backoff: float) -> None:
+        if self._watcher.docker_connected is not False:
+            self._log.warning("docker_disconnected", reason=reason, retry_in_s=backoff)
+        else:
+            self._log.debug("docker_unreachable", reason=reason, retry_in_s=backoff)
+        self._watcher.docker_connected = False
+
+    def _follow(self, api: Any, events: Iterator[Mapping[str, Any]]) -> None:
+        for ev in events:
+            if self._stop.is_set():
+                return
+            self.last_event = time.time()
+            self._handle(api, ev)
+
+    def _handle(self, api: Any, ev: Mapping[str, Any]) -> None:
+        action = str(ev.get("Action") or ev.get("status") or "")
+        actor = ev.get("Actor") or {}
+        attrs = actor.get("Attributes") or {}
+        if ev.get("Type") == "network":
+            if action not in ("connect", "disconnect"):
+                return
+            cid = attrs.get("container")
+        else:
+            cid = actor.get("ID") or ev.get("id")
+        if not cid or action.startswith(_IGNORED_ACTIONS):
+            return
+        w = self._watcher
+        if (action == "kill" and str(attrs.get("signal", "")) in _TERMINATING) or action == "stop":
+            self._post(lambda: w.stopping(cid))
+            return
+        if action == "destroy":
+            self._post(lambda: w.remove(cid))
+            return
+        if action in ("start", "restart", "unpause"):
+            self._post(lambda: w.started(cid))
+        try:
+            doc = api.inspect_container(cid)
+        except docker.errors.NotFound:
+            self._post(lambda: w.remove(cid))
+            return
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            self._log.warning("docker_inspect_failed", container=cid[:12], error=str(exc)[:200])
+            return
+        c = container_from_inspect(doc)
+        self._post(lambda: w.update(c))

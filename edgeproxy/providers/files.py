@@ -1,0 +1,151 @@
+"""Static routes from a TOML file, reloaded when it changes; a bad file keeps the old routes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+from edgeproxy.labels import LabelError, LabelsInvalid, build_routing, parse_options
+from edgeproxy.logs import get_logger
+from edgeproxy.model import Upstream
+from edgeproxy.table import FileRoute
+from edgeproxy.watcher import Watcher
+
+_CONTAINER_ONLY = ("port", "network", "enable")
+
+
+class RoutesFileError(ValueError):
+    """The routes file cannot be used; the message names the route, key and problem."""
+
+
+def _as_label_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(_as_label_value(v) for v in value)
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    raise ValueError(f"unsupported value {value!r}")
+
+
+def parse_upstream(url_text: str) -> Upstream:
+    """'http://127.0.0.1:9001' -> Upstream; raise ValueError why not."""
+    try:
+        url = URL(url_text)
+    except (ValueError, TypeError):
+        raise ValueError(f"{url_text!r} is not a URL") from None
+    if url.scheme != "http":
+        raise ValueError(f"{url_text!r}: the scheme must be http")
+    if not url.host:
+        raise ValueError(f"{url_text!r}: no host")
+    if url.raw_path not in ("", "/") or url.raw_query_string or url.fragment:
+        raise ValueError(f"{url_text!r}: give scheme://host:port only, no path or query")
+    port = url.port or 80
+    return Upstream("http", url.host, port, url_text)
+
+
+def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
+    """A parsed TOML document -> FileRoutes; raise RoutesFileError listing every problem."""
+    unknown = set(doc) - {"routes"}
+    if unknown:
+        raise RoutesFileError(f"unknown top-level keys {sorted(unknown)}; expected [routes.NAME]")
+    routes = doc.get("routes", {})
+    if not isinstance(routes, dict):
+        raise RoutesFileError("'routes' must be a table of [routes.NAME] tables")
+    out: list[FileRoute] = []
+    errors: list[LabelError] = []
+    for name, table in sorted(routes.items()):
+        if not isinstance(table, dict):
+            errors.append(LabelError(f"routes.{name}", str(table), "must be a table"))
+            continue
+        options: dict[str, str] = {}
+        upstreams: list[Upstream] = []
+        raw_ups = table.get("upstreams")
+        if not isinstance(raw_ups, list) or not raw_ups:
+            errors.append(LabelError(f"routes.{name}.upstreams", str(raw_ups),
+                                     "a non-empty list of URLs such as ['http://127.0.0.1:9001']"))
+        else:
+            for u in raw_ups:
+                try:
+                    upstreams.append(parse_upstream(str(u)))
+                except ValueError as exc:
+                    errors.append(LabelError(f"routes.{name}.upstreams", str(u), str(exc)))
+        for key, value in table.items():
+            if key == "upstreams":
+                continue
+            if key in _CONTAINER_ONLY:
+                errors.append(LabelError(f"routes.{name}.{key}", str(value),
+                                         "only meaningful on containers"))
+                continue
+            try:
+                options[key] = _as_label_value(value)
+            except ValueError as exc:
+                errors.append(LabelError(f"routes.{name}.{key}", str(value), str(exc)))
+        values, errs = parse_options(options, lambda k, n=name: f"routes.{n}.{k}")  # type: ignore[misc]
+        errors.extend(errs)
+        if "path" not in values and "host" not in values:
+            errors.append(LabelError(f"routes.{name}.path", "", "missing: give path or host"))
+        if errs or not upstreams or ("path" not in values and "host" not in values):
+            continue
+        routing = build_routing(values)
+        out.append(FileRoute(name, routing.spec, tuple(upstreams)))
+    if errors:
+        raise RoutesFileError(str(LabelsInvalid(errors)))
+    return out
+
+
+def load_routes_file(path: Path) -> list[FileRoute]:
+    """Read and parse the routes file."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise RoutesFileError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RoutesFileError(f"{path} is not valid TOML: {exc}") from None
+    return parse_routes(doc)
+
+
+class FileProvider:
+    """Polls the routes file's metadata and reloads it when it changes."""
+
+    def __init__(self, watcher: Watcher, path: Path, interval: float) -> None:
+        self._watcher = watcher
+        self._path = path
+        self._interval = interval
+        self._log = get_logger("routes_file")
+        self._seen: tuple[int, int, int] | None = None
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load_once(self) -> None:
+        """Load the file now if it changed since the last look."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return
+        self._seen = stamp
+        try:
+            routes = load_routes_file(self._path)
+        except RoutesFileError as exc:
+            self._log.error("routes_file_invalid", path=str(self._path), error=str(exc),
+                            kept_previous=True)
+            return
+        self._watcher.set_file_routes(routes)
+        self._log.info("routes_file_loaded", path=str(self._path), routes=len(routes))
+
+    async def run(self) -> None:
+        """Reload on change until cancelled."""
+        while True:
+            self.load_once()
+            await asyncio.sleep(self._interval)

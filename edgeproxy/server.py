@@ -1,0 +1,80 @@
+"""Process lifecycle: listeners, providers, signals, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from aiohttp import web
+
+from edgeproxy.admin import make_admin_app
+from edgeproxy.forward import Proxy, make_session
+from edgeproxy.logs import get_logger
+from edgeproxy.providers.docker import DockerProvider
+from edgeproxy.providers.files import FileProvider
+from edgeproxy.settings import Settings, unknown_settings
+from edgeproxy.watcher import Watcher
+
+
+class ListenError(RuntimeError):
+    """A listener could not bind its address."""
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the proxy until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    log = get_logger("server")
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    for name in unknown_settings():
+        log.warning("setting_unknown", variable=name)
+
+    watcher = Watcher(settings)
+    session = make_session(settings)
+    proxy = Proxy(settings, lambda: watcher.table, session)
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher")]
+
+    files: FileProvider | None = None
+    if settings.routes_file is not None:
+        files = FileProvider(watcher, settings.routes_file, settings.routes_file_poll)
+        files.load_once()
+        watcher.rebuild_now()
+        tasks.append(asyncio.create_task(files.run(), name="routes-file"))
+    docker: DockerProvider | None = None
+    if settings.docker:
+        docker = DockerProvider(watcher, loop)
+        docker.start()
+
+    server = web.Server(proxy.handle, access_log=None, handler_cancellation=True)
+    runner = web.ServerRunner(server, handle_signals=False,
+                              shutdown_timeout=settings.drain_timeout)
+    admin_runner = web.AppRunner(make_admin_app(watcher, lambda: proxy.in_flight),
+                                 access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await admin_runner.setup()
+    try:
+        for r, addr in ((runner, settings.listen), (admin_runner, settings.admin_listen)):
+            try:
+                await web.TCPSite(r, addr.host, addr.port, backlog=1024).start()
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+        log.info("listening", proxy=str(settings.listen), admin=str(settings.admin_listen),
+                 docker=settings.docker, routes_file=str(settings.routes_file or "") or None)
+        await stop.wait()
+        log.info("draining", in_flight=proxy.in_flight, timeout_s=settings.drain_timeout)
+    finally:
+        if docker is not None:
+            docker.stop()
+        # Closes the listener first, then waits up to the drain timeout for in-flight requests.
+        await runner.cleanup()
+        await admin_runner.cleanup()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await session.close()
+        log.info("stopped")

@@ -1,0 +1,233 @@
+"""EDGEPROXY_* environment variables -> one frozen, typed Settings, validated once at start."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """An EDGEPROXY_* variable holds a value we cannot use."""
+
+    def __init__(self, env: str, value: str, expected: str) -> None:
+        super().__init__(f"{env}={value!r} is invalid: expected {expected}")
+        self.env = env
+        self.value = value
+        self.expected = expected
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# --- value parsers: each raises ValueError with what was expected -------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(text: str) -> float:
+    """'250ms', '5s', '2m', '1h' or bare seconds -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError("a duration such as 250ms, 5s, 2m or 1h")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """'512k', '10m', '1g' or bare bytes -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError("a size such as 1048576, 512k, 10m or 1g")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_address(text: str) -> Address:
+    """'host:port', '[v6]:port' or ':port' -> Address."""
+    expected = "host:port, e.g. 0.0.0.0:8080 or [::]:8080"
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(expected)
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(expected + " (port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or "0.0.0.0"
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+        raise ValueError(expected)
+    return Address(host, port)
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 -> bool."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs or addresses -> networks."""
+    nets: list[IPNetwork] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError("comma-separated CIDRs, e.g. 10.0.0.0/8,172.16.0.0/12") from None
+    return tuple(nets)
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _label_prefix(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[a-z0-9]+(?:[._-][a-z0-9]+)*", value):
+        raise ValueError("a label namespace of lowercase letters, digits, '.', '-' or '_', e.g. gateway")
+    return value
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text.strip()) if text.strip() else None
+
+
+def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def check(text: str) -> float:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError("a duration greater than zero, e.g. 5s")
+        return value
+
+    return check
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError("a whole number of at least 1")
+    return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its env var, default (as the user would write it), parser and doc line."""
+
+    attr: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return "EDGEPROXY_" + self.attr.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "0.0.0.0:8080", parse_address, "address for proxied traffic"),
+    Option("admin_listen", "127.0.0.1:8081", parse_address,
+           "address for /healthz and /routes (keep it private)"),
+    Option("label_prefix", "gateway", _label_prefix, "label namespace read from containers"),
+    Option("network", "", _optional_str,
+           "Docker network to reach containers on when they have several (default: their only one)"),
+    Option("exposed_by_default", "true", parse_bool,
+           "route labelled containers unless gateway.enable=false; false: only gateway.enable=true"),
+    Option("docker", "true", parse_bool, "discover containers from Docker (DOCKER_HOST etc. apply)"),
+    Option("connect_timeout", "5s", _positive(parse_duration), "upstream connect timeout"),
+    Option("read_timeout", "60s", _positive(parse_duration),
+           "upstream inactivity timeout (no bytes for this long -> 504); streams may run longer"),
+    Option("drain_timeout", "8s", parse_duration,
+           "on SIGTERM, how long in-flight requests may finish before they are cut"),
+    Option("debounce", "100ms", parse_duration,
+           "minimum time between two route-table swaps (bursts of events coalesce)"),
+    Option("docker_backoff_max", "30s", _positive(parse_duration),
+           "longest wait between Docker reconnect attempts"),
+    Option("routes_file", "", _optional_path, "TOML file with static routes, reloaded on change"),
+    Option("routes_file_poll", "1s", _positive(parse_duration), "how often the routes file is checked"),
+    Option("max_body_size", "10m", parse_size, "largest request body accepted (0 = unlimited) -> 413"),
+    Option("trusted_proxies", "", parse_networks,
+           "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
+    Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
+    Option("log_format", "json", _choice("json", "console"), "log format"),
+    Option("access_log", "true", parse_bool, "one log event per proxied request"),
+    Option("retry_after", "5", _positive_int, "Retry-After seconds on 503 when a route has no replica"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every EDGEPROXY_* setting, parsed and typed. Defaults are those in OPTIONS."""
+
+    listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
+    admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
+    label_prefix: str = "gateway"
+    network: str | None = None
+    exposed_by_default: bool = True
+    docker: bool = True
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    drain_timeout: float = 8.0
+    debounce: float = 0.1
+    docker_backoff_max: float = 30.0
+    routes_file: Path | None = None
+    routes_file_poll: float = 1.0
+    max_body_size: int = 10 * 1024**2
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    log_level: str = "info"
+    log_format: str = "json"
+    access_log: bool = True
+    retry_after: int = 5
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every EDGEPROXY_* variable; raise SettingsError naming the first bad one."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = env.get(opt.env)
+        if raw is None:
+            values[opt.attr] = opt.parse(opt.default)
+            continue
+        try:
+            values[opt.attr] = opt.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(opt.env, raw, str(exc)) from None
+    return Settings(**values)
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """EDGEPROXY_* names that no option reads: likely typos, logged as warnings at start."""
+    env = os.environ if environ is None else environ
+    known = {opt.env for opt in OPTIONS}
+    return sorted(n for n in env if n.startswith("EDGEPROXY_") and n not in known)

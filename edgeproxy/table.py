@@ -1,0 +1,235 @@
+"""Observations (containers, file routes) -> one immutable RouteTable with compiled matchers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from edgeproxy.labels import LabelError, LabelsInvalid, NotRouted, Routing, parse_labels
+from edgeproxy.model import Container, ReplicaState, Route, RouteSpec, Skipped, Upstream
+from edgeproxy.paths import prefixes_of
+
+PrefixMap = dict[str, Route]
+
+
+@dataclass(frozen=True, slots=True)
+class FileRoute:
+    """A route declared in the routes file: a spec and fixed upstream URLs."""
+
+    name: str
+    spec: RouteSpec
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Why one container is, or is not, routed."""
+
+    container: str
+    routed: bool
+    reason: str
+    route: str | None = None
+    errors: tuple[LabelError, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """An immutable snapshot: routes plus host/path lookup maps compiled from them."""
+
+    routes: tuple[Route, ...] = ()
+    decisions: tuple[Decision, ...] = field(default=(), compare=False)
+    conflicts: tuple[Skipped, ...] = field(default=(), compare=False)
+    _exact: dict[str, PrefixMap] = field(default_factory=dict, compare=False, repr=False)
+    _wildcard: dict[str, PrefixMap] = field(default_factory=dict, compare=False, repr=False)
+    _any: PrefixMap = field(default_factory=dict, compare=False, repr=False)
+
+    def match(self, host: str, path: str) -> tuple[Route, str] | None:
+        """(route, matched prefix) for a normalised path; exact host, then *.host, then any."""
+        prefixes: list[str] | None = None
+        maps: list[PrefixMap] = []
+        if host:
+            exact = self._exact.get(host)
+            if exact is not None:
+                maps.append(exact)
+            if self._wildcard:
+                dot = host.find(".")
+                if dot > 0:
+                    wild = self._wildcard.get(host[dot:])
+                    if wild is not None:
+                        maps.append(wild)
+        maps.append(self._any)
+        for candidates in maps:
+            if not candidates:
+                continue
+            if prefixes is None:
+                prefixes = prefixes_of(path)
+            for prefix in prefixes:
+                route = candidates.get(prefix)
+                if route is not None:
+                    return route, prefix
+        return None
+
+
+def replica_state(c: Container) -> tuple[ReplicaState, str]:
+    """A container's eligibility for new requests, with the reason when it has none."""
+    if c.stopping:
+        return "draining", "stop or kill received; finishing in-flight requests"
+    if c.state != "running":
+        return "stopped", f"container is {c.state}"
+    if c.health == "healthy":
+        return "healthy", ""
+    if c.health == "starting":
+        return "starting", "health check has not passed yet"
+    if c.health == "unhealthy":
+        return "unhealthy", "Docker health check fails"
+    return "running", ""
+
+
+def pick_network(c: Container, wanted: str | None, default: str | None) -> tuple[str, str]:
+    """(network, address) to reach a running container on; raise ValueError why not."""
+    nets = dict(c.networks)
+    if wanted is not None:
+        if wanted not in nets:
+            raise ValueError(f"not attached to network {wanted!r} (attached: {_names(nets)})")
+        name = wanted
+    elif default is not None and default in nets:
+        name = default
+    elif len(nets) == 1:
+        name = next(iter(nets))
+    elif not nets:
+        raise ValueError("attached to no network with an address")
+    else:
+        raise ValueError(
+            f"attached to several networks ({_names(nets)}); set the network label "
+            "or EDGEPROXY_NETWORK"
+        )
+    address = nets[name]
+    if not address:
+        raise ValueError(f"no IP address on network {name!r} (host or none network mode?)")
+    return name, address
+
+
+def _names(nets: Mapping[str, str]) -> str:
+    return ", ".join(sorted(nets)) or "none"
+
+
+def pick_port(routing: Routing, c: Container) -> int:
+    """The label's port, else the only exposed TCP port, else 80."""
+    if routing.port is not None:
+        return routing.port
+    if len(c.exposed_ports) == 1:
+        return c.exposed_ports[0]
+    return 80
+
+
+@dataclass
+class _Group:
+    spec: RouteSpec
+    source: str
+    rank: tuple[int, float, str]  # file routes first, then oldest container, then name
+    name: str
+    upstreams: list[Upstream] = field(default_factory=list)
+    containers: list[str] = field(default_factory=list)
+
+
+def build_table(
+    containers: Iterable[Container],
+    file_routes: Iterable[FileRoute] = (),
+    *,
+    label_prefix: str = "gateway",
+    exposed_by_default: bool = True,
+    network: str | None = None,
+) -> RouteTable:
+    """Build a snapshot. Bad labels skip one container; conflicts go to the oldest claimant."""
+    decisions: list[Decision] = []
+    groups: dict[RouteSpec, _Group] = {}
+    file_groups: list[_Group] = []
+    for fr in file_routes:
+        file_groups.append(_Group(fr.spec, "file", (0, 0.0, fr.name), fr.name,
+                                  list(fr.upstreams), []))
+
+    for c in sorted(containers, key=lambda c: (c.created, c.name)):
+        try:
+            routing = parse_labels(c.labels, label_prefix, exposed_by_default)
+        except LabelsInvalid as exc:
+            decisions.append(Decision(c.name, False, "invalid labels: " + str(exc),
+                                      errors=tuple(exc.errors)))
+            continue
+        if isinstance(routing, NotRouted):
+            decisions.append(Decision(c.name, False, routing.reason))
+            continue
+        state, why = replica_state(c)
+        port = pick_port(routing, c)
+        address = ""
+        if state not in ("stopped",):
+            try:
+                _, address = pick_network(c, routing.network, network)
+            except ValueError as exc:
+                decisions.append(Decision(c.name, False, "no reachable network: " + str(exc),
+                                          errors=(LabelError(f"{label_prefix}.network",
+                                                             routing.network or "", str(exc)),)))
+                continue
+        upstream = Upstream("http", address, port, c.name, c.id, state, why)
+        group = groups.get(routing.spec)
+        if group is None:
+            group = groups[routing.spec] = _Group(routing.spec, "docker", (1, c.created, c.name),
+                                                  c.service)
+        group.upstreams.append(upstream)
+        group.containers.append(c.name)
+
+    return _compile(file_groups + list(groups.values()), decisions)
+
+
+def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:
+    exact: dict[str, PrefixMap] = {}
+    wildcard: dict[str, PrefixMap] = {}
+    any_host: PrefixMap = {}
+    owner: dict[tuple[str | None, str], _Group] = {}
+    conflicts: list[Skipped] = []
+    routes: list[Route] = []
+    used_names: set[str] = set()
+    lost: dict[str, str] = {}
+
+    for group in sorted(groups, key=lambda g: g.rank):
+        name = group.name
+        n = 2
+        while name in used_names:
+            name = f"{group.name}-{n}"
+            n += 1
+        used_names.add(name)
+        route = Route(name, group.source, group.spec,
+                      tuple(sorted(group.upstreams, key=lambda u: u.name)))
+        won = 0
+        for host in group.spec.hosts or (None,):
+            for path in group.spec.paths:
+                key = (host, path)
+                winner = owner.get(key)
+                if winner is not None:
+                    where = f"{host or '*'}{path}"
+                    first = winner.containers[0] if winner.containers else f"file route {winner.name}"
+                    for cname in group.containers or [f"file route {group.name}"]:
+                        conflicts.append(Skipped(cname, f"lost {where} to {first}, which "
+                                                 "claimed it first with other settings"))
+                        lost[cname] = first
+                    continue
+                owner[key] = group
+                won += 1
+                if host is None:
+                    target = any_host
+                elif host.startswith("*."):
+                    target = wildcard.setdefault(host[1:], {})
+                else:
+                    target = exact.setdefault(host, {})
+                target[path] = route
+        if won:
+            routes.append(route)
+            for cname in group.containers:
+                decisions.append(Decision(cname, True, "routed", route=name))
+        else:
+            for cname in group.containers:
+                decisions.append(Decision(cname, False,
+                                          f"lost a conflict with container {lost[cname]}"))
+
+    routes.sort(key=lambda r: r.name)
+    return RouteTable(tuple(routes), tuple(sorted(decisions, key=lambda d: d.container)),
+                      tuple(conflicts), exact, wildcard, any_host)
