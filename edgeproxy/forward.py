@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -21,12 +21,40 @@ from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefi
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _CHUNK = 64 * 1024
 
 
 class BodyTooLarge(Exception):
     """The streamed request body passed the size limit."""
+
+
+class _UpstreamFailed(Exception):
+    """A try failed before any byte reached the client; maybe another replica can answer."""
+
+    _STATUS: ClassVar[dict[str, int]] = {
+        "upstream_unreachable": 502, "upstream_error": 502, "upstream_timeout": 504,
+        "body_too_large": 413,
+    }
+
+    def __init__(self, code: str, before_send: bool, detail: str = "") -> None:
+        super().__init__(code)
+        self.code = code
+        self.before_send = before_send
+        self.detail = detail
+
+    def response(self, route: Route, body: _CountedBody | None, rid: str,
+                 limit: int) -> web.Response:
+        if self.code == "body_too_large" or (body is not None and body.too_large):
+            return error_response(413, "body_too_large",
+                                  f"request body exceeds the limit of {limit} bytes", rid,
+                                  {"Connection": "close"})
+        what = {"upstream_unreachable": "refused the connection or is unreachable",
+                "upstream_timeout": "timed out", "upstream_error": "failed"}[self.code]
+        detail = f" ({self.detail})" if self.detail else ""
+        return error_response(self._STATUS[self.code], self.code,
+                              f"replica of route {route.name!r} {what}{detail}", rid)
 
 
 class _CountedBody:
@@ -103,7 +131,8 @@ class Proxy:
                     "access", method=request.method, path=request.raw_path, status=status,
                     route=info["route"], upstream=info["upstream"], bytes=info["bytes"],
                     duration_ms=round((time.perf_counter() - start) * 1000, 3), request_id=rid,
-                    client=info.get("client"),
+                    client=info.get("client"), error=info.get("error"),
+                    retries=info.get("retries", 0),
                 )
 
     async def _dispatch(
@@ -126,7 +155,6 @@ class Proxy:
             return error_response(
                 503, "no_replica", f"route {route.name!r} has no healthy replica right now", rid,
                 {"Retry-After": str(self.settings.retry_after)})
-        info["upstream"] = upstream.address
         limit = self.settings.max_body_size
         length = request.content_length
         if limit and length is not None and length > limit:
@@ -143,82 +171,102 @@ class Proxy:
         if _is_websocket(request):
             return await self._websocket(request, route, upstream, fwd_path, query, hdrs, rid,
                                          info)
-        url = URL.build(scheme=upstream.scheme, host=upstream.host, port=upstream.port,
-                        path=fwd_path, query_string=query, encoded=True)
         body: _CountedBody | None = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _CountedBody(request.content, limit)
-        return await self._forward(request, url, hdrs, body, route, rid, info)
+        tried: list[Upstream] = []
+        while True:
+            tried.append(upstream)
+            info["upstream"] = upstream.address
+            url = URL.build(scheme=upstream.scheme, host=upstream.host, port=upstream.port,
+                            path=fwd_path, query_string=query, encoded=True)
+            try:
+                return await self._attempt(request, url, hdrs, body, rid, info)
+            except _UpstreamFailed as failure:
+                info["error"] = failure.code
+                nxt = self._next_upstream(route, tried, request.method, body, failure)
+                if nxt is None:
+                    return failure.response(route, body, rid, self.settings.max_body_size)
+                info["retries"] = info.get("retries", 0) + 1
+                upstream = nxt
 
-    async def _forward(
+    def _next_upstream(self, route: Route, tried: list[Upstream], method: str,
+                       body: _CountedBody | None, failure: _UpstreamFailed) -> Upstream | None:
+        """Another replica to try, when retrying is safe and tries are left."""
+        if len(tried) > self.settings.retries:
+            return None
+        # After sending, the replica may have acted on the request: only idempotent requests
+        # whose body we have not consumed can go again.
+        if not failure.before_send and (
+            method not in _IDEMPOTENT or (body is not None and body.seen)
+        ):
+            return None
+        for candidate in route.pool:
+            if candidate not in tried:
+                return candidate
+        return None
+
+    async def _attempt(
         self,
         request: web.BaseRequest,
         url: URL,
         hdrs: CIMultiDict[str],
         body: _CountedBody | None,
-        route: Route,
         rid: str,
         info: dict[str, Any],
     ) -> web.StreamResponse:
+        """One try against one replica; raises _UpstreamFailed while nothing reached the client."""
         try:
             upstream_cm = self._session.request(
                 request.method, url, headers=hdrs,
                 data=body.stream() if body is not None else None,
                 allow_redirects=False, compress=None, raise_for_status=False,
             )
-            async with upstream_cm as resp:
-                out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                         headers=h.downstream_response_headers(resp.headers))
-                out.headers["X-Request-ID"] = rid
-                if resp.content_length is not None:
-                    out.content_length = resp.content_length
-                await out.prepare(request)
-                sent = 0
-                try:
-                    async for chunk in resp.content.iter_any():
-                        await out.write(chunk)
-                        sent += len(chunk)
-                except (TimeoutError, aiohttp.ClientError):
-                    # Headers are out: the only honest signal left is to cut the connection
-                    # so the client does not take a truncated body for a whole one.
-                    info["bytes"] = sent
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return out
-                except ConnectionError:
-                    info["bytes"] = sent
-                    return out
-                info["bytes"] = sent
-                await out.write_eof()
-                return out
+            resp = await upstream_cm.__aenter__()
         except BodyTooLarge:
-            return self._too_large(body, rid)
-        except aiohttp.ServerTimeoutError as exc:
-            if body is not None and body.too_large:
-                return self._too_large(body, rid)
-            return error_response(504, "upstream_timeout",
-                                  f"replica of route {route.name!r} timed out: {exc}", rid)
-        except TimeoutError:
-            return error_response(504, "upstream_timeout",
-                                  f"replica of route {route.name!r} timed out", rid)
+            raise _UpstreamFailed("body_too_large", False) from None
         except aiohttp.ClientConnectorError as exc:
-            return error_response(502, "upstream_unreachable",
-                                  f"replica of route {route.name!r} refused or unreachable: "
-                                  f"{exc.os_error.strerror or exc}", rid)
+            reason = exc.os_error.strerror or str(exc)
+            raise _UpstreamFailed("upstream_unreachable", True, reason) from None
+        except aiohttp.ServerTimeoutError as exc:
+            # Connect timeouts are raised as a subclass with 'Connection timeout' in the text.
+            before = isinstance(exc, getattr(aiohttp, "ConnectionTimeoutError", ()))
+            raise _UpstreamFailed("upstream_timeout", before, str(exc)) from None
+        except TimeoutError:
+            raise _UpstreamFailed("upstream_timeout", False) from None
         except aiohttp.ClientError as exc:
-            if body is not None and body.too_large:
-                return self._too_large(body, rid)
-            return error_response(502, "upstream_error",
-                                  f"replica of route {route.name!r} failed: "
-                                  f"{type(exc).__name__}", rid)
-
-    def _too_large(self, body: _CountedBody | None, rid: str) -> web.Response:
-        limit = body.limit if body is not None else self.settings.max_body_size
-        return error_response(413, "body_too_large",
-                              f"request body exceeds the limit of {limit} bytes", rid,
-                              {"Connection": "close"})
+            raise _UpstreamFailed("upstream_error", False, type(exc).__name__) from None
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason,
+                                     headers=h.downstream_response_headers(resp.headers))
+            out.headers["X-Request-ID"] = rid
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            sent = 0
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+                    sent += len(chunk)
+            except (TimeoutError, aiohttp.ClientError):
+                # Headers are out: the only honest signal left is to cut the connection
+                # so the client does not take a truncated body for a whole one.
+                info["bytes"] = sent
+                info["error"] = "upstream_aborted"
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            except ConnectionError:
+                info["bytes"] = sent
+                info["error"] = "client_aborted"
+                return out
+            info["bytes"] = sent
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
 
     async def _websocket(
         self,

@@ -134,6 +134,12 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
     return check
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("a whole number of 0 or more")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError("a whole number of at least 1")
@@ -181,6 +187,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "json", _choice("json", "console"), "log format"),
     Option("access_log", "true", parse_bool, "one log event per proxied request"),
+    Option("retries", "2", lambda t: _count(t),
+           "extra tries on another replica when a connection fails (idempotent requests also "
+           "after a reset)"),
     Option("retry_after", "5", _positive_int, "Retry-After seconds on 503 when a route has no replica"),
 )
 
@@ -207,6 +216,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     access_log: bool = True
+    retries: int = 2
     retry_after: int = 5
 
 

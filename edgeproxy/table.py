@@ -72,10 +72,10 @@ class RouteTable:
 
 def replica_state(c: Container) -> tuple[ReplicaState, str]:
     """A container's eligibility for new requests, with the reason when it has none."""
-    if c.stopping:
-        return "draining", "stop or kill received; finishing in-flight requests"
     if c.state != "running":
         return "stopped", f"container is {c.state}"
+    if c.stopping:
+        return "draining", "stop or kill received; finishing in-flight requests"
     if c.health == "healthy":
         return "healthy", ""
     if c.health == "starting":
@@ -161,7 +161,7 @@ def build_table(
         state, why = replica_state(c)
         port = pick_port(routing, c)
         address = ""
-        if state not in ("stopped",):
+        if state != "stopped":
             try:
                 _, address = pick_network(c, routing.network, network)
             except ValueError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ class Watcher:
         self._stopping: set[str] = set()
         self._file_routes: tuple[FileRoute, ...] = ()
         self._dirty = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._log = get_logger("watcher")
         self._warned: set[tuple[str, str]] = set()
         self.changed = asyncio.Condition()
@@ -54,7 +56,7 @@ class Watcher:
         """A stop or kill arrived: take the replica out of rotation before it dies."""
         if container_id not in self._stopping:
             self._stopping.add(container_id)
-            self._mark()
+            self._mark(urgent=True)
 
     def started(self, container_id: str) -> None:
         """A (re)start arrived: a previous stop no longer applies."""
@@ -67,8 +69,10 @@ class Watcher:
         self._file_routes = tuple(routes)
         self._mark()
 
-    def _mark(self) -> None:
+    def _mark(self, urgent: bool = False) -> None:
         self._dirty.set()
+        if urgent:
+            self._urgent.set()
 
     # --- building ---------------------------------------------------------------------------
 
@@ -100,11 +104,14 @@ class Watcher:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            self._urgent.clear()
             if self.rebuild_now():
                 async with self.changed:
                     self.changed.notify_all()
             if self.settings.debounce:
-                await asyncio.sleep(self.settings.debounce)
+                # A replica going away must not wait out the debounce: cut it short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.settings.debounce)
 
     # --- logging ----------------------------------------------------------------------------
 
