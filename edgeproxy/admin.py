@@ -3,40 +3,59 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from edgeproxy import __version__
+from edgeproxy.balancer import Balancer
+from edgeproxy.forward import Proxy
 from edgeproxy.model import Route, Upstream
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
 
-def upstream_json(u: Upstream) -> dict[str, Any]:
+def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, Any]:
     """One replica as shown by /routes."""
+    state: str = u.state
+    reason = u.reason or None
+    ejected = balancer.ejected_for(u) if balancer is not None and u.eligible else None
+    if ejected is not None:
+        state, reason = "ejected", f"connection failures; back in rotation in {ejected}s"
     return {
         "name": u.name,
         "container_id": u.container_id[:12] if u.container_id else None,
         "address": u.address if u.host else None,
         "url": f"{u.scheme}://{u.address}" if u.host else None,
-        "state": u.state,
-        "eligible": u.eligible,
-        "reason": u.reason or None,
+        "state": state,
+        "eligible": u.eligible and ejected is None,
+        "reason": reason,
+        "weight": u.weight,
+        "ejected_for_s": ejected,
+        "in_flight": balancer.inflight.get(u.key, 0) if balancer is not None else None,
     }
 
 
-def route_json(r: Route) -> dict[str, Any]:
+def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
+    spec = r.spec
+    health = spec.health
     return {
         "name": r.name,
         "source": r.source,
-        "hosts": list(r.spec.hosts),
-        "paths": list(r.spec.paths),
-        "strip_prefix": r.spec.strip_prefix,
+        "hosts": list(spec.hosts),
+        "paths": list(spec.paths),
+        "strip_prefix": spec.strip_prefix,
+        "lb": spec.lb,
+        "retries": spec.retries,
+        "timeouts": {"connect_s": spec.connect_timeout, "read_s": spec.read_timeout},
+        "health_check": None if health is None else {
+            "path": health.path, "interval_s": health.interval, "timeout_s": health.timeout,
+            "status": f"{health.status_min}-{health.status_max}", "fails": health.fails,
+            "passes": health.passes,
+        },
         "policies": {},
-        "replicas": [upstream_json(u) for u in r.upstreams],
+        "replicas": [upstream_json(u, balancer) for u in r.upstreams],
         "healthy": len(r.pool),
     }
 
@@ -58,7 +77,7 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, in_flight: Callable[[], int]) -> web.Application:
+def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
     """The admin aiohttp application."""
     started = time.time()
 
@@ -69,7 +88,7 @@ def make_admin_app(watcher: Watcher, in_flight: Callable[[], int]) -> web.Applic
             "uptime_s": round(time.time() - started, 1),
             "docker": _docker_state(watcher),
             "routes": len(watcher.table.routes),
-            "in_flight": in_flight(),
+            "in_flight": proxy.in_flight,
         })
 
     async def routes(_: web.Request) -> web.Response:
@@ -78,7 +97,7 @@ def make_admin_app(watcher: Watcher, in_flight: Callable[[], int]) -> web.Applic
             "swaps": watcher.swaps,
             "last_swap": watcher.last_swap or None,
             "docker": _docker_state(watcher),
-            "routes": [route_json(r) for r in table.routes],
+            "routes": [route_json(r, proxy.balancer) for r in table.routes],
             "conflicts": [{"container": c.container, "reason": c.reason}
                           for c in table.conflicts],
         })

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import headers as h
+from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Route, Upstream
@@ -21,6 +22,8 @@ from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefi
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 
+# Failures that say the replica itself is in trouble (not the request): eject it for a while.
+_EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _CHUNK = 64 * 1024
@@ -103,10 +106,14 @@ class Proxy:
         table: Callable[[], RouteTable],
         session: aiohttp.ClientSession,
         scheme: str = "http",
+        balancer: Balancer | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
         self._session = session
+        self.balancer = balancer or Balancer(settings.eject_time)
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
         self._log = get_logger("access")
@@ -150,7 +157,7 @@ class Proxy:
                                   f"no route matches host {host!r} and path {path!r}", rid)
         route, prefix = found
         info["route"] = route.name
-        upstream = route.pick()
+        upstream = self.balancer.pick(route)
         if upstream is None:
             return error_response(
                 503, "no_replica", f"route {route.name!r} has no healthy replica right now", rid,
@@ -177,25 +184,54 @@ class Proxy:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _CountedBody(request.content, limit)
         tried: list[Upstream] = []
+        timeout = self._timeout_for(route)
+        balancer = self.balancer
         while True:
             tried.append(upstream)
             info["upstream"] = upstream.address
             url = URL.build(scheme=upstream.scheme, host=upstream.host, port=upstream.port,
                             path=fwd_path, query_string=query, encoded=True)
+            balancer.acquire(upstream)
             try:
-                return await self._attempt(request, url, hdrs, body, rid, info)
+                response = await self._attempt(request, url, hdrs, body, rid, info, timeout)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
+                if failure.code in _EJECTING:
+                    self._eject(route, upstream, failure)
                 nxt = self._next_upstream(route, tried, request.method, body, failure)
                 if nxt is None:
                     return failure.response(route, body, rid, self.settings.max_body_size)
                 info["retries"] = info.get("retries", 0) + 1
                 upstream = nxt
+            else:
+                balancer.succeeded(upstream)
+                return response
+            finally:
+                balancer.release(upstream)
+
+    def _timeout_for(self, route: Route) -> aiohttp.ClientTimeout | None:
+        spec = route.spec
+        if spec.connect_timeout is None and spec.read_timeout is None:
+            return None  # the session's defaults
+        key = (spec.connect_timeout, spec.read_timeout)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, sock_connect=spec.connect_timeout or self.settings.connect_timeout,
+                sock_read=spec.read_timeout or self.settings.read_timeout)
+        return timeout
+
+    def _eject(self, route: Route, upstream: Upstream, failure: _UpstreamFailed) -> None:
+        seconds = self.balancer.failed(upstream)
+        self._events.warning("replica_ejected", route=route.name, replica=upstream.name,
+                             address=upstream.address, reason=failure.code,
+                             detail=failure.detail or None, for_s=seconds)
 
     def _next_upstream(self, route: Route, tried: list[Upstream], method: str,
                        body: _CountedBody | None, failure: _UpstreamFailed) -> Upstream | None:
         """Another replica to try, when retrying is safe and tries are left."""
-        if len(tried) > self.settings.retries:
+        retries = route.spec.retries
+        if len(tried) > (self.settings.retries if retries is None else retries):
             return None
         # After sending, the replica may have acted on the request: only idempotent requests
         # whose body we have not consumed can go again.
@@ -203,10 +239,7 @@ class Proxy:
             method not in _IDEMPOTENT or (body is not None and body.seen)
         ):
             return None
-        for candidate in route.pool:
-            if candidate not in tried:
-                return candidate
-        return None
+        return self.balancer.pick(route, exclude=tried)
 
     async def _attempt(
         self,
@@ -216,6 +249,7 @@ class Proxy:
         body: _CountedBody | None,
         rid: str,
         info: dict[str, Any],
+        client_timeout: aiohttp.ClientTimeout | None,
     ) -> web.StreamResponse:
         """One try against one replica; raises _UpstreamFailed while nothing reached the client."""
         try:
@@ -223,6 +257,7 @@ class Proxy:
                 request.method, url, headers=hdrs,
                 data=body.stream() if body is not None else None,
                 allow_redirects=False, compress=None, raise_for_status=False,
+                timeout=client_timeout or self._session.timeout,
             )
             resp = await upstream_cm.__aenter__()
         except BodyTooLarge:

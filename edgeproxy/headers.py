@@ -22,7 +22,7 @@ RESERVED_REQUEST = frozenset(("x-auth-subject", "x-auth-scopes"))
 # Replaced unless the peer is a trusted proxy.
 FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                        "x-forwarded-port", "x-real-ip", "forwarded"))
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -66,7 +66,7 @@ def client_address(peer: str | None, headers: Headers, trusted: tuple[IPNetwork,
 def request_id(headers: Headers) -> str:
     """The client's X-Request-ID when it looks like one, else a fresh one."""
     rid = headers.get("X-Request-ID")
-    if rid is not None and _REQUEST_ID.match(rid):
+    if rid is not None and _REQUEST_ID.fullmatch(rid):
         return rid
     return uuid.uuid4().hex
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from edgeproxy.model import RouteSpec
+from edgeproxy.model import HealthSpec, RouteSpec
 from edgeproxy.paths import PathError, normalize_path
+from edgeproxy.settings import parse_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class Routing:
     spec: RouteSpec
     port: int | None
     network: str | None
+    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class NotRouted:
 
 
 _HOST = re.compile(r"^(\*\.)?(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+_DIGITS = re.compile(r"[0-9]{1,9}")
 _NETWORK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -97,7 +102,7 @@ def parse_hosts(value: str) -> tuple[str, ...]:
 
 def parse_port(value: str) -> int:
     """'8080' -> 8080."""
-    if not value.strip().isdigit() or not 0 < int(value) < 65536:
+    if not _DIGITS.fullmatch(value.strip()) or not 0 < int(value) < 65536:
         raise ValueError("a port number between 1 and 65535")
     return int(value)
 
@@ -120,6 +125,60 @@ def parse_network(value: str) -> str:
     return v
 
 
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        v = value.strip()
+        if not _DIGITS.fullmatch(v) or not low <= int(v) <= high:
+            raise ValueError(f"{what}: a whole number from {low} to {high}")
+        return int(v)
+
+    return parse
+
+
+def parse_duration_label(value: str) -> float:
+    """'2s', '250ms', '1m' -> seconds (greater than zero)."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError("a duration such as 250ms, 2s or 1m") from None
+    if seconds <= 0:
+        raise ValueError("a duration greater than zero, such as 2s")
+    return seconds
+
+
+def parse_status_range(value: str) -> tuple[int, int]:
+    """'200-399' or '200' -> (low, high)."""
+    m = re.fullmatch(r"\s*([1-5][0-9][0-9])\s*(?:-\s*([1-5][0-9][0-9])\s*)?", value)
+    if not m:
+        raise ValueError("a status or status range such as 200 or 200-399")
+    low = int(m.group(1))
+    high = int(m.group(2) or low)
+    if high < low:
+        raise ValueError("a status range low-high with low <= high, such as 200-399")
+    return low, high
+
+
+def parse_health_path(value: str) -> str:
+    """'/healthz' (a query is allowed) -> the path to probe."""
+    v = value.strip()
+    path, _, query = v.partition("?")
+    if not path.startswith("/"):
+        raise ValueError("a path starting with '/', such as /healthz")
+    try:
+        norm = normalize_path(path)
+    except PathError as exc:
+        raise ValueError(f"path {path!r}: {exc}") from None
+    return norm + ("?" + query if query else "")
+
+
+def parse_lb(value: str) -> str:
+    """round_robin or least_conn."""
+    v = value.strip().lower()
+    if v not in ("round_robin", "least_conn"):
+        raise ValueError("round_robin or least_conn")
+    return v
+
+
 # Keys under the prefix that the core understands, with their parsers. An unknown key is an
 # error: a typo must not silently drop a policy (gateway.auht=jwt would expose a service).
 KEYS: dict[str, Callable[[str], object]] = {
@@ -129,7 +188,20 @@ KEYS: dict[str, Callable[[str], object]] = {
     "port": parse_port,
     "network": parse_network,
     "strip_prefix": parse_flag,
+    "lb": parse_lb,
+    "weight": _int_in(1, 100, "replica weight"),
+    "retries": _int_in(0, 10, "extra tries"),
+    "timeout.connect": parse_duration_label,
+    "timeout.read": parse_duration_label,
+    "health.path": parse_health_path,
+    "health.interval": parse_duration_label,
+    "health.timeout": parse_duration_label,
+    "health.status": parse_status_range,
+    "health.fails": _int_in(1, 100, "failures in a row"),
+    "health.passes": _int_in(1, 100, "successes in a row"),
 }
+# Keys that describe one replica rather than the route (replicas may differ in them).
+REPLICA_KEYS = frozenset(("port", "network", "weight", "enable"))
 
 
 def parse_options(
@@ -152,31 +224,49 @@ def parse_options(
 
 
 def _unknown_key_reason(key: str) -> str:
-    close = [k for k in KEYS if _similar(k, key)]
+    close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return "unknown key; known keys are " + ", ".join(sorted(KEYS)) + hint
 
 
-def _similar(a: str, b: str) -> bool:
-    if abs(len(a) - len(b)) > 2:
-        return False
-    distance = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
-    return distance <= 2 or sorted(a) == sorted(b)
-
-
-def build_routing(values: Mapping[str, object]) -> Routing:
-    """Parsed values -> Routing (callers have checked that path or host is present)."""
-    hosts = values.get("host", ())
-    paths = values.get("path", ("/",))
-    if not isinstance(hosts, tuple) or not isinstance(paths, tuple):
-        raise TypeError("host and path values must be parsed tuples")
-    port = values.get("port")
-    network = values.get("network")
-    return Routing(
-        spec=RouteSpec(hosts=hosts, paths=paths, strip_prefix=bool(values.get("strip_prefix"))),
-        port=port if isinstance(port, int) else None,
-        network=network if isinstance(network, str) else None,
+def build_routing(
+    values: Mapping[str, Any], label_of: Callable[[str], str] = lambda key: key
+) -> Routing:
+    """Parsed values -> Routing; raise LabelsInvalid for combinations that make no sense."""
+    errors: list[LabelError] = []
+    health: HealthSpec | None = None
+    health_keys = sorted(k for k in values if k.startswith("health."))
+    if "health.path" in values:
+        low, high = values.get("health.status", (200, 399))
+        health = HealthSpec(
+            path=values["health.path"],
+            interval=values.get("health.interval", 5.0),
+            timeout=values.get("health.timeout", 2.0),
+            status_min=low, status_max=high,
+            fails=values.get("health.fails", 3),
+            passes=values.get("health.passes", 2),
+        )
+        if health.timeout > health.interval:
+            errors.append(LabelError(label_of("health.timeout"), f"{health.timeout:g}s",
+                                     "must not be longer than the health check interval "
+                                     f"({health.interval:g}s)"))
+    elif health_keys:
+        errors.append(LabelError(label_of(health_keys[0]), str(values[health_keys[0]]),
+                                 f"needs {label_of('health.path')} to say what to probe"))
+    if errors:
+        raise LabelsInvalid(errors)
+    spec = RouteSpec(
+        hosts=values.get("host", ()),
+        paths=values.get("path", ("/",)),
+        strip_prefix=bool(values.get("strip_prefix", False)),
+        lb=values.get("lb", "round_robin"),
+        retries=values.get("retries"),
+        connect_timeout=values.get("timeout.connect"),
+        read_timeout=values.get("timeout.read"),
+        health=health,
     )
+    return Routing(spec=spec, port=values.get("port"), network=values.get("network"),
+                   weight=values.get("weight", 1))
 
 
 def parse_labels(
@@ -200,4 +290,4 @@ def parse_labels(
             LabelError(f"{prefix}.path", "", f"missing: a routed container needs {prefix}.path "
                        f"or {prefix}.host (or set {prefix}.enable=false)")
         ])
-    return build_routing(values)
+    return build_routing(values, lambda key: dotted + key)

@@ -36,12 +36,31 @@ class Container:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSpec:
+    """An active health check: GET `path` every `interval`; `fails` in a row take a replica out,
+    `passes` in a row bring it back."""
+
+    path: str
+    interval: float = 5.0
+    timeout: float = 2.0
+    status_min: int = 200
+    status_max: int = 399
+    fails: int = 3
+    passes: int = 2
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSpec:
     """How a route matches and forwards: everything that replicas of a service share."""
 
     hosts: tuple[str, ...] = ()  # lower-case names or '*.suffix'; () means any host
     paths: tuple[str, ...] = ("/",)  # normalised prefixes, no trailing '/' except the root
     strip_prefix: bool = False
+    lb: str = "round_robin"  # or least_conn
+    retries: int | None = None  # None: EDGEPROXY_RETRIES
+    connect_timeout: float | None = None  # None: EDGEPROXY_CONNECT_TIMEOUT
+    read_timeout: float | None = None  # None: EDGEPROXY_READ_TIMEOUT
+    health: HealthSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +74,17 @@ class Upstream:
     container_id: str | None = None
     state: ReplicaState = "running"
     reason: str = ""
+    weight: int = 1
 
     @property
     def eligible(self) -> bool:
         """True when the replica may get new requests."""
         return self.state in ("healthy", "running")
+
+    @property
+    def key(self) -> str:
+        """Identity for health bookkeeping: a new container on a reused IP starts clean."""
+        return f"{self.container_id or self.name}@{self.host}:{self.port}"
 
     @property
     def address(self) -> str:
@@ -73,24 +98,37 @@ class Route:
     """A spec and the replicas behind it; the balancer counter is the only mutable part."""
 
     name: str
-    source: str  # "docker" or "file"
+    source: str  # "docker", "file" or "held" (all replicas gone, kept for the hold period)
     spec: RouteSpec
     upstreams: tuple[Upstream, ...]  # every replica, eligible or not, for visibility
     pool: tuple[Upstream, ...] = field(default=(), compare=False)  # eligible replicas only
-    _counter: itertools.count[int] = field(default_factory=itertools.count, compare=False,
-                                           repr=False)
+    # Smooth weighted round-robin order over `pool`, computed once per snapshot.
+    sequence: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    counter: itertools.count[int] = field(default_factory=itertools.count, compare=False,
+                                          repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pool", tuple(u for u in self.upstreams if u.eligible))
+        pool = tuple(u for u in self.upstreams if u.eligible)
+        object.__setattr__(self, "pool", pool)
+        object.__setattr__(self, "sequence", weighted_sequence([u.weight for u in pool]))
 
-    def pick(self) -> Upstream | None:
-        """Round robin over eligible replicas; None when the pool is empty."""
-        pool = self.pool
-        if not pool:
-            return None
-        if len(pool) == 1:
-            return pool[0]
-        return pool[next(self._counter) % len(pool)]
+
+def weighted_sequence(weights: list[int]) -> tuple[int, ...]:
+    """nginx's smooth weighted round robin, unrolled: weights 5,1,1 -> a a b a c a a."""
+    if not weights:
+        return ()
+    if all(w == weights[0] for w in weights):
+        return tuple(range(len(weights)))
+    total = sum(weights)
+    current = [0] * len(weights)
+    out = []
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=lambda i: current[i])
+        current[best] -= total
+        out.append(best)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from edgeproxy.admin import make_admin_app
 from edgeproxy.forward import Proxy, make_session
+from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import get_logger
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
@@ -35,6 +36,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     watcher = Watcher(settings)
     session = make_session(settings)
     proxy = Proxy(settings, lambda: watcher.table, session)
+    monitor = HealthMonitor(session, watcher.set_active_health)
+    watcher.on_swap.append(monitor.reconcile)
+    watcher.on_swap.append(
+        lambda table: proxy.balancer.forget({u.key for r in table.routes for u in r.upstreams}))
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher")]
 
     files: FileProvider | None = None
@@ -51,7 +56,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server = web.Server(proxy.handle, access_log=None, handler_cancellation=True)
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
-    admin_runner = web.AppRunner(make_admin_app(watcher, lambda: proxy.in_flight),
+    admin_runner = web.AppRunner(make_admin_app(watcher, proxy),
                                  access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await admin_runner.setup()
@@ -71,6 +76,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
         await runner.cleanup()
         await admin_runner.cleanup()
+        await monitor.close()
         for t in tasks:
             t.cancel()
         for t in tasks:

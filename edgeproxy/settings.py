@@ -36,6 +36,7 @@ class Address:
 
 # --- value parsers: each raises ValueError with what was expected -------------------------
 
+_DIGITS = re.compile(r"[0-9]{1,9}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
@@ -62,7 +63,7 @@ def parse_address(text: str) -> Address:
     """'host:port', '[v6]:port' or ':port' -> Address."""
     expected = "host:port, e.g. 0.0.0.0:8080 or [::]:8080"
     host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not _DIGITS.fullmatch(port_text):
         raise ValueError(expected)
     port = int(port_text)
     if not 0 < port < 65536:
@@ -135,13 +136,13 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
 
 
 def _count(text: str) -> int:
-    if not text.strip().isdigit():
+    if not _DIGITS.fullmatch(text.strip()):
         raise ValueError("a whole number of 0 or more")
     return int(text)
 
 
 def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
+    if not _DIGITS.fullmatch(text.strip()) or int(text) < 1:
         raise ValueError("a whole number of at least 1")
     return int(text)
 
@@ -187,6 +188,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "json", _choice("json", "console"), "log format"),
     Option("access_log", "true", parse_bool, "one log event per proxied request"),
+    Option("hold_period", "30s", parse_duration,
+           "how long a route whose containers are all gone answers 503 before it becomes 404"),
+    Option("eject_time", "5s", _positive(parse_duration),
+           "first passive ejection of a replica after a connection failure (doubles, max 60s)"),
     Option("retries", "2", lambda t: _count(t),
            "extra tries on another replica when a connection fails (idempotent requests also "
            "after a reset)"),
@@ -216,6 +221,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     access_log: bool = True
+    hold_period: float = 30.0
+    eject_time: float = 5.0
     retries: int = 2
     retry_after: int = 5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -139,6 +140,8 @@ def build_table(
     label_prefix: str = "gateway",
     exposed_by_default: bool = True,
     network: str | None = None,
+    failing: Mapping[str, str] | None = None,
+    held: Iterable[tuple[str, RouteSpec]] = (),
 ) -> RouteTable:
     """Build a snapshot. Bad labels skip one container; conflicts go to the oldest claimant."""
     decisions: list[Decision] = []
@@ -169,7 +172,12 @@ def build_table(
                                           errors=(LabelError(f"{label_prefix}.network",
                                                              routing.network or "", str(exc)),)))
                 continue
-        upstream = Upstream("http", address, port, c.name, c.id, state, why)
+        upstream = Upstream("http", address, port, c.name, c.id, state, why, routing.weight)
+        if failing and upstream.eligible and routing.spec.health is not None:
+            reason = failing.get(upstream.key)
+            if reason is not None:
+                upstream = dataclasses.replace(upstream, state="unhealthy",
+                                               reason="active health check: " + reason)
         group = groups.get(routing.spec)
         if group is None:
             group = groups[routing.spec] = _Group(routing.spec, "docker", (1, c.created, c.name),
@@ -177,7 +185,9 @@ def build_table(
         group.upstreams.append(upstream)
         group.containers.append(c.name)
 
-    return _compile(file_groups + list(groups.values()), decisions)
+    held_groups = [_Group(spec, "held", (2, 0.0, name), name) for name, spec in held
+                   if spec not in groups]
+    return _compile(file_groups + list(groups.values()) + held_groups, decisions)
 
 
 def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:
@@ -205,8 +215,11 @@ def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:
                 key = (host, path)
                 winner = owner.get(key)
                 if winner is not None:
+                    if group.source == "held":
+                        continue  # a live route took the place of one we were holding
                     where = f"{host or '*'}{path}"
-                    first = winner.containers[0] if winner.containers else f"file route {winner.name}"
+                    first = (f"container {winner.containers[0]}" if winner.containers
+                             else f"file route {winner.name}")
                     for cname in group.containers or [f"file route {group.name}"]:
                         conflicts.append(Skipped(cname, f"lost {where} to {first}, which "
                                                  "claimed it first with other settings"))
@@ -227,8 +240,7 @@ def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:
                 decisions.append(Decision(cname, True, "routed", route=name))
         else:
             for cname in group.containers:
-                decisions.append(Decision(cname, False,
-                                          f"lost a conflict with container {lost[cname]}"))
+                decisions.append(Decision(cname, False, f"lost a conflict with {lost[cname]}"))
 
     routes.sort(key=lambda r: r.name)
     return RouteTable(tuple(routes), tuple(sorted(decisions, key=lambda d: d.container)),

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from edgeproxy.logs import get_logger
-from edgeproxy.model import Container, Route
+from edgeproxy.model import Container, Route, RouteSpec
 from edgeproxy.settings import Settings
 from edgeproxy.table import FileRoute, RouteTable, build_table
 
@@ -26,6 +26,10 @@ class Watcher:
         self._containers: dict[str, Container] = {}
         self._stopping: set[str] = set()
         self._file_routes: tuple[FileRoute, ...] = ()
+        self._failing: dict[str, str] = {}  # upstream key -> why its active check fails
+        self._held: dict[RouteSpec, tuple[str, float]] = {}  # spec -> (name, monotonic deadline)
+        self._live: tuple[Route, ...] = ()
+        self.on_swap: list[Callable[[RouteTable], None]] = []
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
         self._log = get_logger("watcher")
@@ -64,6 +68,15 @@ class Watcher:
             self._stopping.discard(container_id)
             self._mark()
 
+    def set_active_health(self, key: str, reason: str | None) -> None:
+        """An active health check flipped: `reason` says why it fails, None means it passes."""
+        if reason is None:
+            if self._failing.pop(key, None) is not None:
+                self._mark()
+        elif key not in self._failing:
+            self._failing[key] = reason
+            self._mark(urgent=True)
+
     def set_file_routes(self, routes: Iterable[FileRoute]) -> None:
         """Replace the routes that come from the routes file."""
         self._file_routes = tuple(routes)
@@ -77,14 +90,40 @@ class Watcher:
     # --- building ---------------------------------------------------------------------------
 
     def build(self) -> RouteTable:
-        """A table from the current observations (pure apart from reading them)."""
+        """A table from the current observations; vanished Docker routes are held for a while."""
+        now = time.monotonic()
+        self._held = {s: v for s, v in self._held.items() if v[1] > now}
+        new = self._build_once()
+        live = {r.spec for r in new.routes if r.source == "docker"}
+        hold = self.settings.hold_period
+        gone = [r for r in self._live if r.spec not in live and r.spec not in self._held]
+        if gone and hold > 0:
+            for r in gone:
+                self._held[r.spec] = (r.name, now + hold)
+                self._log.info("route_held", route=r.name, hold_s=hold)
+            new = self._build_once()
+        for spec in list(self._held):
+            if spec in live:
+                del self._held[spec]
+        self._live = tuple(r for r in new.routes if r.source == "docker")
+        return new
+
+    def _build_once(self) -> RouteTable:
         containers = [
             dataclasses.replace(c, stopping=True) if c.id in self._stopping else c
             for c in self._containers.values()
         ]
         s = self.settings
         return build_table(containers, self._file_routes, label_prefix=s.label_prefix,
-                           exposed_by_default=s.exposed_by_default, network=s.network)
+                           exposed_by_default=s.exposed_by_default, network=s.network,
+                           failing=self._failing,
+                           held=[(name, spec) for spec, (name, _) in self._held.items()])
+
+    def next_expiry(self) -> float | None:
+        """Seconds until the first held route expires, if any."""
+        if not self._held:
+            return None
+        return max(0.0, min(until for _, until in self._held.values()) - time.monotonic())
 
     def rebuild_now(self) -> bool:
         """Build and swap if anything changed; True when a new table went in."""
@@ -97,12 +136,19 @@ class Watcher:
         self.swaps += 1
         self.last_swap = time.time()
         self._log_diff(old, new)
+        for callback in self.on_swap:
+            callback(new)
         return True
 
     async def run(self) -> None:
         """Coalesce bursts: at most one swap per debounce interval, newest state wins."""
         while True:
-            await self._dirty.wait()
+            expiry = self.next_expiry()
+            if expiry is None:
+                await self._dirty.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), expiry + 0.01)
             self._dirty.clear()
             self._urgent.clear()
             if self.rebuild_now():
@@ -140,7 +186,7 @@ class Watcher:
                 self._log.info("route_added", route=name, **_summary(r))
             elif prev != r:
                 self._log.info("route_changed", route=name, **_summary(r))
-        for name in before.keys() - after.keys():
+        for name in sorted(before.keys() - after.keys()):
             self._log.info("route_removed", route=name)
 
 

@@ -65,7 +65,9 @@ def _parse_created(text: str) -> float:
         head, frac = text.split(".", 1)
         text = f"{head}.{frac[:6]}"
     try:
-        return datetime.fromisoformat(text + "+00:00").timestamp()
+        # Whole seconds, as the list gives them: the conflict rule must not depend on which
+        # of the two the observation came from.
+        return float(int(datetime.fromisoformat(text + "+00:00").timestamp()))
     except ValueError:
         return 0.0
 

@@ -17,7 +17,7 @@ from edgeproxy.model import Upstream
 from edgeproxy.table import FileRoute
 from edgeproxy.watcher import Watcher
 
-_CONTAINER_ONLY = ("port", "network", "enable")
+_CONTAINER_ONLY = ("port", "network", "enable", "weight")
 
 
 class RoutesFileError(ValueError):
@@ -89,11 +89,15 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
                 errors.append(LabelError(f"routes.{name}.{key}", str(value), str(exc)))
         values, errs = parse_options(options, lambda k, n=name: f"routes.{n}.{k}")  # type: ignore[misc]
         errors.extend(errs)
-        if "path" not in values and "host" not in values:
+        if "path" not in table and "host" not in table:
             errors.append(LabelError(f"routes.{name}.path", "", "missing: give path or host"))
         if errs or not upstreams or ("path" not in values and "host" not in values):
             continue
-        routing = build_routing(values)
+        try:
+            routing = build_routing(values, lambda k, n=name: f"routes.{n}.{k}")  # type: ignore[misc]
+        except LabelsInvalid as exc:
+            errors.extend(exc.errors)
+            continue
         out.append(FileRoute(name, routing.spec, tuple(upstreams)))
     if errors:
         raise RoutesFileError(str(LabelsInvalid(errors)))

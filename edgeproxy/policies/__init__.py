@@ -1,0 +1,1 @@
+"""Per-route request policies applied after matching: JWT authentication and rate limits."""

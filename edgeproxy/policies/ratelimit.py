@@ -1,0 +1,370 @@
+"""Rate limits per route and client key: `gateway.ratelimit=100/m;burst=20`, a token bucket kept
+in process memory (LocalLimiter) or in Redis shared by every proxy replica (RedisLimiter).
+
+Semantics (the same in both limiters):
+- `N/period` refills N tokens per period, continuously (N/60 per second for `N/m`).
+- `burst` is the bucket size: how many requests may go through at once. Without it the bucket
+  holds N, so `100/m` admits exactly 100 requests at once and then one every 0.6 s, the
+  allowance Kong users know from "100 per minute". With it, it is Traefik's `burst`: `100/m;
+  burst=20` smooths traffic to at most 20 at once at the same average rate, `10/s;burst=50`
+  tolerates spikes of 50. Like any token bucket (and Kong's fixed windows at a boundary), a
+  client that waited for a full bucket can use `burst + N` requests within one period.
+- A denied request consumes nothing.
+- Keys: `ip` (the trusted client address), `sub` (the verified JWT subject) or `header:<Name>`.
+  A request without the subject or header is limited by its IP instead, so key-less requests
+  never share one bucket (traefik#10307).
+- State is bounded: LocalLimiter keeps at most `max_keys` buckets (least recently used evicted;
+  an evicted bucket is simply full again), Redis keys expire once their bucket would be full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import redis.asyncio as aioredis
+from cachetools import LRUCache
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from edgeproxy.logs import get_logger
+
+_PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE = re.compile(
+    r"^\s*(\d+)\s*/\s*(s|second|m|minute|h|hour)\s*(?:;\s*burst\s*=\s*(\d+)\s*)?$", re.IGNORECASE)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+_MAX_COUNT = 1_000_000_000
+RATE_EXPECTED = ("a rate such as 100/m or 10/s;burst=20 (N/s, N/m or N/h, also /second, /minute, "
+                 "/hour; N and burst whole numbers of at least 1)")
+KEY_EXPECTED = "ip, sub or header:<Name> such as header:X-Api-Key"
+# Tokens are floats once refill starts; without a tolerance N*(period/N) can land a hair below a
+# whole token and deny the Nth request of a full refill.
+_EPSILON = 1e-9
+POLICY_NAME = "default"
+
+
+def parse_ratelimit(value: str) -> tuple[int, float, int]:
+    """'100/m;burst=20' -> (100, 60.0, 20); without burst the bucket size is the limit."""
+    m = _RATE.match(value)
+    if not m:
+        raise ValueError(RATE_EXPECTED)
+    limit = int(m.group(1))
+    burst = int(m.group(3)) if m.group(3) is not None else limit
+    if not 1 <= limit <= _MAX_COUNT or not 1 <= burst <= _MAX_COUNT:
+        raise ValueError(RATE_EXPECTED)
+    return limit, _PERIODS[m.group(2).lower()], burst
+
+
+def parse_ratelimit_key(value: str) -> str:
+    """'ip' | 'sub' | 'header:X-Api-Key' -> the same, normalised; else ValueError."""
+    v = value.strip()
+    if v.lower() in ("ip", "sub"):
+        return v.lower()
+    kind, sep, name = v.partition(":")
+    name = name.strip()
+    if sep and kind.strip().lower() == "header" and _HEADER_NAME.match(name):
+        return "header:" + name
+    raise ValueError(KEY_EXPECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    """One route's limit: `limit` requests per `period` seconds, bucket size `burst`, key kind."""
+
+    limit: int
+    period: float
+    burst: int
+    key: str = "ip"  # 'ip' | 'sub' | 'header:<Name>'
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        return self.limit / self.period
+
+    @classmethod
+    def parse(cls, rate: str, key: str = "ip") -> RateLimitSpec:
+        """From the label values `gateway.ratelimit` and `gateway.ratelimit.key`."""
+        limit, period, burst = parse_ratelimit(rate)
+        return cls(limit, period, burst, parse_ratelimit_key(key))
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The outcome of one request against its bucket.
+
+    `remaining`: whole tokens left after this request. `reset`: seconds until the bucket is full
+    again. `retry_after`: seconds until the next request can pass (0 when allowed). `error`: set
+    when the backend could not decide; `allowed` then reflects the failure policy, and a denied
+    request should be answered 503, not 429.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float
+    retry_after: float
+    error: str | None = None
+
+
+def ratelimit_headers(spec: RateLimitSpec, decision: RateDecision) -> dict[str, str]:
+    """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers), plus Retry-After
+    when denied; seconds are rounded up so a client that waits that long is let through.
+
+    `t` is the seconds until the quota is fully restored; on a denial it is the Retry-After
+    delay instead (the time during which the available quota stays 0), as the draft asks that
+    Retry-After not point before the end of the effective window. Without a decision from the
+    backend (`error`), RateLimit is left out rather than invented.
+    """
+    headers = {"RateLimit-Policy": f'"{POLICY_NAME}";q={spec.limit};w={math.ceil(spec.period)}'}
+    if decision.error is None:
+        t = decision.reset if decision.allowed else decision.retry_after
+        headers["RateLimit"] = f'"{POLICY_NAME}";r={max(decision.remaining, 0)};t={_seconds(t)}'
+    if not decision.allowed:
+        headers["Retry-After"] = str(max(1, _seconds(decision.retry_after)))
+    return headers
+
+
+def _seconds(value: float) -> int:
+    # Subtract a tolerance first so 3.0000000001 (float noise) is 3, not 4.
+    return max(0, math.ceil(value - 1e-6))
+
+
+def client_key(spec: RateLimitSpec, *, ip: str, subject: str | None = None,
+               headers: Mapping[str, str] | None = None) -> str:
+    """The bucket key of one request: 'ip:<addr>', 'sub:<subject>' or 'header:<value>'.
+
+    `ip` must be the trusted client address (X-Forwarded-For only from trusted proxies); a
+    missing subject or header falls back to it. `headers` should be case-insensitive
+    (CIMultiDict), as aiohttp's are.
+    """
+    if spec.key == "sub" and subject:
+        return "sub:" + subject
+    if spec.key.startswith("header:") and headers is not None:
+        value = headers.get(spec.key[7:])
+        if value:
+            return "header:" + value
+    return "ip:" + ip
+
+
+def _bucket_id(route: str, spec: RateLimitSpec, key: str) -> bytes:
+    """A fixed-size id per (route, spec, key): memory per bucket doesn't grow with header size,
+    and a changed limit starts from a fresh bucket instead of inheriting an odd state."""
+    raw = f"{route}\0{spec.limit}/{spec.period};{spec.burst};{spec.key}\0{key}"
+    return hashlib.blake2b(raw.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def _decide(spec: RateLimitSpec, tokens: float, allowed: bool) -> RateDecision:
+    """A decision from the bucket level left after this request."""
+    rate = spec.rate
+    return RateDecision(
+        allowed=allowed,
+        limit=spec.limit,
+        remaining=max(0, math.floor(tokens + _EPSILON)),
+        reset=max(0.0, (spec.burst - tokens) / rate),
+        retry_after=0.0 if allowed else max(0.0, (1.0 - tokens) / rate),
+    )
+
+
+class Limiter(Protocol):
+    """What the request path needs from a limiter, local or shared."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    async def hit(self, route: str, spec: RateLimitSpec, key: str,
+                  now: float | None = None) -> RateDecision: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalLimiter:
+    """Token buckets in this process: the limit applies per proxy replica.
+
+    `hit` never awaits, so on one event loop each call is atomic without a lock.
+    """
+
+    healthy = True
+    last_error: str | None = None
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        # value: [tokens, last update]; a list so a hit updates in place without allocating.
+        self._buckets: LRUCache[bytes, list[float]] = LRUCache(maxsize=max_keys)
+
+    @property
+    def size(self) -> int:
+        """Buckets held now (never more than max_keys)."""
+        return len(self._buckets)
+
+    async def start(self) -> None:
+        """Nothing to set up; present so both limiters are wired the same way."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def hit(self, route: str, spec: RateLimitSpec, key: str,
+                  now: float | None = None) -> RateDecision:
+        """Take one token from the bucket of (route, key); `now` (monotonic seconds) for tests."""
+        return self.take(route, spec, key, time.monotonic() if now is None else now)
+
+    def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
+        """The synchronous core of `hit`."""
+        bid = _bucket_id(route, spec, key)
+        state = self._buckets.get(bid)
+        if state is None:
+            tokens = float(spec.burst)
+            state = [tokens, now]
+            self._buckets[bid] = state
+        else:
+            elapsed = now - state[1]
+            tokens = min(float(spec.burst), state[0] + max(0.0, elapsed) * spec.rate)
+            state[1] = max(state[1], now)  # a clock that steps back must not mint tokens later
+        allowed = tokens >= 1.0 - _EPSILON
+        if allowed:
+            tokens = max(0.0, tokens - 1.0)
+        state[0] = tokens
+        return _decide(spec, tokens, allowed)
+
+
+# One round trip: refill, take, store and expire atomically, on Redis's clock (TIME), so replicas
+# with skewed clocks agree. Floats travel as strings: Redis truncates Lua numbers to integers.
+_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local eps = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local s = redis.call('HMGET', KEYS[1], 'ts', 'tokens')
+local ts = tonumber(s[1])
+local tokens = tonumber(s[2])
+if ts == nil or tokens == nil then
+  ts = now
+  tokens = burst
+elseif now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate)
+  ts = now
+else
+  tokens = math.min(burst, tokens)
+end
+local allowed = 0
+if tokens >= 1 - eps then
+  tokens = math.max(0, tokens - 1)
+  allowed = 1
+end
+local left = string.format('%.17g', tokens)
+redis.call('HSET', KEYS[1], 'ts', string.format('%.6f', ts), 'tokens', left)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {allowed, left}
+"""
+_LUA_SHA = hashlib.sha1(_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+class RedisLimiter:
+    """Token buckets in Redis, shared by every proxy replica: the limit applies per route.
+
+    `failure` decides what happens while Redis is unreachable or failing: 'open' (default)
+    admits requests, because an outage of the limiter's store should not become an outage of
+    every limited route (a rate limit protects against excess; it is not access control), while
+    'closed' denies them with a decision carrying `error` (answer 503) for routes where an
+    unmetered request costs more than a refused one. Either way the condition is logged once
+    per transition and shown by `healthy` and `last_error`. After a failure Redis is not asked
+    again for `retry_interval` seconds, so requests don't each wait out a timeout.
+    """
+
+    def __init__(self, url: str, failure: Literal["open", "closed"] = "open",
+                 timeout: float = 0.25, *, retry_interval: float = 1.0,
+                 prefix: str = "edgeproxy:rl:") -> None:
+        if failure not in ("open", "closed"):
+            raise ValueError(f"failure={failure!r}: expected open or closed")
+        self.url = url
+        self.failure = failure
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.prefix = prefix
+        self.healthy = True
+        self.last_error: str | None = None
+        self._retry_at = 0.0
+        self._log = get_logger("ratelimit")
+        # No client-side retries: a retry loop with backoff is exactly the hang we must avoid;
+        # the failure policy answers instead.
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+    async def start(self) -> None:
+        """Check Redis once and load the script, so the start-up log shows the backend state."""
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                await self._redis.script_load(_LUA)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+        else:
+            self._log.info("ratelimit_backend_ready", backend="redis", url=_safe_url(self.url),
+                           failure=self.failure)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+    async def hit(self, route: str, spec: RateLimitSpec, key: str,
+                  now: float | None = None) -> RateDecision:
+        """Take one token in Redis; `now` is ignored (Redis's clock is the one all replicas
+        share). Never raises for a Redis problem and never waits longer than `timeout`."""
+        if not self.healthy and time.monotonic() < self._retry_at:
+            return self._fallback(spec)
+        bid = self.prefix + _bucket_id(route, spec, key).hex()
+        # The key lives until its bucket would be full again: past that it equals a new one.
+        ttl_ms = math.ceil(spec.burst / spec.rate * 1000) + 1000
+        args = (repr(spec.rate), spec.burst, ttl_ms, repr(_EPSILON))
+        try:
+            async with asyncio.timeout(self.timeout):
+                try:
+                    result = await self._redis.evalsha(_LUA_SHA, 1, bid, *args)
+                except NoScriptError:
+                    # Flushed or restarted Redis: EVAL runs and caches it in the same trip.
+                    result = await self._redis.eval(_LUA, 1, bid, *args)
+            allowed, left = int(result[0]), float(result[1])
+        except (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError) as exc:
+            self._failed(exc)
+            return self._fallback(spec)
+        if not self.healthy:
+            self.healthy = True
+            self.last_error = None
+            self._log.info("ratelimit_backend_recovered", backend="redis",
+                           url=_safe_url(self.url))
+        return _decide(spec, left, bool(allowed))
+
+    def _failed(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, TimeoutError) and not str(exc):
+            error = f"timed out after {self.timeout}s"
+        self._retry_at = time.monotonic() + self.retry_interval
+        self.last_error = error[:300]
+        if self.healthy:
+            self.healthy = False
+            self._log.warning("ratelimit_backend_down", backend="redis", url=_safe_url(self.url),
+                              error=self.last_error, failure=self.failure)
+
+    def _fallback(self, spec: RateLimitSpec) -> RateDecision:
+        error = "rate limit backend unavailable: " + (self.last_error or "unknown error")
+        if self.failure == "open":
+            return RateDecision(True, spec.limit, spec.limit, 0.0, 0.0, error)
+        return RateDecision(False, spec.limit, 0, self.retry_interval,
+                            max(1.0, self.retry_interval), error)
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
