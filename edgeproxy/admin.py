@@ -10,6 +10,7 @@ from aiohttp import web
 from edgeproxy import __version__
 from edgeproxy.balancer import Balancer
 from edgeproxy.forward import Proxy
+from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
@@ -107,7 +108,12 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
             "containers": [decision_json(d) for d in watcher.table.decisions],
         })
 
+    async def metrics(_: web.Request) -> web.Response:
+        body = render(proxy.metrics)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/routes", routes)
     app.router.add_get("/containers", containers)

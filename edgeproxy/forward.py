@@ -17,6 +17,7 @@ from edgeproxy import headers as h
 from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
 from edgeproxy.logs import get_logger
+from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
 from edgeproxy.settings import Settings
@@ -107,11 +108,13 @@ class Proxy:
         session: aiohttp.ClientSession,
         scheme: str = "http",
         balancer: Balancer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
         self._session = session
         self.balancer = balancer or Balancer(settings.eject_time)
+        self.metrics = metrics or Metrics(table)
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._events = get_logger("proxy")
         self._scheme = scheme
@@ -125,6 +128,8 @@ class Proxy:
         start = time.perf_counter()
         rid = h.request_id(request.headers)
         self.in_flight += 1
+        metrics = self.metrics
+        metrics.in_flight.inc()
         info: dict[str, Any] = {"route": None, "upstream": None, "bytes": 0}
         status = 500
         try:
@@ -133,11 +138,16 @@ class Proxy:
             return response
         finally:
             self.in_flight -= 1
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            metrics.observe_request(info["route"], request.method, status, elapsed)
+            if "retries" in info:
+                metrics.retries.labels(info["route"] or "").inc()
             if self._access:
                 self._log.info(
                     "access", method=request.method, path=request.raw_path, status=status,
                     route=info["route"], upstream=info["upstream"], bytes=info["bytes"],
-                    duration_ms=round((time.perf_counter() - start) * 1000, 3), request_id=rid,
+                    duration_ms=round(elapsed * 1000, 3), request_id=rid,
                     client=info.get("client"), error=info.get("error"),
                     retries=info.get("retries", 0),
                 )
@@ -196,6 +206,8 @@ class Proxy:
                 response = await self._attempt(request, url, hdrs, body, rid, info, timeout)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
+                if failure.code != "body_too_large":
+                    self.metrics.upstream_errors.labels(route.name, failure.code).inc()
                 if failure.code in _EJECTING:
                     self._eject(route, upstream, failure)
                 nxt = self._next_upstream(route, tried, request.method, body, failure)
@@ -223,6 +235,7 @@ class Proxy:
 
     def _eject(self, route: Route, upstream: Upstream, failure: _UpstreamFailed) -> None:
         seconds = self.balancer.failed(upstream)
+        self.metrics.ejections.labels(route.name).inc()
         self._events.warning("replica_ejected", route=route.name, replica=upstream.name,
                              address=upstream.address, reason=failure.code,
                              detail=failure.detail or None, for_s=seconds)

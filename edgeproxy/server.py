@@ -12,6 +12,7 @@ from edgeproxy.admin import make_admin_app
 from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import get_logger
+from edgeproxy.metrics import Metrics
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.settings import Settings, unknown_settings
@@ -35,7 +36,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     watcher = Watcher(settings)
     session = make_session(settings)
-    proxy = Proxy(settings, lambda: watcher.table, session)
+    metrics = Metrics(lambda: watcher.table)
+    proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics)
+    watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
+    watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
     watcher.on_swap.append(monitor.reconcile)
     watcher.on_swap.append(
@@ -51,6 +55,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     docker: DockerProvider | None = None
     if settings.docker:
         docker = DockerProvider(watcher, loop)
+        docker.on_reconnect = metrics.docker_reconnects.inc
         docker.start()
 
     server = web.Server(proxy.handle, access_log=None, handler_cancellation=True)

@@ -236,8 +236,11 @@ def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:
                 target[path] = route
         if won:
             routes.append(route)
-            for cname in group.containers:
-                decisions.append(Decision(cname, True, "routed", route=name))
+            for u in route.upstreams:
+                if u.container_id is None:
+                    continue
+                reason = "routed" if u.eligible else f"routed, but gets no traffic: {u.state} ({u.reason})"
+                decisions.append(Decision(u.name, True, reason, route=name))
         else:
             for cname in group.containers:
                 decisions.append(Decision(cname, False, f"lost a conflict with {lost[cname]}"))

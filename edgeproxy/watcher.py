@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import time
@@ -30,6 +31,9 @@ class Watcher:
         self._held: dict[RouteSpec, tuple[str, float]] = {}  # spec -> (name, monotonic deadline)
         self._live: tuple[Route, ...] = ()
         self.on_swap: list[Callable[[RouteTable], None]] = []
+        self.on_event_lag: Callable[[float], None] | None = None
+        # Recent route changes, newest last, for the dashboard and /routes.
+        self.changes: collections.deque[dict[str, object]] = collections.deque(maxlen=100)
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
         self._log = get_logger("watcher")
@@ -180,14 +184,20 @@ class Watcher:
     def _log_diff(self, old: RouteTable, new: RouteTable) -> None:
         before = {r.name: r for r in old.routes}
         after = {r.name: r for r in new.routes}
+        now = time.time()
         for name, r in after.items():
             prev = before.get(name)
             if prev is None:
                 self._log.info("route_added", route=name, **_summary(r))
+                self.changes.append({"time": now, "event": "route_added", "route": name,
+                                     **_summary(r)})
             elif prev != r:
                 self._log.info("route_changed", route=name, **_summary(r))
+                self.changes.append({"time": now, "event": "route_changed", "route": name,
+                                     **_summary(r)})
         for name in sorted(before.keys() - after.keys()):
             self._log.info("route_removed", route=name)
+            self.changes.append({"time": now, "event": "route_removed", "route": name})
 
 
 def _summary(r: Route) -> dict[str, object]:

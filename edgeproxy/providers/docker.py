@@ -107,6 +107,7 @@ class DockerProvider:
         self._api: Any = None
         self._log = get_logger("docker")
         self.reconnects = 0
+        self.on_reconnect: Callable[[], None] | None = None
         self.last_event = 0.0
 
     def start(self) -> None:
@@ -148,6 +149,8 @@ class DockerProvider:
                 if self._stop.is_set():
                     return
                 self.reconnects += 1
+                if self.on_reconnect is not None:
+                    self.on_reconnect()
                 reason = f"{type(exc).__name__}: {exc}"[:300]
                 self._post(functools.partial(self._disconnected, reason, backoff))
                 self._close_quietly()
@@ -209,4 +212,11 @@ class DockerProvider:
             self._log.warning("docker_inspect_failed", container=cid[:12], error=str(exc)[:200])
             return
         c = container_from_inspect(doc)
-        self._post(lambda: w.update(c))
+        stamp = ev.get("timeNano")
+        self._post(functools.partial(self._apply, c, stamp / 1e9 if stamp else None))
+
+    def _apply(self, c: Container, event_time: float | None) -> None:
+        self._watcher.update(c)
+        lag = self._watcher.on_event_lag
+        if lag is not None and event_time is not None:
+            lag(max(0.0, time.time() - event_time))

@@ -1,0 +1,113 @@
+"""Prometheus metrics: request counters live per process (summed across workers), table gauges
+are computed at scrape time from the live RouteTable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edgeproxy.table import RouteTable
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # *_created series double the output and nobody graphs them
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics folder when several workers run (set before prometheus_client loads)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric the proxy exports; one instance per process."""
+
+    def __init__(self, table: Callable[[], RouteTable]) -> None:
+        r = CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.table_collector = TableCollector(table)
+        r.register(self.table_collector)
+        self.requests = Counter("edgeproxy_requests", "Requests answered",
+                                ["route", "method", "status_class"], registry=r)
+        self.duration = Histogram("edgeproxy_request_duration_seconds",
+                                  "Time from request to the end of the response", ["route"],
+                                  buckets=_BUCKETS, registry=r)
+        self.in_flight = Gauge("edgeproxy_in_flight_requests", "Requests being answered",
+                               registry=r, multiprocess_mode="livesum")
+        self.upstream_errors = Counter("edgeproxy_upstream_errors",
+                                       "Failed tries against a replica", ["route", "kind"],
+                                       registry=r)
+        self.retries = Counter("edgeproxy_retries", "Requests tried again on another replica",
+                               ["route"], registry=r)
+        self.ejections = Counter("edgeproxy_ejections", "Replicas passively ejected",
+                                 ["route"], registry=r)
+        self.ratelimited = Counter("edgeproxy_ratelimit_rejections",
+                                   "Requests refused with 429", ["route"], registry=r)
+        self.auth_failures = Counter("edgeproxy_auth_failures", "Requests refused by JWT auth",
+                                     ["route", "reason"], registry=r)
+        self.docker_reconnects = Counter("edgeproxy_docker_reconnects",
+                                         "Times the Docker connection was lost and retried",
+                                         registry=r)
+        self.docker_event_lag = Histogram("edgeproxy_docker_event_lag_seconds",
+                                          "Docker event time to its observation reaching the "
+                                          "watcher", buckets=_BUCKETS, registry=r)
+        self.table_swaps = Counter("edgeproxy_table_swaps", "Route tables swapped in",
+                                   registry=r)
+
+    @staticmethod
+    def method_label(method: str) -> str:
+        """Bound the method label's cardinality."""
+        return method if method in _METHODS else "OTHER"
+
+    def observe_request(self, route: str | None, method: str, status: int,
+                        seconds: float) -> None:
+        """Count one answered request."""
+        name = route or ""
+        self.requests.labels(name, self.method_label(method), f"{status // 100}xx").inc()
+        self.duration.labels(name).observe(seconds)
+
+
+class TableCollector(Collector):
+    """Route and replica gauges read from the live table when scraped (never stale labels)."""
+
+    def __init__(self, table: Callable[[], RouteTable]) -> None:
+        self._table = table
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        table = self._table()
+        routes = GaugeMetricFamily("edgeproxy_routes", "Routes in the live table")
+        routes.add_metric([], len(table.routes))
+        yield routes
+        healthy = GaugeMetricFamily("edgeproxy_route_healthy_replicas",
+                                    "Replicas eligible for new requests", labels=["route"])
+        total = GaugeMetricFamily("edgeproxy_route_replicas", "Replicas known", labels=["route"])
+        for r in table.routes:
+            healthy.add_metric([r.name], len(r.pool))
+            total.add_metric([r.name], len(r.upstreams))
+        yield healthy
+        yield total
+
+
+def render(metrics: Metrics) -> bytes:
+    """The Prometheus text exposition: this process's (or all workers') counters + table gauges."""
+    folder = multiprocess_dir()
+    if not folder:
+        return generate_latest(metrics.registry)
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    registry.register(metrics.table_collector)
+    return generate_latest(registry)
