@@ -6,12 +6,16 @@ import time
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from edgeproxy import __version__
 from edgeproxy.balancer import Balancer
 from edgeproxy.forward import Proxy
+from edgeproxy.headers import request_host
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
+from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
@@ -114,7 +118,61 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    try:  # TEMP until dashboard.py lands
+        from edgeproxy.dashboard import add_dashboard  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        add_dashboard(app, watcher, proxy)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/routes", routes)
     app.router.add_get("/containers", containers)
+    app.router.add_get("/explain", lambda request: explain(request, watcher, proxy))
     return app
+
+
+async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.Response:
+    """What the proxy would do with a request, without sending it anywhere."""
+    url_text = request.query.get("url", "")
+    method = request.query.get("method", "GET").upper()
+    headers = CIMultiDict(
+        (k.strip(), v.strip()) for k, _, v in
+        (h.partition(":") for h in request.query.getall("header", [])) if k.strip()
+    )
+    try:
+        url = URL(url_text)
+    except ValueError:
+        url = URL()
+    if not url.is_absolute() or url.scheme not in ("http", "https"):
+        return web.json_response({"error": f"url={url_text!r}: expected an absolute http(s) URL "
+                                  "such as http://api.example.com/orders/7"}, status=400)
+    if "Host" not in headers:
+        headers["Host"] = url.raw_authority
+    raw_path, query = split_target(url.raw_path_qs)
+    out: dict[str, Any] = {"method": method, "url": url_text, "host": request_host(headers)}
+    try:
+        path = normalize_path(raw_path)
+    except PathError as exc:
+        out.update(status=400, decision=f"refused: {exc}")
+        return web.json_response(out)
+    out["path"] = path
+    found = watcher.table.match(out["host"], path)
+    if found is None:
+        out.update(status=404, decision="no route matches this host and path",
+                   routes_considered=len(watcher.table.routes))
+        return web.json_response(out)
+    route, prefix = found
+    fwd = strip_prefix(path, prefix) if route.spec.strip_prefix else path
+    candidates = [u for u in route.pool if not proxy.balancer.is_ejected(u)]
+    out.update(
+        route=route_json(route, proxy.balancer),
+        matched_prefix=prefix,
+        forwarded_path=fwd + ("?" + query if query else ""),
+        replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
+    )
+    if not route.pool:
+        out.update(status=503, decision="route has no healthy replica: 503 with Retry-After")
+    else:
+        out.update(status=None, decision="forwarded to one of the eligible replicas "
+                   f"({route.spec.lb}, {len(candidates)} of {len(route.upstreams)} eligible)")
+    return web.json_response(out)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 
 from edgeproxy import __version__
 from edgeproxy.logs import configure
-from edgeproxy.settings import OPTIONS, SettingsError, load_settings
+from edgeproxy.settings import OPTIONS, Address, SettingsError, load_settings, parse_address
 
 
 def _epilog() -> str:
@@ -35,12 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the proxy (the default)")
+    check = sub.add_parser("check", help="validate gateway.* labels in compose files, offline "
+                           "(exit 1 on problems)")
+    check.add_argument("files", nargs="+", metavar="compose.yml")
+    explain = sub.add_parser("explain", help="ask the running proxy which route, policies and "
+                             "replica a request would get, without sending it")
+    explain.add_argument("url", help="e.g. http://api.example.com/orders/7")
+    explain.add_argument("--method", "-X", default="GET")
+    explain.add_argument("--header", "-H", action="append", default=[], metavar="K:V")
+    explain.add_argument("--admin", default=None,
+                         help="admin address (default: EDGEPROXY_ADMIN_LISTEN or 127.0.0.1:8081)")
+    explain.add_argument("--json", action="store_true", help="print the raw JSON answer")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgeproxy` command."""
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        from edgeproxy.check import run_check
+
+        prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
+        return run_check(list(args.files), label_prefix=prefix)
+    if args.command == "explain":
+        return _explain(args)
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -62,6 +87,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    admin = args.admin or os.environ.get("EDGEPROXY_ADMIN_LISTEN", "127.0.0.1:8081")
+    try:
+        address = parse_address(admin)
+    except ValueError as exc:
+        print(f"edgeproxy explain: --admin={admin!r}: expected {exc}", file=sys.stderr)
+        return 2
+    host = "127.0.0.1" if address.host in ("0.0.0.0", "::") else address.host
+    query = urllib.parse.urlencode([("url", args.url), ("method", args.method)]
+                                   + [("header", h) for h in args.header])
+    endpoint = f"http://{Address(host, address.port)}/explain?{query}"
+    try:
+        with urllib.request.urlopen(endpoint, timeout=5) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        print(f"edgeproxy explain: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"edgeproxy explain: cannot reach the admin API at {host}:{address.port}: "
+              f"{getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"{answer['method']} {answer['url']}")
+    print(f"  host: {answer['host'] or '(none)'}   path: {answer.get('path', '-')}")
+    route = answer.get("route")
+    if route:
+        print(f"  route: {route['name']} ({route['source']}) matched prefix "
+              f"{answer['matched_prefix']} -> forwards {answer['forwarded_path']}")
+        policies = route.get("policies") or {}
+        print("  policies: " + (", ".join(f"{k}={v}" for k, v in policies.items()) or "none"))
+        for u in route["replicas"]:
+            mark = "*" if answer.get("replica") and u["name"] == answer["replica"]["name"] else " "
+            print(f"   {mark} {u['name']:<30} {u['address'] or '-':<22} {u['state']}"
+                  + (f" ({u['reason']})" if u.get("reason") else ""))
+    print(f"  decision: {answer['decision']}")
     return 0
 
 
