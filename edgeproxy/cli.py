@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -72,22 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
-    from edgeproxy.server import ListenError, serve
+    from edgeproxy.workers import EXIT_LISTEN_FAILED, run
 
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        runner = asyncio.run
-    else:  # pragma: no cover - optional speed-up
-        runner = uvloop.run
-    try:
-        runner(serve(settings))
-    except ListenError as exc:
-        print(f"edgeproxy: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    code = run(settings)
+    return 1 if code == EXIT_LISTEN_FAILED else code
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         renderer = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 
+import structlog
 from aiohttp import web
 
 from edgeproxy.admin import make_admin_app
@@ -15,7 +16,7 @@ from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
-from edgeproxy.settings import Settings, unknown_settings
+from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.watcher import Watcher
 
 
@@ -23,8 +24,13 @@ class ListenError(RuntimeError):
     """A listener could not bind its address."""
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the proxy until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: int = 0) -> None:
+    """Run the proxy until SIGTERM/SIGINT (or `stop` is set), then drain and return.
+
+    Worker 0 also serves the admin listener and logs route lifecycle events; other workers
+    keep the same table quietly."""
+    if settings.workers > 1:
+        structlog.contextvars.bind_contextvars(worker=worker)
     log = get_logger("server")
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -34,7 +40,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for name in unknown_settings():
         log.warning("setting_unknown", variable=name)
 
-    watcher = Watcher(settings)
+    watcher = Watcher(settings, quiet=worker != 0)
     session = make_session(settings)
     metrics = Metrics(lambda: watcher.table)
     proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics)
@@ -65,14 +71,20 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
                                  access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await admin_runner.setup()
+    listeners: list[tuple[web.BaseRunner, Address]] = [(runner, settings.listen)]
+    if worker == 0:
+        listeners.append((admin_runner, settings.admin_listen))
     try:
-        for r, addr in ((runner, settings.listen), (admin_runner, settings.admin_listen)):
+        for r, addr in listeners:
             try:
-                await web.TCPSite(r, addr.host, addr.port, backlog=1024).start()
+                await web.TCPSite(r, addr.host, addr.port, backlog=1024,
+                                  reuse_port=settings.workers > 1 or None).start()
             except OSError as exc:
                 raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
-        log.info("listening", proxy=str(settings.listen), admin=str(settings.admin_listen),
-                 docker=settings.docker, routes_file=str(settings.routes_file or "") or None)
+        log.info("listening", proxy=str(settings.listen),
+                 admin=str(settings.admin_listen) if worker == 0 else None,
+                 docker=settings.docker, routes_file=str(settings.routes_file or "") or None,
+                 workers=settings.workers)
         await stop.wait()
         log.info("draining", in_flight=proxy.in_flight, timeout_s=settings.drain_timeout)
     finally:

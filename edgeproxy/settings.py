@@ -141,6 +141,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    value = text.strip().lower()
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 256:
+        raise ValueError("auto (one per core) or a whole number from 1 to 256")
+    return int(value)
+
+
 def _positive_int(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()) or int(text) < 1:
         raise ValueError("a whole number of at least 1")
@@ -165,6 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "0.0.0.0:8080", parse_address, "address for proxied traffic"),
     Option("admin_listen", "127.0.0.1:8081", parse_address,
            "address for /healthz and /routes (keep it private)"),
+    Option("workers", "auto", _workers,
+           "processes serving the listen port (SO_REUSEPORT); auto = one per core"),
     Option("label_prefix", "gateway", _label_prefix, "label namespace read from containers"),
     Option("network", "", _optional_str,
            "Docker network to reach containers on when they have several (default: their only one)"),
@@ -205,6 +217,7 @@ class Settings:
 
     listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
     admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
+    workers: int = 1
     label_prefix: str = "gateway"
     network: str | None = None
     exposed_by_default: bool = True

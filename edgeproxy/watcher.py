@@ -18,7 +18,7 @@ from edgeproxy.table import FileRoute, RouteTable, build_table
 class Watcher:
     """The single owner of the live RouteTable; providers report, the watcher rebuilds."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, quiet: bool = False) -> None:
         self.settings = settings
         self.table = RouteTable()
         self.swaps = 0
@@ -36,7 +36,8 @@ class Watcher:
         self.changes: collections.deque[dict[str, object]] = collections.deque(maxlen=100)
         self._dirty = asyncio.Event()
         self._urgent = asyncio.Event()
-        self._log = get_logger("watcher")
+        # Extra workers keep the same table but don't repeat its lifecycle events.
+        self._log = _Quiet() if quiet else get_logger("watcher")
         self._warned: set[tuple[str, str]] = set()
         self.changed = asyncio.Condition()
 
@@ -208,3 +209,12 @@ def _summary(r: Route) -> dict[str, object]:
         "healthy": len(r.pool),
         "source": r.source,
     }
+
+
+class _Quiet:
+    """A logger that drops events (for workers other than the first)."""
+
+    def _drop(self, *_: object, **__: object) -> None:
+        return None
+
+    info = warning = error = debug = _drop

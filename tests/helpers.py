@@ -56,6 +56,7 @@ class ProxyProcess:
             "EDGEPROXY_LISTEN": f"127.0.0.1:{self.port}",
             "EDGEPROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
             "EDGEPROXY_DEBOUNCE": "20ms",
+            "EDGEPROXY_WORKERS": "1",
             "EDGEPROXY_LOG_LEVEL": "debug",
             "PYTHONUNBUFFERED": "1",
         })

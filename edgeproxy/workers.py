@@ -1,0 +1,130 @@
+"""Several worker processes on one port (SO_REUSEPORT), supervised by a small parent.
+
+Each worker discovers routes itself (one Docker event stream each), so every worker holds the
+same live table without any coordination. Worker 0 also serves the admin listener; metrics are
+summed over all workers through prometheus_client's multiprocess folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from edgeproxy.logs import get_logger
+from edgeproxy.settings import Settings
+
+EXIT_LISTEN_FAILED = 3  # a worker could not bind: restarting would not help
+
+
+def run_worker(settings: Settings, index: int) -> int:
+    """Run one worker to completion; its exit code."""
+    from edgeproxy.server import ListenError, serve
+
+    runner: Callable[..., object]
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        runner = asyncio.run
+    else:  # pragma: no cover - optional speed-up (extra "fast")
+        runner = uvloop.run
+    try:
+        runner(serve(settings, worker=index))
+    except ListenError as exc:
+        print(f"edgeproxy: {exc}", file=sys.stderr, flush=True)
+        return EXIT_LISTEN_FAILED
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run the proxy: in this process for one worker, else as a supervisor of N children."""
+    if settings.workers <= 1:
+        return run_worker(settings, 0)
+    return Supervisor(settings).run()
+
+
+class Supervisor:
+    """Forks the workers, forwards SIGTERM/SIGINT, restarts a worker that crashes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+        self.failed_listen = False
+        self.log = get_logger("supervisor")
+        self.metrics_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(self.settings, index)
+            finally:
+                os._exit(code)
+        self.children[pid] = index
+
+    def _signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def run(self) -> int:
+        """Start every worker and wait; exit 0 after a clean stop."""
+        # prometheus_client reads this when it is first imported: set it before any worker
+        # (and before this process) imports the metrics module.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        self.log.info("workers_starting", workers=self.settings.workers, pid=os.getpid())
+        try:
+            for i in range(self.settings.workers):
+                self._spawn(i)
+            restarts: dict[int, float] = {}
+            while self.children:
+                try:
+                    pid, status = os.wait()
+                except ChildProcessError:
+                    break
+                except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                    continue
+                index = self.children.pop(pid, None)
+                if index is None:
+                    continue
+                self._mark_dead(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code == EXIT_LISTEN_FAILED:
+                    self.failed_listen = True
+                    self._signal(signal.SIGTERM, None)
+                if self.stopping:
+                    continue
+                # A crash: restart, but not in a tight loop.
+                last = restarts.get(index, 0.0)
+                delay = 1.0 if time.monotonic() - last < 10 else 0.0
+                restarts[index] = time.monotonic()
+                self.log.error("worker_died", worker=index, pid=pid, exit_code=code,
+                               restart_in_s=delay)
+                time.sleep(delay)
+                if not self.stopping:
+                    self._spawn(index)
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        return 1 if self.failed_listen else 0
+
+    def _mark_dead(self, pid: int) -> None:
+        with contextlib.suppress(Exception):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
