@@ -372,7 +372,9 @@ WS = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 async def _pump(src: WS, dst: WS) -> None:
-    async for msg in src:
+    # receive(), not `async for`: iteration ends before yielding CLOSE, losing its code/reason.
+    while True:
+        msg = await src.receive()
         if msg.type == WSMsgType.TEXT:
             await dst.send_str(msg.data)
         elif msg.type == WSMsgType.BINARY:
@@ -384,10 +386,10 @@ async def _pump(src: WS, dst: WS) -> None:
         elif msg.type == WSMsgType.CLOSE:
             await dst.close(code=msg.data or 1000, message=(msg.extra or "").encode())
             return
-        else:
+        else:  # CLOSING, CLOSED, ERROR: the other side is gone without a close frame
+            if not dst.closed:
+                await dst.close()
             return
-    if not dst.closed:
-        await dst.close()
 
 
 async def _pump_both(client: web.WebSocketResponse, up: aiohttp.ClientWebSocketResponse) -> None:

@@ -22,6 +22,8 @@ RESERVED_REQUEST = frozenset(("x-auth-subject", "x-auth-scopes"))
 # Replaced unless the peer is a trusted proxy.
 FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                        "x-forwarded-port", "x-real-ip", "forwarded"))
+# A client's Connection header may not remove what routing and framing rely on.
+_PROTECTED = frozenset(("host", "content-length", "content-type"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -81,7 +83,7 @@ def upstream_request_headers(
     trusted_peer: bool,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: hop-by-hop and reserved removed, forwarded headers set."""
-    drop = HOP_BY_HOP | connection_tokens(headers) | RESERVED_REQUEST
+    drop = HOP_BY_HOP | (connection_tokens(headers) - _PROTECTED) | RESERVED_REQUEST
     if not trusted_peer:
         drop = drop | FORWARDED
     out: CIMultiDict[str] = CIMultiDict()

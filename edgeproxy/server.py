@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from edgeproxy.admin import make_admin_app
+from edgeproxy.errors import error_response
 from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import get_logger
@@ -22,6 +26,31 @@ from edgeproxy.watcher import Watcher
 
 class ListenError(RuntimeError):
     """A listener could not bind its address."""
+
+
+class _ProxyRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering malformed requests with our JSON errors."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status, code = 431, "header_too_large"
+            text = "a request header line is too large"
+        elif status == 400:
+            code, text = "bad_request", f"malformed HTTP request: {getattr(exc, 'message', exc)}"
+        else:
+            return super().handle_error(request, status, exc, message)
+        resp = error_response(status, code, text, uuid.uuid4().hex)
+        resp.force_close()  # the stream can't be trusted after a framing error
+        return resp
+
+
+class ProxyServer(web.Server):
+    """aiohttp's low-level server with our error answers for unparsable requests."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: int = 0) -> None:
@@ -64,7 +93,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         docker.on_reconnect = metrics.docker_reconnects.inc
         docker.start()
 
-    server = web.Server(proxy.handle, access_log=None, handler_cancellation=True)
+    # auto_decompress=False: a gzip request body goes upstream as the client sent it.
+    server = ProxyServer(proxy.handle, access_log=None, handler_cancellation=True,
+                         auto_decompress=False, max_field_size=settings.max_header_size,
+                         max_line_size=settings.max_header_size)
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
     admin_runner = web.AppRunner(make_admin_app(watcher, proxy),

@@ -195,6 +195,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("routes_file", "", _optional_path, "TOML file with static routes, reloaded on change"),
     Option("routes_file_poll", "1s", _positive(parse_duration), "how often the routes file is checked"),
     Option("max_body_size", "10m", parse_size, "largest request body accepted (0 = unlimited) -> 413"),
+    Option("max_header_size", "16k", parse_size,
+           "largest request line or header line -> 431 (aiohttp's limit per line)"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
@@ -230,6 +232,7 @@ class Settings:
     routes_file: Path | None = None
     routes_file_poll: float = 1.0
     max_body_size: int = 10 * 1024**2
+    max_header_size: int = 16 * 1024
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
     log_format: str = "json"

@@ -206,8 +206,8 @@ def jwt_config_problem(cfg: JwtConfig) -> str | None:
         return "EDGEPROXY_JWT_ALGORITHMS allows 'none' (unsigned tokens), which can never be allowed"
     unknown = [a for a in cfg.algorithms if a not in KNOWN_ALGORITHMS]
     if unknown:
-        return f"EDGEPROXY_JWT_ALGORITHMS has unknown algorithm(s) {', '.join(unknown)}; expected " \
-               f"{ALGORITHMS_EXPECTED}"
+        return (f"EDGEPROXY_JWT_ALGORITHMS has unknown algorithm(s) {', '.join(unknown)}; "
+                f"expected {ALGORITHMS_EXPECTED}")
     if not cfg.secret and not cfg.public_keys and not cfg.jwks_url:
         return ("no JWT key is configured: set EDGEPROXY_JWT_SECRET, EDGEPROXY_JWT_PUBLIC_KEY "
                 "(or EDGEPROXY_JWT_PUBLIC_KEY_FILE) or EDGEPROXY_JWKS_URL")
@@ -231,11 +231,11 @@ def jwt_config_problem(cfg: JwtConfig) -> str | None:
             return (f"EDGEPROXY_JWT_SECRET is {size} bytes; {short[-1]} needs at least {need} "
                     "(RFC 7518 3.2)")
     if hmac and not cfg.secret:
-        return f"{hmac[0]} is allowed but EDGEPROXY_JWT_SECRET is not set (an HMAC algorithm " \
-               "verifies only with the shared secret, never with a public key)"
+        return (f"{hmac[0]} is allowed but EDGEPROXY_JWT_SECRET is not set (an HMAC algorithm "
+                "verifies only with the shared secret, never with a public key)")
     if asym and not pem and not cfg.jwks_url:
-        return f"{asym[0]} is allowed but no public key or EDGEPROXY_JWKS_URL is configured " \
-               "(the HMAC secret is never used for asymmetric algorithms)"
+        return (f"{asym[0]} is allowed but no public key or EDGEPROXY_JWKS_URL is configured "
+                "(the HMAC secret is never used for asymmetric algorithms)")
     if pem and not cfg.jwks_url and not hmac and not any(_fits(a, k) for a in asym for k in pem):
         kinds = "/".join(dict.fromkeys(k.kty for k in pem))
         return (f"no allowed algorithm ({', '.join(algs)}) fits the configured {kinds} public "

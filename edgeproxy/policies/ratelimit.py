@@ -32,7 +32,9 @@ import redis.asyncio as aioredis
 from cachetools import LRUCache
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from edgeproxy.logs import get_logger
 
@@ -278,30 +280,39 @@ class RedisLimiter:
     admits requests, because an outage of the limiter's store should not become an outage of
     every limited route (a rate limit protects against excess; it is not access control), while
     'closed' denies them with a decision carrying `error` (answer 503) for routes where an
-    unmetered request costs more than a refused one. Either way the condition is logged once
-    per transition and shown by `healthy` and `last_error`. After a failure Redis is not asked
-    again for `retry_interval` seconds, so requests don't each wait out a timeout.
+    unmetered request costs more than a refused one.
+
+    Every call is bounded by `timeout` (pool wait, connect and reply together). A call that
+    fails gets the failure decision on its own; Redis counts as down (`healthy` False, logged
+    once) on a refused or broken connection at once, or after `max_failures` failed calls in a
+    row (timeouts, errors), and is then not asked again for `retry_interval` seconds, so
+    requests don't each wait out a timeout. The first good reply makes it healthy again.
+    `max_connections` bounds the pool: a burst of requests queues for a few warm connections
+    instead of opening hundreds at once.
     """
 
     def __init__(self, url: str, failure: Literal["open", "closed"] = "open",
-                 timeout: float = 0.25, *, retry_interval: float = 1.0,
-                 prefix: str = "edgeproxy:rl:") -> None:
+                 timeout: float = 0.25, *, retry_interval: float = 1.0, max_failures: int = 3,
+                 max_connections: int = 16, prefix: str = "edgeproxy:rl:") -> None:
         if failure not in ("open", "closed"):
             raise ValueError(f"failure={failure!r}: expected open or closed")
         self.url = url
         self.failure = failure
         self.timeout = timeout
         self.retry_interval = retry_interval
+        self.max_failures = max_failures
         self.prefix = prefix
         self.healthy = True
         self.last_error: str | None = None
+        self._failures_in_row = 0
         self._retry_at = 0.0
         self._log = get_logger("ratelimit")
-        # No client-side retries: a retry loop with backoff is exactly the hang we must avoid;
-        # the failure policy answers instead.
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        # No client-side retries: a retry loop with backoff is exactly the hang we must avoid.
+        # The pool waits without its own limit; asyncio.timeout in hit() bounds the whole call.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=None, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
 
     async def start(self) -> None:
         """Check Redis once and load the script, so the start-up log shows the backend state."""
@@ -309,7 +320,7 @@ class RedisLimiter:
             async with asyncio.timeout(self.timeout * 4):
                 await self._redis.script_load(_LUA)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
+            self._failed(exc, down=True)
         else:
             self._log.info("ratelimit_backend_ready", backend="redis", url=_safe_url(self.url),
                            failure=self.failure)
@@ -336,26 +347,41 @@ class RedisLimiter:
                     # Flushed or restarted Redis: EVAL runs and caches it in the same trip.
                     result = await self._redis.eval(_LUA, 1, bid, *args)
             allowed, left = int(result[0]), float(result[1])
-        except (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError) as exc:
-            self._failed(exc)
+        except (TimeoutError, RedisTimeoutError) as exc:  # before OSError: TimeoutError is one
+            self._failed(exc, down=False)
             return self._fallback(spec)
+        except (RedisConnectionError, OSError) as exc:
+            self._failed(exc, down=True)
+            return self._fallback(spec)
+        except (RedisError, ValueError, IndexError, TypeError) as exc:
+            self._failed(exc, down=False)
+            return self._fallback(spec)
+        self._failures_in_row = 0
+        self.last_error = None
         if not self.healthy:
             self.healthy = True
-            self.last_error = None
             self._log.info("ratelimit_backend_recovered", backend="redis",
                            url=_safe_url(self.url))
         return _decide(spec, left, bool(allowed))
 
-    def _failed(self, exc: BaseException) -> None:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    def _failed(self, exc: BaseException, *, down: bool) -> None:
         if isinstance(exc, TimeoutError) and not str(exc):
             error = f"timed out after {self.timeout}s"
-        self._retry_at = time.monotonic() + self.retry_interval
+        else:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self.last_error = error[:300]
+        if not down:
+            # Slow replies and odd errors are counted: one of them under load is not an outage.
+            self._failures_in_row += 1
+            down = self._failures_in_row >= self.max_failures
+        if not down:
+            return
+        self._retry_at = time.monotonic() + self.retry_interval
         if self.healthy:
             self.healthy = False
             self._log.warning("ratelimit_backend_down", backend="redis", url=_safe_url(self.url),
-                              error=self.last_error, failure=self.failure)
+                              error=self.last_error, failure=self.failure,
+                              retry_in_s=self.retry_interval)
 
     def _fallback(self, spec: RateLimitSpec) -> RateDecision:
         error = "rate limit backend unavailable: " + (self.last_error or "unknown error")
