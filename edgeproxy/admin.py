@@ -41,6 +41,19 @@ def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, An
     }
 
 
+def policies_json(r: Route) -> dict[str, Any]:
+    """A route's policies as shown by /routes and /explain."""
+    out: dict[str, Any] = {}
+    auth = r.spec.auth
+    if auth is not None:
+        out["auth"] = {"type": "jwt", "scopes": list(auth.scopes), "audience": auth.audience}
+    rl = r.spec.ratelimit
+    if rl is not None:
+        out["ratelimit"] = {"limit": rl.limit, "period_s": rl.period, "burst": rl.burst,
+                            "key": rl.key}
+    return out
+
+
 def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
     spec = r.spec
@@ -59,7 +72,7 @@ def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
             "status": f"{health.status_min}-{health.status_max}", "fails": health.fails,
             "passes": health.passes,
         },
-        "policies": {},
+        "policies": policies_json(r),
         "replicas": [upstream_json(u, balancer) for u in r.upstreams],
         "healthy": len(r.pool),
     }
@@ -94,6 +107,11 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
             "docker": _docker_state(watcher),
             "routes": len(watcher.table.routes),
             "in_flight": proxy.in_flight,
+            "jwt": {"configured": proxy.verifier.problem is None,
+                    "problem": proxy.verifier.problem, "jwks_error": proxy.verifier.jwks_error},
+            "ratelimit": {"backend": watcher.settings.ratelimit_backend,
+                          "healthy": proxy.limiter.healthy,
+                          "last_error": proxy.limiter.last_error},
         })
 
     async def routes(_: web.Request) -> web.Response:

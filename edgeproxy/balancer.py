@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
-from edgeproxy.model import Route, Upstream
+from edgeproxy.model import Route, Upstream, weighted_sequence
 
 
 class Balancer:
@@ -13,8 +13,8 @@ class Balancer:
 
     A connection failure or timeout ejects a replica for `eject_base` seconds, doubling with each
     consecutive failure up to `eject_max`; the first success clears it. When every replica of a
-    route is ejected, the least recently ejected one is tried anyway (a dead pool gets 502s fast,
-    a recovered one is found without waiting).
+    route is ejected, the one whose ejection ends first is tried anyway (a dead pool gets 502s
+    fast, a recovered one is found without waiting).
     """
 
     def __init__(self, eject_base: float = 5.0, eject_max: float = 60.0,
@@ -47,18 +47,19 @@ class Balancer:
         if route.spec.lb == "least_conn":
             return self._least_conn(route, exclude)
         seq = route.sequence
-        n = len(seq)
         start = next(route.counter)
-        fallback: Upstream | None = None
-        for i in range(n):
-            u = pool[seq[(start + i) % n]]
-            if u in exclude:
-                continue
-            if not self.is_ejected(u):
-                return u
-            if fallback is None or self.ejected.get(u.key, 0) < self.ejected.get(fallback.key, 0):
-                fallback = u
-        return fallback
+        first = pool[seq[start % len(seq)]]
+        if not exclude and not self.ejected:
+            return first  # the common case: nothing to skip
+        available = [u for u in pool if u not in exclude and not self.is_ejected(u)]
+        if len(available) == len(pool):
+            return first
+        if available:
+            # Spread the missing replicas' share over the others by their weights, instead of
+            # handing it all to the next one in the sequence.
+            order = weighted_sequence([u.weight for u in available])
+            return available[order[start % len(order)]]
+        return self._soonest_back(u for u in pool if u not in exclude)
 
     def _least_conn(self, route: Route, exclude: Collection[Upstream]) -> Upstream | None:
         best: Upstream | None = None
@@ -72,12 +73,20 @@ class Balancer:
             if u in exclude:
                 continue
             if self.is_ejected(u):
-                fallback = fallback or u
+                fallback = self._soonest_back((u,) if fallback is None else (fallback, u))
                 continue
             load = self.inflight.get(u.key, 0) / u.weight
             if best is None or load < best_load:
                 best, best_load = u, load
         return best or fallback
+
+    def _soonest_back(self, candidates: Iterable[Upstream]) -> Upstream | None:
+        """Among ejected replicas, the one whose ejection ends first."""
+        best: Upstream | None = None
+        for u in candidates:
+            if best is None or self.ejected.get(u.key, 0) < self.ejected.get(best.key, 0):
+                best = u
+        return best
 
     def acquire(self, u: Upstream) -> None:
         """A request to `u` starts."""
@@ -95,7 +104,7 @@ class Balancer:
         """Connection failure or timeout on `u`: eject it; returns the ejection in seconds."""
         n = self.failures.get(u.key, 0) + 1
         self.failures[u.key] = n
-        seconds = float(min(self.eject_base * 2.0 ** (n - 1), self.eject_max))
+        seconds = float(min(self.eject_base * 2.0 ** min(n - 1, 30), self.eject_max))
         self.ejected[u.key] = self._clock() + seconds
         self.ejections_total += 1
         return seconds

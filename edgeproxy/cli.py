@@ -73,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_level, settings.log_format)
     from edgeproxy.workers import EXIT_LISTEN_FAILED, run
 
+    try:
+        from edgeproxy.policies.config import jwt_config
+
+        jwt_config(settings)  # reads the key file: a bad path is a settings error, exit 2
+    except SettingsError as exc:
+        print(f"edgeproxy: {exc}", file=sys.stderr)
+        return 2
     code = run(settings)
     return 1 if code == EXIT_LISTEN_FAILED else code
 

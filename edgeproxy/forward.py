@@ -20,6 +20,14 @@ from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
+from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
+from edgeproxy.policies.ratelimit import (
+    Limiter,
+    LocalLimiter,
+    RateLimitSpec,
+    client_key,
+    ratelimit_headers,
+)
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 
@@ -109,12 +117,16 @@ class Proxy:
         scheme: str = "http",
         balancer: Balancer | None = None,
         metrics: Metrics | None = None,
+        verifier: JwtVerifier | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
         self._session = session
         self.balancer = balancer or Balancer(settings.eject_time)
         self.metrics = metrics or Metrics(table)
+        self.verifier = verifier or JwtVerifier(JwtConfig())
+        self.limiter: Limiter = limiter or LocalLimiter()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._events = get_logger("proxy")
         self._scheme = scheme
@@ -134,6 +146,9 @@ class Proxy:
         status = 500
         try:
             response = await self._dispatch(request, rid, info)
+            extra = info.get("extra_headers")
+            if extra and not response.prepared:
+                response.headers.update(extra)
             status = response.status
             return response
         finally:
@@ -167,6 +182,26 @@ class Proxy:
                                   f"no route matches host {host!r} and path {path!r}", rid)
         route, prefix = found
         info["route"] = route.name
+        spec = route.spec
+        peer = request.remote
+        trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
+        client = h.client_address(peer, request.headers, self._trusted)
+        info["client"] = client
+        identity: Identity | None = None
+        if spec.auth is not None:
+            try:
+                identity = await self.verifier.verify(
+                    request.headers.get("Authorization"), audience=spec.auth.audience,
+                    scopes=spec.auth.scopes)
+            except AuthFailure as exc:
+                info["error"] = "auth:" + exc.cause
+                self.metrics.auth_failures.labels(route.name, exc.cause).inc()
+                return _auth_error(exc, rid)
+        if spec.ratelimit is not None:
+            refused = await self._rate_limit(route, spec.ratelimit, client, identity, request,
+                                             rid, info)
+            if refused is not None:
+                return refused
         upstream = self.balancer.pick(route)
         if upstream is None:
             return error_response(
@@ -178,13 +213,12 @@ class Proxy:
             return error_response(413, "body_too_large",
                                   f"request body of {length} bytes exceeds the limit of {limit}",
                                   rid, {"Connection": "close"})
-        fwd_path = strip_prefix(path, prefix) if route.spec.strip_prefix else path
-        peer = request.remote
-        trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
-        client = h.client_address(peer, request.headers, self._trusted)
-        info["client"] = client
+        fwd_path = strip_prefix(path, prefix) if spec.strip_prefix else path
         hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
                                           scheme=self._scheme, rid=rid, trusted_peer=trusted_peer)
+        if identity is not None:
+            hdrs["X-Auth-Subject"] = identity.subject
+            hdrs["X-Auth-Scopes"] = " ".join(identity.scopes)
         if _is_websocket(request):
             return await self._websocket(request, route, upstream, fwd_path, query, hdrs, rid,
                                          info)
@@ -220,6 +254,27 @@ class Proxy:
                 return response
             finally:
                 balancer.release(upstream)
+
+    async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
+                          identity: Identity | None, request: web.BaseRequest, rid: str,
+                          info: dict[str, Any]) -> web.Response | None:
+        """Take a token; the refusal to answer with, or None to go on."""
+        key = client_key(spec, ip=client, subject=identity.subject if identity else None,
+                         headers=request.headers)
+        decision = await self.limiter.hit(route.name, spec, key)
+        info["extra_headers"] = ratelimit_headers(spec, decision)
+        if decision.allowed:
+            return None
+        if decision.error is not None:
+            info["error"] = "ratelimit_unavailable"
+            return error_response(503, "ratelimit_unavailable",
+                                  f"rate limit of route {route.name!r} cannot be checked: "
+                                  f"{decision.error}", rid)
+        info["error"] = "rate_limited"
+        self.metrics.ratelimited.labels(route.name).inc()
+        return error_response(429, "rate_limited",
+                              f"rate limit of route {route.name!r} exceeded "
+                              f"({spec.limit} per {spec.period:g}s); retry later", rid)
 
     def _timeout_for(self, route: Route) -> aiohttp.ClientTimeout | None:
         spec = route.spec
@@ -290,6 +345,9 @@ class Proxy:
             out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                      headers=h.downstream_response_headers(resp.headers))
             out.headers["X-Request-ID"] = rid
+            extra = info.get("extra_headers")
+            if extra:
+                out.headers.update(extra)
             if resp.content_length is not None:
                 out.content_length = resp.content_length
             await out.prepare(request)
@@ -352,6 +410,9 @@ class Proxy:
         ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (),
                                    autoclose=False, autoping=False, max_msg_size=0)
         ws.headers["X-Request-ID"] = rid
+        extra = info.get("extra_headers")
+        if extra:
+            ws.headers.update(extra)
         await ws.prepare(request)
         try:
             await _pump_both(ws, up)
@@ -360,6 +421,13 @@ class Proxy:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+def _auth_error(exc: AuthFailure, rid: str) -> web.Response:
+    challenge = exc.www_authenticate()
+    code = exc.error or "auth_unavailable"
+    return error_response(exc.status, code, exc.description, rid,
+                          {"WWW-Authenticate": challenge} if challenge else None)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:

@@ -8,8 +8,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgeproxy.model import HealthSpec, RouteSpec
+from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec
 from edgeproxy.paths import PathError, normalize_path
+from edgeproxy.policies.ratelimit import RateLimitSpec, parse_ratelimit, parse_ratelimit_key
 from edgeproxy.settings import parse_duration
 
 
@@ -179,6 +180,37 @@ def parse_lb(value: str) -> str:
     return v
 
 
+def parse_auth(value: str) -> str:
+    """Only 'jwt' for now."""
+    v = value.strip().lower()
+    if v != "jwt":
+        raise ValueError("jwt (the only authentication scheme)")
+    return v
+
+
+def parse_scopes(value: str) -> tuple[str, ...]:
+    """'orders:read orders:write' (spaces or commas) -> scopes, all required."""
+    scopes = tuple(dict.fromkeys(s for s in re.split(r"[\s,]+", value.strip()) if s))
+    if not scopes:
+        raise ValueError("one or more scopes separated by spaces, e.g. orders:read orders:write")
+    for s in scopes:
+        if not re.fullmatch(r"[\x21\x23-\x5B\x5D-\x7E]+", s):
+            raise ValueError(f"scope {s!r} holds characters a scope may not have (RFC 6749 3.3)")
+    return scopes
+
+
+def parse_audience(value: str) -> str:
+    """A JWT audience value."""
+    v = value.strip()
+    if not v or any(ord(ch) < 0x20 for ch in v):
+        raise ValueError("a non-empty audience such as https://api.example.com")
+    return v
+
+
+def _ratelimit(value: str) -> tuple[int, float, int]:
+    return parse_ratelimit(value)
+
+
 # Keys under the prefix that the core understands, with their parsers. An unknown key is an
 # error: a typo must not silently drop a policy (gateway.auht=jwt would expose a service).
 KEYS: dict[str, Callable[[str], object]] = {
@@ -199,6 +231,11 @@ KEYS: dict[str, Callable[[str], object]] = {
     "health.status": parse_status_range,
     "health.fails": _int_in(1, 100, "failures in a row"),
     "health.passes": _int_in(1, 100, "successes in a row"),
+    "auth": parse_auth,
+    "auth.scopes": parse_scopes,
+    "auth.audience": parse_audience,
+    "ratelimit": _ratelimit,
+    "ratelimit.key": parse_ratelimit_key,
 }
 # Keys that describe one replica rather than the route (replicas may differ in them).
 REPLICA_KEYS = frozenset(("port", "network", "weight", "enable"))
@@ -223,17 +260,69 @@ def parse_options(
     return values, errors
 
 
+# Words other proxies use for our keys: a hint for people coming from Traefik or Caddy.
+_ALIASES = {"url": "path", "uri": "path", "prefix": "path", "rule": "path", "domain": "host",
+            "hostname": "host", "server.port": "port", "loadbalancer": "lb", "strip": "strip_prefix",
+            "stripprefix": "strip_prefix", "rate": "ratelimit", "rate_limit": "ratelimit"}
+
+
+def suggest_key(key: str) -> str | None:
+    """The known key a typo most likely meant, or None when nothing is convincingly close."""
+    words = frozenset(w for w in re.split(r"[._-]", key) if w)
+    for known in KEYS:  # same words in another order: read_timeout -> timeout.read
+        if words == frozenset(re.split(r"[._-]", known)):
+            return known
+    group, dot, last = key.rpartition(".")
+    if dot:
+        alias = _ALIASES.get(last)
+        if alias and f"{group}.{alias}" in KEYS:
+            return f"{group}.{alias}"
+        siblings = {k.rpartition(".")[2]: k for k in KEYS if k.rpartition(".")[0] == group}
+        close = difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.6)
+        if close:
+            return siblings[close[0]]
+    alias = _ALIASES.get(key)
+    if alias:
+        return alias
+    close = difflib.get_close_matches(key, [k for k in KEYS if "." not in k] if not dot
+                                      else list(KEYS), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def known_keys_text() -> str:
+    """The known keys, families folded: 'auth, auth.*, enable, health.*, ...'."""
+    families: dict[str, int] = {}
+    for k in KEYS:
+        head, dot, _ = k.partition(".")
+        if dot:
+            families[head] = families.get(head, 0) + 1
+    shown = set()
+    for k in KEYS:
+        head, dot, _ = k.partition(".")
+        shown.add(f"{head}.*" if dot and families[head] > 1 else k)
+    return ", ".join(sorted(shown))
+
+
 def _unknown_key_reason(key: str) -> str:
-    close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return "unknown key; known keys are " + ", ".join(sorted(KEYS)) + hint
+    close = suggest_key(key)
+    if close:
+        return f"unknown key; did you mean {close!r}?"
+    return f"unknown key; known keys are {known_keys_text()}"
 
 
 def build_routing(
-    values: Mapping[str, Any], label_of: Callable[[str], str] = lambda key: key
+    values: Mapping[str, Any],
+    label_of: Callable[[str], str] = lambda key: key,
+    raw: Mapping[str, str] | None = None,
 ) -> Routing:
-    """Parsed values -> Routing; raise LabelsInvalid for combinations that make no sense."""
+    """Parsed values -> Routing; raise LabelsInvalid for combinations that make no sense.
+
+    `raw` holds the values as written, so errors quote what the user wrote."""
     errors: list[LabelError] = []
+
+    def written(key: str) -> str:
+        return raw[key] if raw is not None and key in raw else _text(values[key])
+
     health: HealthSpec | None = None
     health_keys = sorted(k for k in values if k.startswith("health."))
     if "health.path" in values:
@@ -251,8 +340,28 @@ def build_routing(
                                      "must not be longer than the health check interval "
                                      f"({health.interval:g}s)"))
     elif health_keys:
-        errors.append(LabelError(label_of(health_keys[0]), str(values[health_keys[0]]),
+        errors.append(LabelError(label_of(health_keys[0]), written(health_keys[0]),
                                  f"needs {label_of('health.path')} to say what to probe"))
+    auth: AuthSpec | None = None
+    if "auth" in values:
+        auth = AuthSpec(scopes=values.get("auth.scopes", ()), audience=values.get("auth.audience"))
+    else:
+        for key in ("auth.scopes", "auth.audience"):
+            if key in values:
+                errors.append(LabelError(label_of(key), written(key),
+                                         f"needs {label_of('auth')}=jwt"))
+    ratelimit: RateLimitSpec | None = None
+    key = values.get("ratelimit.key", "ip")
+    if "ratelimit" in values:
+        limit, period, burst = values["ratelimit"]
+        ratelimit = RateLimitSpec(limit, period, burst, key)
+        if key == "sub" and auth is None:
+            errors.append(LabelError(label_of("ratelimit.key"), "sub",
+                                     f"keys by the verified JWT subject, so it needs "
+                                     f"{label_of('auth')}=jwt on the same container"))
+    elif "ratelimit.key" in values:
+        errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
+                                 f"needs {label_of('ratelimit')}, e.g. 100/m"))
     if errors:
         raise LabelsInvalid(errors)
     spec = RouteSpec(
@@ -264,6 +373,8 @@ def build_routing(
         connect_timeout=values.get("timeout.connect"),
         read_timeout=values.get("timeout.read"),
         health=health,
+        auth=auth,
+        ratelimit=ratelimit,
     )
     return Routing(spec=spec, port=values.get("port"), network=values.get("network"),
                    weight=values.get("weight", 1))
@@ -290,4 +401,10 @@ def parse_labels(
             LabelError(f"{prefix}.path", "", f"missing: a routed container needs {prefix}.path "
                        f"or {prefix}.host (or set {prefix}.enable=false)")
         ])
-    return build_routing(values, lambda key: dotted + key)
+    return build_routing(values, lambda key: dotted + key, options)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)

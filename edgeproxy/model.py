@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgeproxy.policies.ratelimit import RateLimitSpec
+
 ReplicaState = Literal["healthy", "running", "starting", "unhealthy", "draining", "stopped"]
 
 
@@ -50,6 +52,14 @@ class HealthSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSpec:
+    """gateway.auth=jwt: every scope in `scopes` is required; `audience` overrides the global."""
+
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSpec:
     """How a route matches and forwards: everything that replicas of a service share."""
 
@@ -61,6 +71,8 @@ class RouteSpec:
     connect_timeout: float | None = None  # None: EDGEPROXY_CONNECT_TIMEOUT
     read_timeout: float | None = None  # None: EDGEPROXY_READ_TIMEOUT
     health: HealthSpec | None = None
+    auth: AuthSpec | None = None
+    ratelimit: RateLimitSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

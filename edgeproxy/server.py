@@ -18,6 +18,8 @@ from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
+from edgeproxy.policies.auth import JwtVerifier
+from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.settings import Address, Settings, unknown_settings
@@ -72,7 +74,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     watcher = Watcher(settings, quiet=worker != 0)
     session = make_session(settings)
     metrics = Metrics(lambda: watcher.table)
-    proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics)
+    verifier = JwtVerifier(jwt_config(settings))
+    limiter = make_limiter(settings)
+    if settings.ratelimit_backend == "memory" and settings.workers > 1 and worker == 0:
+        log.warning("ratelimit_per_worker", workers=settings.workers,
+                    hint="each worker keeps its own buckets: limits are per worker; set "
+                         "EDGEPROXY_RATELIMIT_BACKEND=redis for one shared budget")
+    await verifier.start()
+    await limiter.start()
+    proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics, verifier=verifier,
+                  limiter=limiter)
     watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
     watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
@@ -132,4 +143,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await session.close()
+        await verifier.close()
+        await limiter.close()
         log.info("stopped")

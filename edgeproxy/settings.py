@@ -121,6 +121,34 @@ def _optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def _optional_secret(text: str) -> str | None:
+    return text if text.strip() else None
+
+
+def _optional_url(text: str) -> str | None:
+    value = text.strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ValueError("an http(s) URL such as https://auth.example.com/.well-known/jwks.json")
+    return value
+
+
+def _redis_url(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"(redis|rediss|unix)://\S+", value):
+        raise ValueError("a Redis URL such as redis://redis:6379/0")
+    return value
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    if not text.strip():
+        return ()
+    from edgeproxy.policies.auth import parse_algorithms
+
+    return parse_algorithms(text)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -199,6 +227,26 @@ OPTIONS: tuple[Option, ...] = (
            "largest request line or header line -> 431 (aiohttp's limit per line)"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
+    Option("jwt_secret", "", _optional_secret, "HMAC secret for gateway.auth=jwt (HS256/384/512)"),
+    Option("jwt_public_key", "", _optional_secret,
+           "PEM public key(s) for gateway.auth=jwt (RSA, EC, EdDSA)"),
+    Option("jwt_public_key_file", "", _optional_path, "file holding PEM public key(s)"),
+    Option("jwks_url", "", _optional_url, "JWKS URL; keys cached by kid, refetched on an unknown kid"),
+    Option("jwt_algorithms", "", _algorithms,
+           "allowed algorithms, comma-separated (default: those that fit the configured keys)"),
+    Option("jwt_issuer", "", _optional_str, "required iss claim"),
+    Option("jwt_audience", "", _optional_str, "required aud claim (gateway.auth.audience overrides)"),
+    Option("jwt_leeway", "30s", parse_duration, "clock skew allowed for exp/nbf/iat"),
+    Option("jwks_timeout", "3s", _positive(parse_duration), "JWKS fetch timeout"),
+    Option("jwks_cooldown", "30s", parse_duration, "least time between two JWKS refetches"),
+    Option("ratelimit_backend", "memory", _choice("memory", "redis"),
+           "where rate-limit buckets live: memory (per process) or redis (shared by replicas)"),
+    Option("redis_url", "redis://127.0.0.1:6379/0", _redis_url,
+           "Redis for EDGEPROXY_RATELIMIT_BACKEND=redis"),
+    Option("ratelimit_failure", "open", _choice("open", "closed"),
+           "when Redis is unreachable: open (admit) or closed (refuse with 503)"),
+    Option("ratelimit_max_keys", "100000", _positive_int,
+           "most rate-limit buckets kept in memory (least recently used are dropped)"),
     Option("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "json", _choice("json", "console"), "log format"),
     Option("access_log", "true", parse_bool, "one log event per proxied request"),
@@ -234,6 +282,20 @@ class Settings:
     max_body_size: int = 10 * 1024**2
     max_header_size: int = 16 * 1024
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_public_key_file: Path | None = None
+    jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway: float = 30.0
+    jwks_timeout: float = 3.0
+    jwks_cooldown: float = 30.0
+    ratelimit_backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ratelimit_failure: str = "open"
+    ratelimit_max_keys: int = 100_000
     log_level: str = "info"
     log_format: str = "json"
     access_log: bool = True

@@ -146,7 +146,8 @@ def write_routes(path: Path, routes: dict[str, dict[str, Any]]) -> Path:
     for name, table in routes.items():
         lines.append(f"[routes.{name}]")
         for key, value in table.items():
-            lines.append(f"{key} = {_toml(value)}")
+            name = json.dumps(key) if "." in key else key  # "auth.scopes" beside auth = "jwt"
+            lines.append(f"{name} = {_toml(value)}")
         lines.append("")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))

@@ -34,6 +34,17 @@ def _as_label_value(value: Any) -> str:
     raise ValueError(f"unsupported value {value!r}")
 
 
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """[routes.x.health] path = ... -> {"health.path": ...}: TOML tables as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def parse_upstream(url_text: str) -> Upstream:
     """'http://127.0.0.1:9001' -> Upstream; raise ValueError why not."""
     try:
@@ -76,7 +87,7 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
                     upstreams.append(parse_upstream(str(u)))
                 except ValueError as exc:
                     errors.append(LabelError(f"routes.{name}.upstreams", str(u), str(exc)))
-        for key, value in table.items():
+        for key, value in _flatten(table).items():
             if key == "upstreams":
                 continue
             if key in _CONTAINER_ONLY:
@@ -94,7 +105,8 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
         if errs or not upstreams or ("path" not in values and "host" not in values):
             continue
         try:
-            routing = build_routing(values, lambda k, n=name: f"routes.{n}.{k}")  # type: ignore[misc]
+            routing = build_routing(values, lambda k, n=name: f"routes.{n}.{k}",  # type: ignore[misc]
+                                    options)
         except LabelsInvalid as exc:
             errors.extend(exc.errors)
             continue

@@ -3,71 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
-from helpers import free_port, wait_for
+from helpers import free_port
+from redis_fixtures import RedisServer
 
 from edgeproxy.policies.ratelimit import RateDecision, RateLimitSpec, RedisLimiter
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(), reason="redis-server not installed")
-
-
-class RedisServer:
-    """A redis-server subprocess on a fixed free port that tests may stop and start again."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.ping, timeout=10, what=f"redis-server on port {self.port}")
-
-    def ping(self) -> bool:
-        with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-            return bool(client.ping())
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=1)
-
-
-@pytest.fixture(scope="session")
-def redis_process() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_server(redis_process: RedisServer) -> RedisServer:
-    """The shared server, running (a previous test may have killed it)."""
-    if not redis_process.running:
-        redis_process.start()
-    return redis_process
 
 
 def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
