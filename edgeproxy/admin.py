@@ -54,6 +54,36 @@ def policies_json(r: Route) -> dict[str, Any]:
     return out
 
 
+def transforms_json(r: Route) -> dict[str, Any]:
+    """What a route changes on the way through, as shown by /routes."""
+    spec = r.spec
+    out: dict[str, Any] = {}
+    for name, rules in (("request_headers", spec.request_headers),
+                        ("response_headers", spec.response_headers)):
+        if rules:
+            out[name] = {"set": dict(rules.set), "remove": list(rules.remove)}
+    if spec.rewrite is not None:
+        out["rewrite"] = {"pattern": spec.rewrite.pattern.pattern,
+                          "replacement": spec.rewrite.replacement}
+    if spec.add_prefix:
+        out["add_prefix"] = spec.add_prefix
+    if spec.cors is not None:
+        c = spec.cors
+        out["cors"] = {"origins": sorted(c.origins) if c.origins is not None else "*",
+                       "methods": list(c.methods), "headers": list(c.headers),
+                       "credentials": c.credentials, "max_age": c.max_age,
+                       "expose": list(c.expose)}
+    if spec.compress:
+        out["compress"] = "gzip"
+    if spec.scheme != "http":
+        out["upstream_scheme"] = spec.scheme
+        out["tls"] = {"verify": spec.tls_verify, "ca": spec.tls_ca,
+                      "server_name": spec.tls_server_name}
+    if spec.max_body is not None:
+        out["max_body"] = spec.max_body
+    return out
+
+
 def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
     spec = r.spec
@@ -73,6 +103,7 @@ def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
             "passes": health.passes,
         },
         "policies": policies_json(r),
+        "transforms": transforms_json(r),
         "replicas": [upstream_json(u, balancer) for u in r.upstreams],
         "healthy": len(r.pool),
     }

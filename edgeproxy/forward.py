@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
-from edgeproxy.model import Route, Upstream
+from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
 from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
 from edgeproxy.policies.ratelimit import (
@@ -30,6 +31,7 @@ from edgeproxy.policies.ratelimit import (
 )
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
+from edgeproxy.transform import gzip_compressor, should_compress
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -47,7 +49,7 @@ class _UpstreamFailed(Exception):
 
     _STATUS: ClassVar[dict[str, int]] = {
         "upstream_unreachable": 502, "upstream_error": 502, "upstream_timeout": 504,
-        "body_too_large": 413,
+        "body_too_large": 413, "upstream_tls_error": 502,
     }
 
     def __init__(self, code: str, before_send: bool, detail: str = "") -> None:
@@ -63,7 +65,8 @@ class _UpstreamFailed(Exception):
                                   f"request body exceeds the limit of {limit} bytes", rid,
                                   {"Connection": "close"})
         what = {"upstream_unreachable": "refused the connection or is unreachable",
-                "upstream_timeout": "timed out", "upstream_error": "failed"}[self.code]
+                "upstream_timeout": "timed out", "upstream_error": "failed",
+                "upstream_tls_error": "failed the TLS handshake"}[self.code]
         detail = f" ({self.detail})" if self.detail else ""
         return error_response(self._STATUS[self.code], self.code,
                               f"replica of route {route.name!r} {what}{detail}", rid)
@@ -128,6 +131,7 @@ class Proxy:
         self.verifier = verifier or JwtVerifier(JwtConfig())
         self.limiter: Limiter = limiter or LocalLimiter()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
         self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
@@ -146,9 +150,13 @@ class Proxy:
         status = 500
         try:
             response = await self._dispatch(request, rid, info)
-            extra = info.get("extra_headers")
-            if extra and not response.prepared:
-                response.headers.update(extra)
+            if not response.prepared:
+                rules = info.get("response_rules")
+                if rules is not None:
+                    rules.apply(response.headers)
+                extra = info.get("extra_headers")
+                if extra:
+                    response.headers.update(extra)
             status = response.status
             return response
         finally:
@@ -183,6 +191,21 @@ class Proxy:
         route, prefix = found
         info["route"] = route.name
         spec = route.spec
+        if spec.response_headers:
+            info["response_rules"] = spec.response_headers
+        if spec.cors is not None:
+            origin = request.headers.get("Origin")
+            if origin is not None:
+                if request.method == "OPTIONS" and "Access-Control-Request-Method" in \
+                        request.headers:
+                    # Preflights are answered here, before auth: browsers send no credentials.
+                    return web.Response(status=204, headers={
+                        **spec.cors.preflight_headers(
+                            origin, request.headers.get("Access-Control-Request-Headers")),
+                        "X-Request-ID": rid})
+                cors = spec.cors.response_headers(origin)
+                if cors:
+                    info.setdefault("extra_headers", {}).update(cors)
         peer = request.remote
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, request.headers, self._trusted)
@@ -207,15 +230,24 @@ class Proxy:
             return error_response(
                 503, "no_replica", f"route {route.name!r} has no healthy replica right now", rid,
                 {"Retry-After": str(self.settings.retry_after)})
-        limit = self.settings.max_body_size
+        limit = self.settings.max_body_size if spec.max_body is None else spec.max_body
         length = request.content_length
         if limit and length is not None and length > limit:
             return error_response(413, "body_too_large",
                                   f"request body of {length} bytes exceeds the limit of {limit}",
                                   rid, {"Connection": "close"})
         fwd_path = strip_prefix(path, prefix) if spec.strip_prefix else path
+        if spec.rewrite is not None:
+            try:
+                fwd_path = spec.rewrite.apply(fwd_path)
+            except PathError as exc:
+                return error_response(400, "bad_rewrite", str(exc), rid)
+        if spec.add_prefix:
+            fwd_path = spec.add_prefix + fwd_path
         hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
                                           scheme=self._scheme, rid=rid, trusted_peer=trusted_peer)
+        if spec.request_headers:
+            spec.request_headers.apply(hdrs)
         if identity is not None:
             hdrs["X-Auth-Subject"] = identity.subject
             hdrs["X-Auth-Scopes"] = " ".join(identity.scopes)
@@ -237,7 +269,8 @@ class Proxy:
                             path=fwd_path, query_string=query, encoded=True)
             balancer.acquire(upstream)
             try:
-                response = await self._attempt(request, url, hdrs, body, rid, info, timeout)
+                response = await self._attempt(request, route, url, hdrs, body, rid, info,
+                                               timeout)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
                 if failure.code != "body_too_large":
@@ -246,7 +279,7 @@ class Proxy:
                     self._eject(route, upstream, failure)
                 nxt = self._next_upstream(route, tried, request.method, body, failure)
                 if nxt is None:
-                    return failure.response(route, body, rid, self.settings.max_body_size)
+                    return failure.response(route, body, rid, limit)
                 info["retries"] = info.get("retries", 0) + 1
                 upstream = nxt
             else:
@@ -262,7 +295,7 @@ class Proxy:
         key = client_key(spec, ip=client, subject=identity.subject if identity else None,
                          headers=request.headers)
         decision = await self.limiter.hit(route.name, spec, key)
-        info["extra_headers"] = ratelimit_headers(spec, decision)
+        info.setdefault("extra_headers", {}).update(ratelimit_headers(spec, decision))
         if decision.allowed:
             return None
         if decision.error is not None:
@@ -309,9 +342,26 @@ class Proxy:
             return None
         return self.balancer.pick(route, exclude=tried)
 
+    def _ssl_for(self, spec: RouteSpec) -> ssl.SSLContext | bool:
+        """The TLS settings for https replicas, built once per (verify, CA) pair."""
+        if not spec.tls_verify:
+            return False
+        if spec.tls_ca is None:
+            return True
+        ctx = self._ssl_contexts.get(spec.tls_ca)
+        if ctx is None:
+            try:
+                ctx = ssl.create_default_context(cafile=spec.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise _UpstreamFailed("upstream_tls_error", True,
+                                      f"cannot load gateway.tls.ca={spec.tls_ca!r}: {exc}") from None
+            self._ssl_contexts[spec.tls_ca] = ctx
+        return ctx
+
     async def _attempt(
         self,
         request: web.BaseRequest,
+        route: Route,
         url: URL,
         hdrs: CIMultiDict[str],
         body: _CountedBody | None,
@@ -320,16 +370,22 @@ class Proxy:
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> web.StreamResponse:
         """One try against one replica; raises _UpstreamFailed while nothing reached the client."""
+        spec = route.spec
         try:
+            tls = self._ssl_for(spec) if url.scheme == "https" else True
             upstream_cm = self._session.request(
                 request.method, url, headers=hdrs,
                 data=body.stream() if body is not None else None,
                 allow_redirects=False, compress=None, raise_for_status=False,
                 timeout=client_timeout or self._session.timeout,
+                ssl=tls, server_hostname=spec.tls_server_name,
             )
             resp = await upstream_cm.__aenter__()
         except BodyTooLarge:
             raise _UpstreamFailed("body_too_large", False) from None
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError,
+                aiohttp.ClientSSLError) as exc:
+            raise _UpstreamFailed("upstream_tls_error", True, str(exc)[:300]) from None
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or str(exc)
             raise _UpstreamFailed("upstream_unreachable", True, reason) from None
@@ -345,17 +401,36 @@ class Proxy:
             out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                      headers=h.downstream_response_headers(resp.headers))
             out.headers["X-Request-ID"] = rid
+            if spec.response_headers:
+                spec.response_headers.apply(out.headers)
             extra = info.get("extra_headers")
             if extra:
                 out.headers.update(extra)
-            if resp.content_length is not None:
+            gzip = spec.compress and should_compress(
+                request.method, resp.status, resp.headers,
+                request.headers.get("Accept-Encoding", ""))
+            if gzip:
+                out.headers["Content-Encoding"] = "gzip"
+                _add_vary(out, "Accept-Encoding")
+            elif resp.content_length is not None:
                 out.content_length = resp.content_length
+            elif spec.compress:
+                _add_vary(out, "Accept-Encoding")
             await out.prepare(request)
             sent = 0
+            compressor = gzip_compressor() if gzip else None
             try:
                 async for chunk in resp.content.iter_any():
+                    if compressor is not None:
+                        chunk = compressor.compress(chunk)
+                        if not chunk:
+                            continue
                     await out.write(chunk)
                     sent += len(chunk)
+                if compressor is not None:
+                    tail = compressor.flush()
+                    await out.write(tail)
+                    sent += len(tail)
             except (TimeoutError, aiohttp.ClientError):
                 # Headers are out: the only honest signal left is to cut the connection
                 # so the client does not take a truncated body for a whole one.
@@ -421,6 +496,14 @@ class Proxy:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+def _add_vary(out: web.StreamResponse, name: str) -> None:
+    vary = out.headers.get("Vary")
+    if not vary:
+        out.headers["Vary"] = name
+    elif name.lower() not in vary.lower():
+        out.headers["Vary"] = f"{vary}, {name}"
 
 
 def _auth_error(exc: AuthFailure, rid: str) -> web.Response:

@@ -11,7 +11,19 @@ from typing import Any
 from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec
 from edgeproxy.paths import PathError, normalize_path
 from edgeproxy.policies.ratelimit import RateLimitSpec, parse_ratelimit, parse_ratelimit_key
-from edgeproxy.settings import parse_duration
+from edgeproxy.settings import parse_duration, parse_size
+from edgeproxy.transform import (
+    SIMPLE_METHODS,
+    CorsSpec,
+    HeaderRules,
+    parse_header_list,
+    parse_header_name,
+    parse_header_value,
+    parse_methods,
+    parse_origins,
+    parse_prefix,
+    parse_rewrite,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +219,38 @@ def parse_audience(value: str) -> str:
     return v
 
 
+def parse_scheme(value: str) -> str:
+    """How to reach the replicas: http or https."""
+    v = value.strip().lower()
+    if v not in ("http", "https"):
+        raise ValueError("http or https")
+    return v
+
+
+def parse_ca_path(value: str) -> str:
+    """An absolute path inside the proxy's container."""
+    v = value.strip()
+    if not v.startswith("/") or any(ord(ch) < 0x20 for ch in v):
+        raise ValueError("an absolute path to a PEM CA bundle inside the proxy container")
+    return v
+
+
+def parse_server_name(value: str) -> str:
+    """The TLS server name to verify the replicas' certificates against."""
+    hosts = parse_hosts(value)
+    if len(hosts) != 1 or hosts[0].startswith("*."):
+        raise ValueError("one host name, e.g. orders.internal")
+    return hosts[0]
+
+
+def parse_body_size(value: str) -> int:
+    """'10m', '512k', '0' (unlimited)."""
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError("a size such as 512k, 10m or 1g (0 = unlimited)") from None
+
+
 def _ratelimit(value: str) -> tuple[int, float, int]:
     return parse_ratelimit(value)
 
@@ -236,7 +280,23 @@ KEYS: dict[str, Callable[[str], object]] = {
     "auth.audience": parse_audience,
     "ratelimit": _ratelimit,
     "ratelimit.key": parse_ratelimit_key,
+    "rewrite": parse_rewrite,
+    "add_prefix": parse_prefix,
+    "cors.origins": parse_origins,
+    "cors.methods": parse_methods,
+    "cors.headers": parse_header_list,
+    "cors.expose": parse_header_list,
+    "cors.credentials": parse_flag,
+    "cors.max_age": _int_in(0, 86400, "seconds"),
+    "compress": parse_flag,
+    "scheme": parse_scheme,
+    "tls.verify": parse_flag,
+    "tls.ca": parse_ca_path,
+    "tls.server_name": parse_server_name,
+    "max_body": parse_body_size,
 }
+# Families of keys whose last part is a header name: gateway.request.headers.X-Env=prod.
+HEADER_FAMILIES = ("request.headers.", "response.headers.")
 # Keys that describe one replica rather than the route (replicas may differ in them).
 REPLICA_KEYS = frozenset(("port", "network", "weight", "enable"))
 
@@ -245,13 +305,21 @@ def parse_options(
     options: Mapping[str, str], label_of: Callable[[str], str]
 ) -> tuple[dict[str, object], list[LabelError]]:
     """Parse unprefixed keys -> values; every bad or unknown key becomes a LabelError."""
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     errors: list[LabelError] = []
     for key in sorted(options):
         raw = options[key]
         parser = KEYS.get(key)
         if parser is None:
-            errors.append(LabelError(label_of(key), raw, _unknown_key_reason(key)))
+            family = next((f for f in HEADER_FAMILIES if key.startswith(f)), None)
+            if family is None:
+                errors.append(LabelError(label_of(key), raw, _unknown_key_reason(key)))
+                continue
+            try:
+                name = parse_header_name(key[len(family):])
+                values.setdefault(family, []).append((name, parse_header_value(raw)))
+            except ValueError as exc:
+                errors.append(LabelError(label_of(key), raw, str(exc)))
             continue
         try:
             values[key] = parser(raw)
@@ -300,6 +368,7 @@ def known_keys_text() -> str:
     for k in KEYS:
         head, dot, _ = k.partition(".")
         shown.add(f"{head}.*" if dot and families[head] > 1 else k)
+    shown.update(f"{family}<Name>" for family in HEADER_FAMILIES)
     return ", ".join(sorted(shown))
 
 
@@ -362,6 +431,30 @@ def build_routing(
     elif "ratelimit.key" in values:
         errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
                                  f"needs {label_of('ratelimit')}, e.g. 100/m"))
+    cors: CorsSpec | None = None
+    cors_keys = sorted(k for k in values if k.startswith("cors."))
+    if "cors.origins" in values:
+        cors = CorsSpec(
+            origins=values["cors.origins"],
+            methods=values.get("cors.methods", SIMPLE_METHODS),
+            headers=values.get("cors.headers", ()),
+            credentials=values.get("cors.credentials", False),
+            max_age=values.get("cors.max_age"),
+            expose=values.get("cors.expose", ()),
+        )
+        if cors.origins is None and cors.credentials:
+            errors.append(LabelError(label_of("cors.credentials"), written("cors.credentials"),
+                                     f"browsers refuse credentials with {label_of('cors.origins')}"
+                                     "=*: list the allowed origins instead"))
+    elif cors_keys:
+        errors.append(LabelError(label_of(cors_keys[0]), written(cors_keys[0]),
+                                 f"needs {label_of('cors.origins')} (e.g. https://app.example.com)"))
+    scheme = values.get("scheme", "http")
+    if scheme != "https":
+        for key in ("tls.verify", "tls.ca", "tls.server_name"):
+            if key in values:
+                errors.append(LabelError(label_of(key), written(key),
+                                         f"needs {label_of('scheme')}=https"))
     if errors:
         raise LabelsInvalid(errors)
     spec = RouteSpec(
@@ -375,6 +468,17 @@ def build_routing(
         health=health,
         auth=auth,
         ratelimit=ratelimit,
+        request_headers=HeaderRules.build(values.get("request.headers.", ())),
+        response_headers=HeaderRules.build(values.get("response.headers.", ())),
+        rewrite=values.get("rewrite"),
+        add_prefix=values.get("add_prefix"),
+        cors=cors,
+        compress=values.get("compress", False),
+        scheme=scheme,
+        tls_verify=values.get("tls.verify", True),
+        tls_ca=values.get("tls.ca"),
+        tls_server_name=values.get("tls.server_name"),
+        max_body=values.get("max_body"),
     )
     return Routing(spec=spec, port=values.get("port"), network=values.get("network"),
                    weight=values.get("weight", 1))

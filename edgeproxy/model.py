@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgeproxy.policies.ratelimit import RateLimitSpec
+from edgeproxy.transform import NO_HEADER_RULES, CorsSpec, HeaderRules, Rewrite
 
 ReplicaState = Literal["healthy", "running", "starting", "unhealthy", "draining", "stopped"]
 
@@ -73,6 +74,17 @@ class RouteSpec:
     health: HealthSpec | None = None
     auth: AuthSpec | None = None
     ratelimit: RateLimitSpec | None = None
+    request_headers: HeaderRules = NO_HEADER_RULES
+    response_headers: HeaderRules = NO_HEADER_RULES
+    rewrite: Rewrite | None = None
+    add_prefix: str | None = None
+    cors: CorsSpec | None = None
+    compress: bool = False
+    scheme: str = "http"  # to the replicas: http or https
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+    max_body: int | None = None  # None: EDGEPROXY_MAX_BODY_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,7 +172,8 @@ def build_table(
                                           errors=(LabelError(f"{label_prefix}.network",
                                                              routing.network or "", str(exc)),)))
                 continue
-        upstream = Upstream("http", address, port, c.name, c.id, state, why, routing.weight)
+        upstream = Upstream(routing.spec.scheme, address, port, c.name, c.id, state, why,
+                            routing.weight)
         if failing and upstream.eligible and routing.spec.health is not None:
             reason = failing.get(upstream.key)
             if reason is not None:

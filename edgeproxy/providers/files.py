@@ -17,7 +17,7 @@ from edgeproxy.model import Upstream
 from edgeproxy.table import FileRoute
 from edgeproxy.watcher import Watcher
 
-_CONTAINER_ONLY = ("port", "network", "enable", "weight")
+_CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
 
 
 class RoutesFileError(ValueError):
@@ -51,14 +51,14 @@ def parse_upstream(url_text: str) -> Upstream:
         url = URL(url_text)
     except (ValueError, TypeError):
         raise ValueError(f"{url_text!r} is not a URL") from None
-    if url.scheme != "http":
-        raise ValueError(f"{url_text!r}: the scheme must be http")
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"{url_text!r}: the scheme must be http or https")
     if not url.host:
         raise ValueError(f"{url_text!r}: no host")
     if url.raw_path not in ("", "/") or url.raw_query_string or url.fragment:
         raise ValueError(f"{url_text!r}: give scheme://host:port only, no path or query")
-    port = url.port or 80
-    return Upstream("http", url.host, port, url_text)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return Upstream(url.scheme, url.host, port, url_text)
 
 
 def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
@@ -99,6 +99,12 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
             except ValueError as exc:
                 errors.append(LabelError(f"routes.{name}.{key}", str(value), str(exc)))
         values, errs = parse_options(options, lambda k, n=name: f"routes.{n}.{k}")  # type: ignore[misc]
+        schemes = {u.scheme for u in upstreams}
+        if len(schemes) > 1:
+            errors.append(LabelError(f"routes.{name}.upstreams", str(raw_ups),
+                                     "all upstreams of a route must use the same scheme"))
+        elif schemes == {"https"}:
+            values["scheme"] = "https"  # from the URLs: tls.* keys then apply
         errors.extend(errs)
         if "path" not in table and "host" not in table:
             errors.append(LabelError(f"routes.{name}.path", "", "missing: give path or host"))
