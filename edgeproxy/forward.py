@@ -17,7 +17,7 @@ from yarl import URL
 from edgeproxy import headers as h
 from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
-from edgeproxy.logs import get_logger
+from edgeproxy.logs import access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
@@ -32,6 +32,7 @@ from edgeproxy.policies.ratelimit import (
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.transform import gzip_compressor, should_compress
+from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool, serialize_head
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -130,14 +131,18 @@ class Proxy:
         self.metrics = metrics or Metrics(table)
         self.verifier = verifier or JwtVerifier(JwtConfig())
         self.limiter: Limiter = limiter or LocalLimiter()
-        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
-        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
+        self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+        self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
         self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
-        self._log = get_logger("access")
+        self._log = access_logger(settings.log_format)
         self._access = settings.access_log
         self.in_flight = 0
+
+    def close(self) -> None:
+        """Close pooled connections to replicas."""
+        self._pool.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for aiohttp's low-level server."""
@@ -260,17 +265,15 @@ class Proxy:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             body = _CountedBody(request.content, limit)
         tried: list[Upstream] = []
-        timeout = self._timeout_for(route)
+        target = fwd_path + "?" + query if query else fwd_path
         balancer = self.balancer
         while True:
             tried.append(upstream)
             info["upstream"] = upstream.address
-            url = URL.build(scheme=upstream.scheme, host=upstream.host, port=upstream.port,
-                            path=fwd_path, query_string=query, encoded=True)
             balancer.acquire(upstream)
             try:
-                response = await self._attempt(request, route, url, hdrs, body, rid, info,
-                                               timeout)
+                response = await self._attempt(request, route, upstream, target, hdrs, body,
+                                               rid, info)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
                 if failure.code != "body_too_large":
@@ -309,18 +312,6 @@ class Proxy:
                               f"rate limit of route {route.name!r} exceeded "
                               f"({spec.limit} per {spec.period:g}s); retry later", rid)
 
-    def _timeout_for(self, route: Route) -> aiohttp.ClientTimeout | None:
-        spec = route.spec
-        if spec.connect_timeout is None and spec.read_timeout is None:
-            return None  # the session's defaults
-        key = (spec.connect_timeout, spec.read_timeout)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=spec.connect_timeout or self.settings.connect_timeout,
-                sock_read=spec.read_timeout or self.settings.read_timeout)
-        return timeout
-
     def _eject(self, route: Route, upstream: Upstream, failure: _UpstreamFailed) -> None:
         seconds = self.balancer.failed(upstream)
         self.metrics.ejections.labels(route.name).inc()
@@ -342,61 +333,57 @@ class Proxy:
             return None
         return self.balancer.pick(route, exclude=tried)
 
-    def _ssl_for(self, spec: RouteSpec) -> ssl.SSLContext | bool:
-        """The TLS settings for https replicas, built once per (verify, CA) pair."""
-        if not spec.tls_verify:
-            return False
-        if spec.tls_ca is None:
-            return True
-        ctx = self._ssl_contexts.get(spec.tls_ca)
+    def _tls_context(self, spec: RouteSpec) -> ssl.SSLContext:
+        """TLS settings for https replicas, built once per (verify, CA) pair."""
+        key = (spec.tls_verify, spec.tls_ca)
+        ctx = self._ssl_contexts.get(key)
         if ctx is None:
             try:
                 ctx = ssl.create_default_context(cafile=spec.tls_ca)
             except (OSError, ssl.SSLError) as exc:
                 raise _UpstreamFailed("upstream_tls_error", True,
                                       f"cannot load gateway.tls.ca={spec.tls_ca!r}: {exc}") from None
-            self._ssl_contexts[spec.tls_ca] = ctx
+            ctx.set_alpn_protocols(["http/1.1"])
+            if not spec.tls_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl_contexts[key] = ctx
         return ctx
+
+    def _endpoint(self, upstream: Upstream, spec: RouteSpec) -> Endpoint:
+        if upstream.scheme != "https":
+            return Endpoint(upstream.host, upstream.port)
+        return Endpoint(upstream.host, upstream.port, self._tls_context(spec),
+                        spec.tls_server_name)
 
     async def _attempt(
         self,
         request: web.BaseRequest,
         route: Route,
-        url: URL,
+        upstream: Upstream,
+        target: str,
         hdrs: CIMultiDict[str],
         body: _CountedBody | None,
         rid: str,
         info: dict[str, Any],
-        client_timeout: aiohttp.ClientTimeout | None,
     ) -> web.StreamResponse:
         """One try against one replica; raises _UpstreamFailed while nothing reached the client."""
         spec = route.spec
+        method = request.method
+        if "Host" not in hdrs:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
+            hdrs["Host"] = upstream.address
+        chunked = body is not None and "Content-Length" not in hdrs
         try:
-            tls = self._ssl_for(spec) if url.scheme == "https" else True
-            upstream_cm = self._session.request(
-                request.method, url, headers=hdrs,
-                data=body.stream() if body is not None else None,
-                allow_redirects=False, compress=None, raise_for_status=False,
-                timeout=client_timeout or self._session.timeout,
-                ssl=tls, server_hostname=spec.tls_server_name,
-            )
-            resp = await upstream_cm.__aenter__()
+            endpoint = self._endpoint(upstream, spec)
+            resp = await self._pool.request(
+                endpoint, serialize_head(method, target, hdrs, chunked), method,
+                body.stream() if body is not None else None, chunked,
+                connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
+                idempotent=method in _IDEMPOTENT)
         except BodyTooLarge:
             raise _UpstreamFailed("body_too_large", False) from None
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientConnectorSSLError,
-                aiohttp.ClientSSLError) as exc:
-            raise _UpstreamFailed("upstream_tls_error", True, str(exc)[:300]) from None
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc)
-            raise _UpstreamFailed("upstream_unreachable", True, reason) from None
-        except aiohttp.ServerTimeoutError as exc:
-            # Connect timeouts are raised as a subclass with 'Connection timeout' in the text.
-            before = isinstance(exc, getattr(aiohttp, "ConnectionTimeoutError", ()))
-            raise _UpstreamFailed("upstream_timeout", before, str(exc)) from None
-        except TimeoutError:
-            raise _UpstreamFailed("upstream_timeout", False) from None
-        except aiohttp.ClientError as exc:
-            raise _UpstreamFailed("upstream_error", False, type(exc).__name__) from None
+        except UpstreamError as exc:
+            raise _UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason,
                                      headers=h.downstream_response_headers(resp.headers))
@@ -407,20 +394,35 @@ class Proxy:
             if extra:
                 out.headers.update(extra)
             gzip = spec.compress and should_compress(
-                request.method, resp.status, resp.headers,
-                request.headers.get("Accept-Encoding", ""))
+                method, resp.status, resp.headers, request.headers.get("Accept-Encoding", ""))
             if gzip:
                 out.headers["Content-Encoding"] = "gzip"
                 _add_vary(out, "Accept-Encoding")
-            elif resp.content_length is not None:
-                out.content_length = resp.content_length
             elif spec.compress:
                 _add_vary(out, "Accept-Encoding")
-            await out.prepare(request)
+            whole = None if gzip else resp.complete_body()
+            if whole is not None and (resp.content_length is None
+                                      or resp.content_length == len(whole)):
+                # Small response already here: one write for head and body.
+                info["bytes"] = len(whole)
+                if method == "HEAD":
+                    if resp.content_length is not None:
+                        out.content_length = resp.content_length
+                    return await _send_head(out, request, info)
+                small = web.Response(status=resp.status, reason=resp.reason, body=whole,
+                                     headers=out.headers)
+                return small
+            if not gzip and resp.content_length is not None:
+                out.content_length = resp.content_length
+            try:
+                await out.prepare(request)
+            except ConnectionError:
+                info["error"] = "client_aborted"
+                return out
             sent = 0
             compressor = gzip_compressor() if gzip else None
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp.iter_body():
                     if compressor is not None:
                         chunk = compressor.compress(chunk)
                         if not chunk:
@@ -431,11 +433,11 @@ class Proxy:
                     tail = compressor.flush()
                     await out.write(tail)
                     sent += len(tail)
-            except (TimeoutError, aiohttp.ClientError):
+            except UpstreamError as exc:
                 # Headers are out: the only honest signal left is to cut the connection
                 # so the client does not take a truncated body for a whole one.
                 info["bytes"] = sent
-                info["error"] = "upstream_aborted"
+                info["error"] = "upstream_aborted: " + exc.code
                 if request.transport is not None:
                     request.transport.abort()
                 return out
@@ -496,6 +498,16 @@ class Proxy:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
+                     info: dict[str, Any]) -> web.StreamResponse:
+    try:
+        await out.prepare(request)
+        await out.write_eof()
+    except ConnectionError:
+        info["error"] = "client_aborted"
+    return out
 
 
 def _add_vary(out: web.StreamResponse, name: str) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -24,6 +25,16 @@ FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host
                        "x-forwarded-port", "x-real-ip", "forwarded"))
 # A client's Connection header may not remove what routing and framing rely on.
 _PROTECTED = frozenset(("host", "content-length", "content-type"))
+_RID_PREFIX = os.urandom(11).hex()
+_rid_counter = itertools.count(1)
+
+
+def _new_rid_prefix() -> None:
+    global _RID_PREFIX
+    _RID_PREFIX = os.urandom(11).hex()
+
+
+os.register_at_fork(after_in_child=_new_rid_prefix)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -70,7 +81,8 @@ def request_id(headers: Headers) -> str:
     rid = headers.get("X-Request-ID")
     if rid is not None and _REQUEST_ID.fullmatch(rid):
         return rid
-    return uuid.uuid4().hex
+    # A random per-process prefix and a counter: unique, and far cheaper than uuid4 per request.
+    return f"{_RID_PREFIX}{next(_rid_counter):010x}"
 
 
 def upstream_request_headers(

@@ -16,7 +16,7 @@ from edgeproxy.admin import make_admin_app
 from edgeproxy.errors import error_response
 from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
-from edgeproxy.logs import get_logger
+from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.policies.auth import JwtVerifier
 from edgeproxy.policies.config import jwt_config, make_limiter
@@ -24,6 +24,12 @@ from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.watcher import Watcher
+
+
+async def _flush_logs(interval: float = 0.1) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        flush_access_log()
 
 
 class ListenError(RuntimeError):
@@ -90,7 +96,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     watcher.on_swap.append(monitor.reconcile)
     watcher.on_swap.append(
         lambda table: proxy.balancer.forget({u.key for r in table.routes for u in r.upstreams}))
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher")]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher"),
+                                       asyncio.create_task(_flush_logs(), name="log-flush")]
 
     files: FileProvider | None = None
     if settings.routes_file is not None:
@@ -142,6 +149,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        proxy.close()
+        flush_access_log()
         await session.close()
         await verifier.close()
         await limiter.close()

@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker.io busybox-static redis-server)
+packages+=(debootstrap docker-compose)  # tests/e2e: base image without a registry; Compose
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg -s "$pkg" 2>/dev/null)" == *$'\nStatus: install ok installed\n'* ]] || missing+=("$pkg")
@@ -35,7 +36,7 @@ fi
 python3 tests/engine.py ensure
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,fast]'
 
 status=0
 check() {

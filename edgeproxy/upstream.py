@@ -1,0 +1,468 @@
+"""A lean HTTP/1.1 client for replicas: keep-alive pool on asyncio.Protocol, llhttp framing.
+
+aiohttp's ClientSession costs more per request than the rest of the proxy together (timers per
+read, header rebuilding, request objects). This pool does only what a proxy needs: write the
+head we already built, stream the body with the client's framing, parse the response strictly
+with llhttp (httptools), hand body chunks through with backpressure, and reuse connections.
+WebSockets and health probes still use aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict
+
+_HIGH_WATER = 512 * 1024  # pause reading the replica when this much body waits for the client
+_LOW_WATER = 64 * 1024
+_IDLE_PER_HOST = 256
+
+
+class UpstreamError(Exception):
+    """A try against a replica failed. `before_send` says nothing reached the replica."""
+
+    code = "upstream_error"
+
+    def __init__(self, detail: str, before_send: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.before_send = before_send
+
+
+class ConnectError(UpstreamError):
+    """The replica refused the connection or could not be reached."""
+
+    code = "upstream_unreachable"
+
+
+class TlsError(UpstreamError):
+    """The TLS handshake with the replica failed."""
+
+    code = "upstream_tls_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect timeout (before_send) or no byte from the replica for the read timeout."""
+
+    code = "upstream_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where to connect: pooled connections are shared per endpoint."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    server_name: str | None = None
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to a replica, carrying one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._exc: BaseException | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused_writing = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._reset_response()
+
+    # --- per-response state --------------------------------------------------------------
+
+    def _reset_response(self, head: bool = False) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_request = head
+        self.status = 0
+        self.reason = ""
+        self._header_list: list[tuple[bytes, bytes]] = []
+        self._last_name = b""
+        self.headers_done: asyncio.Future[None] = self.loop.create_future()
+        self.body: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.received_any = False
+        self.keep_alive = False
+        self.last_activity = self.loop.time()
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        self.last_activity = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"malformed response from the replica: {exc}", False))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.disarm()
+        if self.headers_done.done() and not self.complete and self._read_until_close():
+            self.complete = True  # a body delimited by the end of the connection
+            self._wake_body()
+        elif not self.complete:
+            # The replica may have acted on the request before it went away: not before_send.
+            self._fail(UpstreamError("the replica closed the connection"
+                                     + (f": {exc}" if exc else ""), False))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks --------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_list.append((name, value))
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # 103 Early Hints and friends: not forwarded, keep reading
+            self._header_list = []
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.headers_done.done():
+            self.headers_done.set_result(None)
+        if self.head_request:
+            self.complete = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.head_request or self.status == 0:
+            return
+        self.body.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:  # the end of a 1xx
+            return
+        self.complete = True
+        self._wake_body()
+
+    # --- inactivity watchdog: one timer per request, re-armed only when it fires early ------
+
+    def arm(self, timeout: float) -> None:
+        """Fail the request if neither side moves a byte for `timeout` seconds."""
+        self._timeout = timeout
+        self.last_activity = self.loop.time()
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(timeout, self._check_silence)
+
+    def disarm(self) -> None:
+        """The request is over (or the connection gone)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _check_silence(self) -> None:
+        self._watchdog = None
+        remaining = self.last_activity + self._timeout - self.loop.time()
+        if remaining > 0:
+            self._watchdog = self.loop.call_later(remaining, self._check_silence)
+            return
+        if self.complete:
+            return
+        self._fail(UpstreamTimeout(f"no byte from the replica for {self._timeout:g}s", False))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _read_until_close(self) -> bool:
+        names = {n.lower() for n, _ in self._header_list}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _wake_body(self) -> None:
+        w = self._body_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exc = exc
+        if not self.headers_done.done():
+            self.headers_done.set_exception(exc)
+            self.headers_done.exception()  # retrieved: no "never retrieved" warning
+        self._wake_body()
+
+    def response_headers(self) -> CIMultiDict[str]:
+        """The response headers, decoded as aiohttp does (UTF-8, bytes kept as surrogates)."""
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in self._header_list:
+            out.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        return out
+
+    async def write(self, data: bytes) -> None:
+        """Write and wait while the replica's socket buffer is full."""
+        if self.transport is None or self.closed or self.transport.is_closing():
+            raise ConnectionResetError("connection to the replica is closed")
+        self.last_activity = self.loop.time()
+        self.transport.write(data)
+        if self._paused_writing:
+            self._drain = self.loop.create_future()
+            await self._drain
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body; b'' at its end. Raises UpstreamError on failure."""
+        while True:
+            if self.body:
+                chunk = self.body.popleft()
+                self.buffered -= len(chunk)
+                self.last_activity = self.loop.time()  # a slow client is not a silent replica
+                if self._paused_reading and self.buffered < _LOW_WATER and self.transport:
+                    self._paused_reading = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                self.disarm()
+                return b""
+            if self._exc is not None:
+                raise self._exc
+            self._body_waiter = self.loop.create_future()
+            await self._body_waiter
+            self._body_waiter = None
+
+
+class UpstreamResponse:
+    """Status, headers and a body stream; `release()` returns the connection to the pool."""
+
+    def __init__(self, pool: UpstreamPool, endpoint: Endpoint, conn: _Connection,
+                 reusable: bool) -> None:
+        self._pool = pool
+        self._endpoint = endpoint
+        self._conn = conn
+        self._reusable = reusable
+        self.status = conn.status
+        self.reason = conn.reason
+        self.headers = conn.response_headers()
+        length = self.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self._released = False
+
+    def complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived (small responses), else None."""
+        conn = self._conn
+        if not conn.complete or conn.buffered > _LOW_WATER:
+            return None
+        data = b"".join(conn.body)
+        conn.body.clear()
+        conn.buffered = 0
+        conn.disarm()
+        return data
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; raises UpstreamError (UpstreamTimeout after silence)."""
+        conn = self._conn
+        while True:
+            chunk = await conn.next_chunk()
+            if not chunk:
+                return
+            yield chunk
+
+    def release(self) -> None:
+        """Done with the response: pool the connection if it is clean, else close it."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.disarm()
+        if self._reusable and conn.complete and conn.keep_alive and not conn.closed:
+            self._pool.put(self._endpoint, conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per replica endpoint."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 idle_timeout: float = 15.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self._idle: dict[Endpoint, list[_Connection]] = {}
+
+    def put(self, endpoint: Endpoint, conn: _Connection) -> None:
+        """Return a clean connection for reuse."""
+        idle = self._idle.setdefault(endpoint, [])
+        if len(idle) >= _IDLE_PER_HOST:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        idle.append(conn)
+
+    def _take(self, endpoint: Endpoint) -> _Connection | None:
+        idle = self._idle.get(endpoint)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if conn.closed or transport is None or transport.is_closing():
+                continue
+            if now - conn.idle_since > self.idle_timeout:
+                transport.close()
+                continue
+            return conn
+        return None
+
+    async def _connect(self, endpoint: Endpoint, limit_s: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), endpoint.host, endpoint.port,
+                    ssl=endpoint.tls,
+                    server_hostname=(endpoint.server_name or endpoint.host) if endpoint.tls
+                    else None)
+        except TimeoutError:
+            raise UpstreamTimeout(f"connect timeout after {limit_s:g}s", True) from None
+        except ssl.SSLError as exc:
+            raise TlsError(f"TLS handshake failed: {exc.reason or exc}", True) from None
+        except OSError as exc:
+            raise ConnectError(exc.strerror or str(exc), True) from None
+        return conn
+
+    async def request(
+        self,
+        endpoint: Endpoint,
+        head: bytes,
+        method: str,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+        *,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> UpstreamResponse:
+        """Send one request (head already serialised) and wait for the response head."""
+        ct = connect_timeout or self.connect_timeout
+        rt = read_timeout or self.read_timeout
+        conn = self._take(endpoint)
+        if conn is not None and body is None and idempotent:
+            try:
+                return await self._send(endpoint, conn, head, method, None, False, rt)
+            except UpstreamError as exc:
+                # A pooled connection the replica closed while it sat idle: not a byte came
+                # back, so the idempotent request goes once more on a fresh connection.
+                if exc.before_send or not conn.received_any:
+                    conn = None
+                else:
+                    raise
+        elif conn is not None:
+            conn.reused = True
+        if conn is None:
+            conn = await self._connect(endpoint, ct)
+        return await self._send(endpoint, conn, head, method, body, chunked, rt)
+
+    async def _send(self, endpoint: Endpoint, conn: _Connection, head: bytes, method: str,
+                    body: AsyncIterator[bytes] | None, chunked: bool,
+                    read_timeout: float) -> UpstreamResponse:
+        conn._reset_response(head=method == "HEAD")
+        try:
+            await conn.write(head)
+        except ConnectionError as exc:
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise UpstreamError(f"the replica closed the connection: {exc}", True) from None
+        conn.arm(read_timeout)
+        sender: asyncio.Task[None] | None = None
+        if body is not None:
+            sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+        try:
+            if sender is None:
+                await conn.headers_done
+            else:
+                await _headers_or_body_failure(conn, sender)
+        except BaseException:
+            if sender is not None and not sender.done():
+                sender.cancel()
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
+        reusable = True
+        if sender is not None and not sender.done():
+            # The replica answered before taking the whole body (e.g. 413): don't reuse.
+            reusable = False
+            sender.cancel()
+        return UpstreamResponse(self, endpoint, conn, reusable)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for conns in self._idle.values():
+            for c in conns:
+                if c.transport is not None:
+                    c.transport.close()
+        self._idle.clear()
+
+
+async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async for chunk in body:
+        if not chunk:
+            continue
+        if chunked:
+            await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            await conn.write(chunk)
+    if chunked:
+        await conn.write(b"0\r\n\r\n")
+
+
+async def _headers_or_body_failure(conn: _Connection, sender: asyncio.Task[None]) -> None:
+    """Wait for the response head; a failing body (too large, client gone) ends the wait."""
+    done, _ = await asyncio.wait((conn.headers_done, sender),
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if conn.headers_done in done:
+        conn.headers_done.result()
+        return
+    exc = sender.exception()
+    if exc is not None:
+        raise exc
+    await conn.headers_done
+
+
+def serialize_head(method: str, target: str, headers: CIMultiDict[str], chunked: bool) -> bytes:
+    """The request line and headers, as bytes (header values round-trip aiohttp's decoding)."""
+    parts = [f"{method} {target} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        parts.append(f"{name}: {value}\r\n")
+    if chunked:
+        parts.append("Transfer-Encoding: chunked\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")
