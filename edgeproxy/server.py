@@ -23,6 +23,7 @@ from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.settings import Address, Settings, unknown_settings
+from edgeproxy.table import RouteTable
 from edgeproxy.watcher import Watcher
 
 
@@ -94,6 +95,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
     watcher.on_swap.append(monitor.reconcile)
+    warned_auth: set[str] = set()
+
+    def warn_unprotectable(table: RouteTable) -> None:
+        problem = verifier.problem
+        if problem is None:
+            return
+        for r in table.routes:
+            if r.spec.auth is not None and r.name not in warned_auth:
+                warned_auth.add(r.name)
+                log.error("route_auth_unavailable", route=r.name, answers=503, reason=problem)
+
+    watcher.on_swap.append(warn_unprotectable)
     watcher.on_swap.append(
         lambda table: proxy.balancer.forget({u.key for r in table.routes for u in r.upstreams}))
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher"),

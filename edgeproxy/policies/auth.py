@@ -462,7 +462,13 @@ class JwtVerifier:
     async def start(self) -> None:
         """Log a configuration problem, or begin loading the JWKS in the background."""
         if self._problem is not None:
-            self._log.error("jwt_auth_unavailable", reason=self._problem)
+            cfg = self.config
+            if cfg.secret is None and not cfg.public_keys and cfg.jwks_url is None:
+                # Nothing configured is fine until a route asks for gateway.auth=jwt; the
+                # server logs an error for each such route then.
+                self._log.info("jwt_auth_unavailable", reason=self._problem)
+            else:
+                self._log.error("jwt_auth_unavailable", reason=self._problem)
             return
         self._log.info("jwt_auth_ready", algorithms=",".join(self._algorithms),
                        public_keys=len(self._pem), hmac=self._secret is not None,
