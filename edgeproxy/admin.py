@@ -105,7 +105,7 @@ def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
         "policies": policies_json(r),
         "transforms": transforms_json(r),
         "replicas": [upstream_json(u, balancer) for u in r.upstreams],
-        "healthy": len(r.pool),
+        "healthy": sum(1 for u in r.pool if balancer is None or not balancer.is_ejected(u)),
     }
 
 

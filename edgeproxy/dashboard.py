@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import Counter, Metric
 
 from edgeproxy import __version__
-from edgeproxy import admin as admin_api  # module import: admin imports us while loading
+from edgeproxy import admin as admin_api  # the module, not names: admin may import us early
 from edgeproxy.forward import Proxy
 from edgeproxy.metrics import Metrics, multiprocess_dir
 from edgeproxy.watcher import Watcher
@@ -98,6 +98,7 @@ class RateMeter:
         self._window = window
         self._clock = clock
         self._samples: deque[tuple[float, Totals]] = deque()
+        self.span = 0.0  # seconds the last rates were measured over; 0 while unknown
 
     def traffic(self) -> dict[str, Traffic]:
         """Per-route totals and rates now; pages polling together share one sample."""
@@ -114,7 +115,7 @@ class RateMeter:
             samples.popleft()
         base_time, base = samples[0]
         last_time, last = samples[-1]
-        elapsed = last_time - base_time
+        elapsed = self.span = last_time - base_time
         out: dict[str, Traffic] = {}
         for route, (total, errors) in last.items():
             if elapsed <= 0:
@@ -136,17 +137,19 @@ def _docker_state(watcher: Watcher) -> str:
 def snapshot(watcher: Watcher, proxy: Proxy, meter: RateMeter) -> dict[str, Any]:
     """Everything the page shows, as one JSON document."""
     traffic = meter.traffic()
+    known = 0.0 if meter.span > 0 else None  # not counted yet, but measured: 0 req/s
+    idle = Traffic(rps=known, errors_ps=known)
     table = watcher.table
     routes = []
     for r in table.routes:
         doc = admin_api.route_json(r, proxy.balancer)
-        doc["traffic"] = traffic.get(r.name, Traffic()).as_json()
+        doc["traffic"] = traffic.get(r.name, idle).as_json()
         routes.append(doc)
     total = Traffic(
         sum(t.requests for t in traffic.values()),
         sum(t.errors for t in traffic.values()),
-        _sum_rates(t.rps for t in traffic.values()),
-        _sum_rates(t.errors_ps for t in traffic.values()),
+        _sum_rates((t.rps for t in traffic.values()), known),
+        _sum_rates((t.errors_ps for t in traffic.values()), known),
     )
     changes = list(watcher.changes)[-CHANGES_SHOWN:]
     changes.reverse()
@@ -161,16 +164,16 @@ def snapshot(watcher: Watcher, proxy: Proxy, meter: RateMeter) -> dict[str, Any]
         "last_swap": watcher.last_swap or None,
         "in_flight": proxy.in_flight,
         "traffic": total.as_json(),
-        "unrouted": traffic.get("", Traffic()).as_json(),
+        "unrouted": traffic.get("", idle).as_json(),
         "routes": routes,
         "changes": changes,
         "problems": problems,
     }
 
 
-def _sum_rates(rates: Iterable[float | None]) -> float | None:
+def _sum_rates(rates: Iterable[float | None], empty: float | None) -> float | None:
     known = [r for r in rates if r is not None]
-    return sum(known) if known else None
+    return sum(known) if known else empty
 
 
 def _hashes(page: str, tag: str) -> str:

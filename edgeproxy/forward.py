@@ -164,6 +164,16 @@ class Proxy:
                     response.headers.update(extra)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away first (nginx's convention in the access log)
+            info.setdefault("error", "client_closed")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the handler
+            self._events.exception("proxy_error", route=info["route"], request_id=rid)
+            info["error"] = "internal_error: " + type(exc).__name__
+            status = 500
+            return error_response(500, "internal_error",
+                                  "the proxy failed to handle this request; see its log", rid)
         finally:
             self.in_flight -= 1
             metrics.in_flight.dec()

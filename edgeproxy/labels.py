@@ -329,9 +329,13 @@ def parse_options(
 
 
 # Words other proxies use for our keys: a hint for people coming from Traefik or Caddy.
-_ALIASES = {"url": "path", "uri": "path", "prefix": "path", "rule": "path", "domain": "host",
+_ALIASES = {"url": "path", "uri": "path", "endpoint": "path", "prefix": "path", "rule": "path", "domain": "host",
             "hostname": "host", "server.port": "port", "loadbalancer": "lb", "strip": "strip_prefix",
             "stripprefix": "strip_prefix", "rate": "ratelimit", "rate_limit": "ratelimit"}
+
+
+_FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read",
+                "tls": "tls.verify"}
 
 
 def suggest_key(key: str) -> str | None:
@@ -340,21 +344,37 @@ def suggest_key(key: str) -> str | None:
     for known in KEYS:  # same words in another order: read_timeout -> timeout.read
         if words == frozenset(re.split(r"[._-]", known)):
             return known
+    alias = _ALIASES.get(key)
+    if alias:
+        return alias
     group, dot, last = key.rpartition(".")
     if dot:
+        # Only siblings in the same family: a shared 'health.' must not make health.host
+        # look like health.status.
         alias = _ALIASES.get(last)
         if alias and f"{group}.{alias}" in KEYS:
             return f"{group}.{alias}"
         siblings = {k.rpartition(".")[2]: k for k in KEYS if k.rpartition(".")[0] == group}
-        close = difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.6)
-        if close:
-            return siblings[close[0]]
-    alias = _ALIASES.get(key)
-    if alias:
-        return alias
-    close = difflib.get_close_matches(key, [k for k in KEYS if "." not in k] if not dot
-                                      else list(KEYS), n=1, cutoff=0.6)
-    return close[0] if close else None
+        return _closest(last, siblings)
+    family = sorted(k for k in KEYS if k.startswith(key + "."))
+    if family:  # 'health' alone: the family's main key
+        return _FAMILY_MAIN.get(key, family[0])
+    tails = [k for k in KEYS if k.rpartition(".")[2] == key]
+    if len(tails) == 1:  # 'scopes' -> auth.scopes
+        return tails[0]
+    return _closest(key, {k: k for k in KEYS if "." not in k})
+
+
+def _closest(word: str, candidates: Mapping[str, str]) -> str | None:
+    """A candidate the word is a typo, prefix or stem of (retry -> retries, status_code ->
+    status); None when nothing is convincingly close."""
+    for name, key in candidates.items():
+        stem = name.rstrip("s")
+        if len(word) >= 3 and len(stem) >= 4 and (
+                word.startswith(stem) or name.startswith(word.rstrip("y"))):
+            return key
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.75)
+    return candidates[close[0]] if close else None
 
 
 def known_keys_text() -> str:
@@ -390,7 +410,9 @@ def build_routing(
     errors: list[LabelError] = []
 
     def written(key: str) -> str:
-        return raw[key] if raw is not None and key in raw else _text(values[key])
+        if raw is not None and key in raw:
+            return raw[key]
+        return _text(values[key]) if key in values else "(default)"
 
     health: HealthSpec | None = None
     health_keys = sorted(k for k in values if k.startswith("health."))
@@ -405,7 +427,9 @@ def build_routing(
             passes=values.get("health.passes", 2),
         )
         if health.timeout > health.interval:
-            errors.append(LabelError(label_of("health.timeout"), f"{health.timeout:g}s",
+            shown = written("health.timeout") if "health.timeout" in values else (
+                f"{health.timeout:g}s")
+            errors.append(LabelError(label_of("health.timeout"), shown,
                                      "must not be longer than the health check interval "
                                      f"({health.interval:g}s)"))
     elif health_keys:
@@ -425,7 +449,7 @@ def build_routing(
         limit, period, burst = values["ratelimit"]
         ratelimit = RateLimitSpec(limit, period, burst, key)
         if key == "sub" and auth is None:
-            errors.append(LabelError(label_of("ratelimit.key"), "sub",
+            errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
                                      f"keys by the verified JWT subject, so it needs "
                                      f"{label_of('auth')}=jwt on the same container"))
     elif "ratelimit.key" in values:

@@ -38,8 +38,9 @@ class RouteTable:
     """An immutable snapshot: routes plus host/path lookup maps compiled from them."""
 
     routes: tuple[Route, ...] = ()
-    decisions: tuple[Decision, ...] = field(default=(), compare=False)
-    conflicts: tuple[Skipped, ...] = field(default=(), compare=False)
+    # Compared too: a container whose only change is a bad label must still reach /containers.
+    decisions: tuple[Decision, ...] = ()
+    conflicts: tuple[Skipped, ...] = ()
     _exact: dict[str, PrefixMap] = field(default_factory=dict, compare=False, repr=False)
     _wildcard: dict[str, PrefixMap] = field(default_factory=dict, compare=False, repr=False)
     _any: PrefixMap = field(default_factory=dict, compare=False, repr=False)

@@ -75,8 +75,13 @@ def parse_rewrite(value: str) -> Rewrite:
     try:  # group references must exist; checked now, not on the first request
         compiled.sub(replacement, "")
         _check_groups(compiled, replacement)
+        literal = re.sub(r"\\([1-9][0-9]?)|\\g<\w+>", "", replacement)
+        expanded = re.sub("x", literal, "x")
     except (re.error, IndexError) as exc:
         raise ValueError(f"the replacement {replacement!r} is invalid: {exc}") from None
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in expanded):
+        raise ValueError(f"the replacement {replacement!r} produces control characters or "
+                         "spaces (header/path injection)")
     return Rewrite(compiled, replacement)
 
 
@@ -219,18 +224,22 @@ NO_HEADER_RULES = HeaderRules()  # immutable, so one shared default
 
 
 def wants_gzip(accept_encoding: str) -> bool:
-    """True when the client accepts gzip (q > 0)."""
+    """True when the client accepts gzip (q > 0); an explicit gzip entry beats '*'."""
+    weights: dict[str, float] = {}
     for part in accept_encoding.lower().split(","):
         coding, _, params = part.strip().partition(";")
-        if coding.strip() in ("gzip", "*"):
-            q = params.strip()
-            if q.startswith("q="):
-                try:
-                    return float(q[2:]) > 0
-                except ValueError:
-                    return False
-            return True
-    return False
+        coding = coding.strip()
+        if coding not in ("gzip", "*"):
+            continue
+        q = 1.0
+        params = params.strip()
+        if params.startswith("q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        weights[coding] = q
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 def should_compress(method: str, status: int, headers: Mapping[str, str],

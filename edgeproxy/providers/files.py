@@ -35,13 +35,19 @@ def _as_label_value(value: Any) -> str:
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """[routes.x.health] path = ... -> {"health.path": ...}: TOML tables as dotted keys."""
+    """[routes.x.health] path = ... -> {"health.path": ...}: TOML tables as dotted keys.
+
+    Raises KeyError(key) when a key is given twice (quoted "health.path" and a health table)."""
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and not (prefix == "" and key == "upstreams"):
+            items = _flatten(value, f"{prefix}{key}.").items()
         else:
-            out[prefix + key] = value
+            items = ((prefix + key, value),)  # type: ignore[assignment]
+        for k, v in items:
+            if k in out:
+                raise KeyError(k)
+            out[k] = v
     return out
 
 
@@ -87,7 +93,13 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
                     upstreams.append(parse_upstream(str(u)))
                 except ValueError as exc:
                     errors.append(LabelError(f"routes.{name}.upstreams", str(u), str(exc)))
-        for key, value in _flatten(table).items():
+        try:
+            flat = _flatten(table)
+        except KeyError as exc:
+            errors.append(LabelError(f"routes.{name}.{exc.args[0]}", "",
+                                     "given twice (as a quoted key and inside a table)"))
+            continue
+        for key, value in flat.items():
             if key == "upstreams":
                 continue
             if key in _CONTAINER_ONLY:

@@ -11,8 +11,10 @@ from edgeproxy.labels import (
     Routing,
     known_keys_text,
     parse_labels,
+    suggest_key,
 )
-from edgeproxy.model import HealthSpec, RouteSpec
+from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec
+from edgeproxy.policies.ratelimit import KEY_EXPECTED, RATE_EXPECTED, RateLimitSpec
 
 KNOWN = "known keys are " + known_keys_text()
 
@@ -318,8 +320,6 @@ def test_dotted_custom_prefix() -> None:
         ("timeout.reed", "timeout.read"),
         ("timeout_connect", "timeout.connect"),
         ("timeout.conect", "timeout.connect"),
-        ("health", "health.path"),
-        ("healthcheck", "health.path"),
         ("health.pth", "health.path"),
         ("health.endpoint", "health.path"),
         ("health.intervall", "health.interval"),
@@ -328,50 +328,103 @@ def test_dotted_custom_prefix() -> None:
         ("health.status_code", "health.status"),
         ("health.fail", "health.fails"),
         ("health.pass", "health.passes"),
+        # the same words in another order
+        ("read_timeout", "timeout.read"),
+        ("connect_timeout", "timeout.connect"),
+        ("scopes.auth", "auth.scopes"),
+        ("key.ratelimit", "ratelimit.key"),
+        ("ratelimit_key", "ratelimit.key"),
+        ("rate-limit", "ratelimit"),
+        # the policy keys
+        ("auht", "auth"),
+        ("auth.scope", "auth.scopes"),
+        ("auth.scops", "auth.scopes"),
+        ("auth.audiance", "auth.audience"),
+        ("auth.audiences", "auth.audience"),
+        ("ratelimt", "ratelimit"),
+        ("ratelimits", "ratelimit"),
+        ("ratelimit.keys", "ratelimit.key"),
+        # words other proxies use for our keys
+        ("url", "path"),
+        ("uri", "path"),
+        ("prefix", "path"),
+        ("rule", "path"),
+        ("domain", "host"),
+        ("hostname", "host"),
+        ("strip", "strip_prefix"),
+        ("loadbalancer", "lb"),
+        ("rate", "ratelimit"),
+        ("rate_limit", "ratelimit"),
+        ("server.port", "port"),
+        ("health.url", "health.path"),
+        ("health.uri", "health.path"),
     ],
 )
 def test_unknown_key_suggests_the_known_one(key: str, suggestion: str) -> None:
     label = f"gateway.{key}"
     errors = _errors({"gateway.path": "/", label: "x"})
-    assert errors == [
-        LabelError(label, "x", f"unknown key; {KNOWN}; did you mean {suggestion!r}?")
-    ]
+    # Only the suggestion: the list of every known key would bury it.
+    assert errors == [LabelError(label, "x", f"unknown key; did you mean {suggestion!r}?")]
+    assert suggest_key(key) == suggestion
 
 
-@pytest.mark.parametrize("key", ["ratelimit", "middlewares", "loadbalancer.server.port", "",
-                                 "loadbalancer", "sticky", "tls", "lb.algorithm", "LB"])
+@pytest.mark.parametrize("key", ["middlewares", "loadbalancer.server.port", "", "maintainer", "redirect",
+                                 "sticky", "version", "lb.algorithm", "LB", "jwt"])
 def test_unknown_key_without_close_match(key: str) -> None:
     label = f"gateway.{key}"
     assert _errors({"gateway.path": "/", label: "jwt"}) == [
         LabelError(label, "jwt", f"unknown key; {KNOWN}")
     ]
+    assert suggest_key(key) is None
+
+
+@pytest.mark.parametrize(("key", "family"), [("healthcheck", "health.*"), ("tokens", "auth.*")])
+def test_unknown_key_without_suggestion_lists_the_families(key: str, family: str) -> None:
+    # No single key is convincingly close, so the folded list points at the family instead.
+    [error] = _errors({"gateway.path": "/", f"gateway.{key}": "x"})
+    assert error.reason == f"unknown key; {KNOWN}"
+    assert family in KNOWN.split(", ")
+
+
+def test_known_keys_text_folds_families() -> None:
+    shown = known_keys_text().split(", ")
+    assert shown == sorted(shown)
+    assert {"health.*", "timeout.*", "auth.*"} <= set(shown)
+    assert not any(k.startswith(("health.", "timeout.", "auth.")) and k[-2:] != ".*" for k in shown)
+    # a bare key stays beside its family; a family of one is not folded
+    assert {"auth", "ratelimit", "ratelimit.key", "path", "host", "port", "lb"} <= set(shown)
 
 
 @pytest.mark.parametrize(
-    ("key", "meant"),
+    ("key", "acceptable"),
     [
-        # Spelled the way the EDGEPROXY_* settings are (read_timeout, connect_timeout): the hint
-        # must not send the user to the health check's timeout.
-        ("read_timeout", "timeout.read"),
-        ("connect_timeout", "timeout.connect"),
-        # url and uri are how other proxies name the probed path; health.fails is not it.
-        ("health.url", "health.path"),
-        ("health.uri", "health.path"),
+        # KNOWN BUG: an undotted key is only compared with undotted keys, so gateway.health=/healthz
+        # gets 'path', and following that hint routes /healthz to the service instead of probing it.
+        ("health", {"health.path", None}),
+        # KNOWN BUG: when no sibling is close, a dotted key falls back to difflib over whole keys,
+        # where the shared family name outweighs the word that differs.
+        ("health.host", {None}),  # -> 'health.status'
+        ("health.method", {None}),  # -> 'health.path'
+        ("scopes", {"auth.scopes", None}),  # -> 'compress' once that key exists
+        ("auth.type", {"auth", None}),  # -> 'auth.scopes'; auth=jwt is the scheme
+        ("auth.issuer", {None}),  # -> 'auth.scopes'
+        ("ratelimit.period", {"ratelimit", None}),  # -> 'ratelimit.key'; the period is in ratelimit
+        ("priority", {None}),  # -> 'port'; a Traefik router priority is no port
     ],
 )
-def test_unknown_key_suggestion_is_not_misleading(key: str, meant: str) -> None:
-    # KNOWN BUG: difflib compares whole keys, so a shared 'health.' or '_timeout' weighs more
-    # than the word that differs (read_timeout -> 'health.timeout', health.url -> 'health.fails').
+def test_unknown_key_suggestion_is_not_misleading(key: str, acceptable: set[str | None]) -> None:
     label = f"gateway.{key}"
     [error] = _errors({"gateway.path": "/", label: "x"})
-    assert error.reason == f"unknown key; {KNOWN}; did you mean {meant!r}?"
+    assert suggest_key(key) in acceptable
+    expected = {f"unknown key; did you mean {k!r}?" if k else f"unknown key; {KNOWN}" for k in acceptable}
+    assert error.reason in expected
 
 
-def test_auth_typo_gets_no_unrelated_suggestion() -> None:
-    # KNOWN BUG: gateway.auth is the label this check exists for (a policy typo must not be
-    # silent); 'did you mean path?' sends the user somewhere unrelated.
-    [error] = _errors({"gateway.path": "/admin", "gateway.auth": "jwt"})
-    assert error.reason == f"unknown key; {KNOWN}"
+def test_auth_typo_suggests_auth() -> None:
+    # gateway.auth is the label this check exists for: a policy typo must not be silent.
+    assert _errors({"gateway.path": "/admin", "gateway.auht": "jwt"}) == [
+        LabelError("gateway.auht", "jwt", "unknown key; did you mean 'auth'?")
+    ]
 
 
 def test_unknown_key_is_an_error_even_with_a_valid_route() -> None:
@@ -661,9 +714,8 @@ def test_health_timeout_up_to_the_interval(timeout: str, interval: str) -> None:
     ("labels", "value", "interval"),
     [
         ({"gateway.health.timeout": "6s"}, "6s", "5s"),  # against the default interval
-        ({"gateway.health.timeout": "2500ms", "gateway.health.interval": "2s"}, "2.5s", "2s"),
         ({"gateway.health.interval": "1s"}, "2s", "1s"),  # the default timeout is too long
-        ({"gateway.health.timeout": "1m", "gateway.health.interval": "30s"}, "60s", "30s"),
+        ({"gateway.health.timeout": "90s", "gateway.health.interval": "1m"}, "90s", "60s"),
     ],
 )
 def test_health_timeout_longer_than_interval(labels: dict[str, str], value: str, interval: str) -> None:
@@ -673,12 +725,30 @@ def test_health_timeout_longer_than_interval(labels: dict[str, str], value: str,
 
 
 @pytest.mark.parametrize(
+    ("labels", "interval"),
+    [
+        ({"gateway.health.timeout": "2500ms", "gateway.health.interval": "2s"}, "2s"),
+        ({"gateway.health.timeout": "1m", "gateway.health.interval": "30s"}, "30s"),
+        ({"gateway.health.timeout": " 6s "}, "5s"),
+    ],
+)
+def test_health_timeout_longer_than_interval_quotes_the_label(labels: dict[str, str],
+                                                              interval: str) -> None:
+    # KNOWN BUG: build_routing errors quote the value as written, except this one, which shows
+    # the parsed timeout re-formatted (gateway.health.timeout='2.5s' for a label saying 2500ms).
+    errors = _errors({"gateway.path": "/", "gateway.health.path": "/h", **labels})
+    assert errors == [LabelError("gateway.health.timeout", labels["gateway.health.timeout"],
+                                 f"must not be longer than the health check interval ({interval})")]
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
-    [("interval", "10s"), ("timeout", "1s"), ("status", "200-299"), ("fails", "2"), ("passes", "5")],
+    [("interval", "10s"), ("timeout", "1s"), ("status", "200-299"), ("fails", "2"), ("passes", "5"),
+     ("interval", "1m"), ("timeout", "1500ms"), ("status", " 200 - 204 "), ("status", "204"),
+     ("fails", "007")],
 )
 def test_health_key_without_health_path(key: str, value: str) -> None:
-    # KNOWN BUG for interval, timeout and status: the error shows the parsed value ('10.0',
-    # '(200, 299)') instead of what the label says.
+    # The error quotes the label as written, not the parsed value ('10.0', '(200, 299)').
     assert _errors({"gateway.path": "/", f"gateway.health.{key}": value}) == [
         LabelError(f"gateway.health.{key}", value,
                    "needs gateway.health.path to say what to probe")
@@ -726,4 +796,227 @@ def test_full_routing_with_every_key() -> None:
                        connect_timeout=0.5, read_timeout=120.0,
                        health=HealthSpec("/healthz", status_min=200, status_max=200)),
         port=8080, network=None, weight=3,
+    )
+
+
+# --- policies: authentication and rate limits ------------------------------------------------------
+
+def test_policies_default_to_none() -> None:
+    spec = _routing({"gateway.path": "/orders"}).spec
+    assert (spec.auth, spec.ratelimit) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["jwt", "JWT", " jwt ", "Jwt"])
+def test_auth_jwt(value: str) -> None:
+    assert _routing({"gateway.path": "/", "gateway.auth": value}).spec.auth == AuthSpec()
+
+
+@pytest.mark.parametrize("value", ["", " ", "basic", "oauth2", "jwt,basic", "jwt ;", "bearer", "true",
+                                   "none"])
+def test_bad_auth(value: str) -> None:
+    assert _errors({"gateway.path": "/", "gateway.auth": value}) == [
+        LabelError("gateway.auth", value, "jwt (the only authentication scheme)")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "scopes"),
+    [
+        ("orders:read", ("orders:read",)),
+        ("orders:read orders:write", ("orders:read", "orders:write")),
+        ("orders:read,orders:write", ("orders:read", "orders:write")),
+        (" orders:read ,  orders:write\t", ("orders:read", "orders:write")),
+        ("b a", ("b", "a")),  # order kept
+        ("a a b a", ("a", "b")),  # duplicates collapse
+        ("https://api.example.com/read", ("https://api.example.com/read",)),
+        ("!#[]~", ("!#[]~",)),  # every printable ASCII character but space, '"' and '\\'
+    ],
+)
+def test_auth_scopes(value: str, scopes: tuple[str, ...]) -> None:
+    spec = _routing({"gateway.path": "/", "gateway.auth": "jwt", "gateway.auth.scopes": value}).spec
+    assert spec.auth == AuthSpec(scopes=scopes)
+
+
+def _bad_scope(scope: str) -> str:
+    return f"scope {scope!r} holds characters a scope may not have (RFC 6749 3.3)"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "one or more scopes separated by spaces, e.g. orders:read orders:write"),
+        (" , ", "one or more scopes separated by spaces, e.g. orders:read orders:write"),
+        ('say"hi"', _bad_scope('say"hi"')),
+        ("a\\b", _bad_scope("a\\b")),
+        ("read \u00e9crire", _bad_scope("\u00e9crire")),
+        ("a\x00b", _bad_scope("a\x00b")),
+        ("a\x7f", _bad_scope("a\x7f")),
+    ],
+)
+def test_bad_auth_scopes(value: str, reason: str) -> None:
+    labels = {"gateway.path": "/", "gateway.auth": "jwt", "gateway.auth.scopes": value}
+    assert _errors(labels) == [LabelError("gateway.auth.scopes", value, reason)]
+
+
+@pytest.mark.parametrize(("value", "audience"), [("https://api.example.com", "https://api.example.com"),
+                                                 (" orders-api ", "orders-api"),
+                                                 ("urn:example:orders", "urn:example:orders")])
+def test_auth_audience(value: str, audience: str) -> None:
+    spec = _routing({"gateway.path": "/", "gateway.auth": "jwt", "gateway.auth.audience": value}).spec
+    assert spec.auth == AuthSpec(audience=audience)
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\t", "api\nexample", "a\x00b"])
+def test_bad_auth_audience(value: str) -> None:
+    labels = {"gateway.path": "/", "gateway.auth": "jwt", "gateway.auth.audience": value}
+    assert _errors(labels) == [
+        LabelError("gateway.auth.audience", value, "a non-empty audience such as https://api.example.com")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("labels", "errors"),
+    [
+        ({"gateway.auth.scopes": "orders:read"},
+         [LabelError("gateway.auth.scopes", "orders:read", "needs gateway.auth=jwt")]),
+        # the value as written, not the parsed scopes
+        ({"gateway.auth.scopes": "b, a,b"},
+         [LabelError("gateway.auth.scopes", "b, a,b", "needs gateway.auth=jwt")]),
+        ({"gateway.auth.audience": " api "},
+         [LabelError("gateway.auth.audience", " api ", "needs gateway.auth=jwt")]),
+        ({"gateway.auth.scopes": "x", "gateway.auth.audience": "api"},
+         [LabelError("gateway.auth.scopes", "x", "needs gateway.auth=jwt"),
+          LabelError("gateway.auth.audience", "api", "needs gateway.auth=jwt")]),
+    ],
+)
+def test_auth_keys_without_auth(labels: dict[str, str], errors: list[LabelError]) -> None:
+    # Scopes without authentication would look protected and be open.
+    assert _errors({"gateway.path": "/admin", **labels}) == errors
+
+
+@pytest.mark.parametrize(
+    ("value", "spec"),
+    [
+        ("100/m", RateLimitSpec(100, 60.0, 100)),  # without burst the bucket holds the limit
+        ("10/s;burst=20", RateLimitSpec(10, 1.0, 20)),
+        (" 100 / minute ; burst = 5 ", RateLimitSpec(100, 60.0, 5)),
+        ("5000/h", RateLimitSpec(5000, 3600.0, 5000)),
+        ("1/HOUR", RateLimitSpec(1, 3600.0, 1)),
+        ("3/second", RateLimitSpec(3, 1.0, 3)),
+    ],
+)
+def test_ratelimit(value: str, spec: RateLimitSpec) -> None:
+    routing = _routing({"gateway.path": "/", "gateway.ratelimit": value})
+    assert routing.spec.ratelimit == spec
+    assert routing.spec.ratelimit.key == "ip"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value", ["", "100", "100/d", "100/day", "/m", "0/m", "-1/s", "1.5/s",
+                                   "100/m;burst=0", "100/m;burst=", "100/m;burst=x", "100/m;rate=5",
+                                   "100 per minute", "1000000001/s", "jwt"])
+def test_bad_ratelimit(value: str) -> None:
+    assert _errors({"gateway.path": "/", "gateway.ratelimit": value}) == [
+        LabelError("gateway.ratelimit", value, RATE_EXPECTED)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [("ip", "ip"), (" IP ", "ip"), ("header:X-Api-Key", "header:X-Api-Key"),
+     ("Header: X-Api-Key ", "header:X-Api-Key"), ("header:x_tenant.id", "header:x_tenant.id")],
+)
+def test_ratelimit_key(value: str, key: str) -> None:
+    labels = {"gateway.path": "/", "gateway.ratelimit": "100/m", "gateway.ratelimit.key": value}
+    assert _routing(labels).spec.ratelimit == RateLimitSpec(100, 60.0, 100, key)
+
+
+@pytest.mark.parametrize("value", ["", "user", "cookie:session", "header:", "header", "header:X Api",
+                                   "header:X-Api:Key", "headers:X-Api-Key", "ip,sub"])
+def test_bad_ratelimit_key(value: str) -> None:
+    labels = {"gateway.path": "/", "gateway.ratelimit": "100/m", "gateway.ratelimit.key": value}
+    assert _errors(labels) == [LabelError("gateway.ratelimit.key", value, KEY_EXPECTED)]
+
+
+@pytest.mark.parametrize("value", ["ip", " Header:X-Api-Key ", "sub"])
+def test_ratelimit_key_without_ratelimit(value: str) -> None:
+    assert _errors({"gateway.path": "/", "gateway.ratelimit.key": value}) == [
+        LabelError("gateway.ratelimit.key", value, "needs gateway.ratelimit, e.g. 100/m")
+    ]
+
+
+SUB_NEEDS_AUTH = "keys by the verified JWT subject, so it needs gateway.auth=jwt on the same container"
+
+
+def test_ratelimit_by_subject_needs_auth() -> None:
+    labels = {"gateway.path": "/", "gateway.ratelimit": "100/m", "gateway.ratelimit.key": "sub"}
+    assert _errors(labels) == [LabelError("gateway.ratelimit.key", "sub", SUB_NEEDS_AUTH)]
+    routing = _routing({**labels, "gateway.auth": "jwt"})
+    assert routing.spec.ratelimit == RateLimitSpec(100, 60.0, 100, "sub")
+    assert routing.spec.auth == AuthSpec()
+
+
+@pytest.mark.parametrize("value", ["SUB", " sub ", "Sub"])
+def test_ratelimit_by_subject_needs_auth_quotes_the_label(value: str) -> None:
+    # KNOWN BUG: the other build_routing errors quote the value as written; this one always
+    # says gateway.ratelimit.key='sub'.
+    labels = {"gateway.path": "/", "gateway.ratelimit": "100/m", "gateway.ratelimit.key": value}
+    assert _errors(labels) == [LabelError("gateway.ratelimit.key", value, SUB_NEEDS_AUTH)]
+
+
+def test_policy_combinations_are_reported_together() -> None:
+    errors = _errors({"gateway.path": "/", "gateway.auth.scopes": "a", "gateway.ratelimit": "1/s",
+                      "gateway.ratelimit.key": "sub", "gateway.health.fails": "2"})
+    assert errors == [
+        LabelError("gateway.health.fails", "2", "needs gateway.health.path to say what to probe"),
+        LabelError("gateway.auth.scopes", "a", "needs gateway.auth=jwt"),
+        LabelError("gateway.ratelimit.key", "sub", SUB_NEEDS_AUTH),
+    ]
+
+
+def test_bad_policy_values_are_reported_before_combinations() -> None:
+    # A bad gateway.auth is reported as such, not also as 'auth.scopes needs gateway.auth=jwt'.
+    assert _errors({"gateway.path": "/", "gateway.auth": "basic", "gateway.auth.scopes": "a"}) == [
+        LabelError("gateway.auth", "basic", "jwt (the only authentication scheme)")
+    ]
+
+
+def test_policy_messages_use_a_custom_prefix() -> None:
+    assert _errors({"edge.path": "/", "edge.auth.audience": "api"}, prefix="edge") == [
+        LabelError("edge.auth.audience", "api", "needs edge.auth=jwt")
+    ]
+    assert _errors({"edge.path": "/", "edge.ratelimit.key": "ip"}, prefix="edge") == [
+        LabelError("edge.ratelimit.key", "ip", "needs edge.ratelimit, e.g. 100/m")
+    ]
+    assert _errors({"edge.path": "/", "edge.ratelimit": "1/s", "edge.ratelimit.key": "sub"},
+                   prefix="edge") == [
+        LabelError("edge.ratelimit.key", "sub",
+                   "keys by the verified JWT subject, so it needs edge.auth=jwt on the same container")
+    ]
+    routing = _routing({"edge.path": "/", "edge.auth": "jwt", "edge.ratelimit": "1/s"}, prefix="edge")
+    assert (routing.spec.auth, routing.spec.ratelimit) == (AuthSpec(), RateLimitSpec(1, 1.0, 1))
+
+
+def test_enable_false_wins_over_bad_policies() -> None:
+    result = parse_labels({"gateway.enable": "false", "gateway.path": "/", "gateway.auth": "basic",
+                           "gateway.ratelimit.key": "sub"})
+    assert result == NotRouted("gateway.enable=false")
+
+
+def test_full_routing_with_policies() -> None:
+    routing = _routing({
+        "gateway.host": "api.example.com",
+        "gateway.path": "/orders",
+        "gateway.port": "8080",
+        "gateway.auth": "jwt",
+        "gateway.auth.scopes": "orders:read orders:write",
+        "gateway.auth.audience": "https://api.example.com",
+        "gateway.ratelimit": "100/m;burst=20",
+        "gateway.ratelimit.key": "sub",
+    })
+    assert routing == Routing(
+        spec=RouteSpec(hosts=("api.example.com",), paths=("/orders",),
+                       auth=AuthSpec(scopes=("orders:read", "orders:write"),
+                                     audience="https://api.example.com"),
+                       ratelimit=RateLimitSpec(100, 60.0, 20, "sub")),
+        port=8080, network=None,
     )

@@ -1,0 +1,307 @@
+"""edgeproxy.headers: what goes upstream, what comes back, who the client is."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+from multidict import CIMultiDict
+
+from edgeproxy.headers import (
+    client_address,
+    connection_tokens,
+    downstream_response_headers,
+    is_trusted,
+    request_host,
+    request_id,
+    upstream_request_headers,
+)
+from edgeproxy.settings import IPNetwork
+
+TRUSTED: tuple[IPNetwork, ...] = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict(pairs)
+
+
+def upstream(h: CIMultiDict[str], *, trusted_peer: bool = False, peer: str = "203.0.113.7",
+             client: str | None = None, scheme: str = "http", rid: str = "rid-1") -> CIMultiDict[str]:
+    return upstream_request_headers(h, peer=peer, client=client or peer, scheme=scheme, rid=rid,
+                                    trusted_peer=trusted_peer)
+
+
+# --- upstream ---------------------------------------------------------------------------
+
+HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate",
+              "Proxy-Authorization", "TE", "Trailer", "Transfer-Encoding", "Upgrade"]
+
+
+@pytest.mark.parametrize("trusted_peer", [False, True])
+@pytest.mark.parametrize("name", [*HOP_BY_HOP, *(n.lower() for n in HOP_BY_HOP), "CONNECTION"])
+def test_hop_by_hop_removed_upstream(name: str, trusted_peer: bool) -> None:
+    out = upstream(headers(("Host", "example.com"), (name, "x"), ("Accept", "*/*")),
+                   trusted_peer=trusted_peer)
+    assert name not in out
+    assert out.getall("Accept") == ["*/*"]
+    assert out["Host"] == "example.com"
+
+
+@pytest.mark.parametrize(
+    "connection",
+    ["close, X-Secret", "X-Secret", "x-secret,  keep-alive", "Keep-Alive,X-SECRET,", ", x-secret ,"],
+)
+def test_headers_named_in_connection_removed_upstream(connection: str) -> None:
+    h = headers(("Connection", connection), ("X-Secret", "s"), ("X-Kept", "k"))
+    out = upstream(h)
+    assert "X-Secret" not in out
+    assert "Connection" not in out
+    assert out["X-Kept"] == "k"
+
+
+def test_connection_tokens_from_several_headers() -> None:
+    h = headers(("Connection", "close, X-A"), ("connection", "X-B"), ("X-A", "1"))
+    assert connection_tokens(h) == {"close", "x-a", "x-b"}
+    assert connection_tokens(headers()) == set()
+
+
+@pytest.mark.parametrize("trusted_peer", [False, True])
+@pytest.mark.parametrize("name", ["X-Auth-Subject", "x-auth-subject", "X-Auth-Scopes", "X-AUTH-SCOPES"])
+def test_auth_headers_from_the_client_removed(name: str, trusted_peer: bool) -> None:
+    out = upstream(headers((name, "admin"), ("Authorization", "Bearer t")), trusted_peer=trusted_peer)
+    assert name not in out
+    assert out["Authorization"] == "Bearer t"
+
+
+@pytest.mark.parametrize("name", ["X_Auth_Subject", "X-Forwarded_For", "X_Real_IP", "custom_header"])
+def test_headers_with_underscore_dropped(name: str) -> None:
+    # Some backends treat '_' and '-' alike: X_Auth_Subject would become X-Auth-Subject.
+    out = upstream(headers((name, "v"), ("X-Custom-Header", "ok")), trusted_peer=True)
+    assert name not in out
+    assert out["X-Custom-Header"] == "ok"
+
+
+def test_expect_and_client_request_id_not_forwarded() -> None:
+    out = upstream(headers(("Expect", "100-continue"), ("X-Request-ID", "client-id")), rid="ours")
+    assert "Expect" not in out
+    assert out.getall("X-Request-ID") == ["ours"]
+
+
+def test_end_to_end_headers_pass_unchanged() -> None:
+    h = headers(("Host", "api.example.com"), ("Accept", "a"), ("Cookie", "c=1"), ("Cookie", "d=2"),
+                ("Authorization", "Bearer t"), ("Content-Type", "application/json"),
+                ("Content-Length", "12"), ("X-Custom", "1"))
+    out = upstream(h)
+    for name in ("Host", "Accept", "Authorization", "Content-Type", "Content-Length", "X-Custom"):
+        assert out.getall(name) == h.getall(name)
+    assert out.getall("Cookie") == ["c=1", "d=2"]
+
+
+FORWARDED_IN = (
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Real-IP", "6.6.6.6"),
+    ("Forwarded", "for=6.6.6.6;proto=https"),
+)
+
+
+def test_untrusted_peer_forwarded_headers_replaced() -> None:
+    h = headers(("Host", "api.example.com:8080"), *FORWARDED_IN)
+    out = upstream(h, peer="203.0.113.7", scheme="http", rid="rid-1")
+    assert out.getall("X-Forwarded-For") == ["203.0.113.7"]
+    assert out.getall("X-Forwarded-Proto") == ["http"]
+    assert out.getall("X-Forwarded-Host") == ["api.example.com:8080"]
+    assert out.getall("X-Real-IP") == ["203.0.113.7"]
+    assert out.getall("X-Request-ID") == ["rid-1"]
+    assert "X-Forwarded-Port" not in out
+    assert "Forwarded" not in out
+
+
+def test_untrusted_peer_without_host_header() -> None:
+    out = upstream(headers(("X-Forwarded-Host", "evil.example")))
+    assert "X-Forwarded-Host" not in out
+
+
+def test_untrusted_peer_several_spoofed_values_replaced() -> None:
+    h = headers(("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", "2.2.2.2"),
+                ("X-Real-IP", "1.1.1.1"), ("X-Real-IP", "2.2.2.2"))
+    out = upstream(h, peer="203.0.113.7")
+    assert out.getall("X-Forwarded-For") == ["203.0.113.7"]
+    assert out.getall("X-Real-IP") == ["203.0.113.7"]
+
+
+def test_trusted_peer_appends_to_x_forwarded_for() -> None:
+    h = headers(("Host", "api.example.com"), ("X-Forwarded-For", "198.51.100.1, 10.0.0.9"),
+                ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "public.example.com"),
+                ("Forwarded", "for=198.51.100.1"), ("X-Real-IP", "10.0.0.9"))
+    out = upstream(h, trusted_peer=True, peer="10.0.0.2", client="198.51.100.1", scheme="http")
+    assert out.getall("X-Forwarded-For") == ["198.51.100.1, 10.0.0.9, 10.0.0.2"]
+    assert out.getall("X-Forwarded-Proto") == ["https"]  # what the outer proxy saw
+    assert out.getall("X-Forwarded-Host") == ["public.example.com"]
+    assert out.getall("Forwarded") == ["for=198.51.100.1"]
+    assert out.getall("X-Real-IP") == ["198.51.100.1"]
+
+
+def test_trusted_peer_joins_several_x_forwarded_for_headers() -> None:
+    h = headers(("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-For", "10.0.0.9"))
+    out = upstream(h, trusted_peer=True, peer="10.0.0.2")
+    assert out.getall("X-Forwarded-For") == ["198.51.100.1, 10.0.0.9, 10.0.0.2"]
+
+
+def test_trusted_peer_without_forwarded_headers() -> None:
+    out = upstream(headers(("Host", "api.example.com")), trusted_peer=True, peer="10.0.0.2",
+                   scheme="https")
+    assert out.getall("X-Forwarded-For") == ["10.0.0.2"]
+    assert out.getall("X-Forwarded-Proto") == ["https"]
+    assert out.getall("X-Forwarded-Host") == ["api.example.com"]
+    assert out.getall("X-Real-IP") == ["10.0.0.2"]
+
+
+def test_input_headers_are_not_modified() -> None:
+    h = headers(("Connection", "X-A"), ("X-A", "1"), ("X-Forwarded-For", "1.1.1.1"))
+    before = list(h.items())
+    upstream(h)
+    downstream_response_headers(h)
+    assert list(h.items()) == before
+
+
+# --- downstream -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [*HOP_BY_HOP, "Content-Length", "content-length"])
+def test_hop_by_hop_and_content_length_removed_downstream(name: str) -> None:
+    out = downstream_response_headers(headers((name, "x"), ("Content-Type", "text/plain")))
+    assert name not in out
+    assert out.getall("Content-Type") == ["text/plain"]
+
+
+def test_headers_named_in_connection_removed_downstream() -> None:
+    h = headers(("Connection", "close, X-Internal"), ("X-Internal", "1"), ("X-Public", "2"))
+    out = downstream_response_headers(h)
+    assert list(out.items()) == [("X-Public", "2")]
+
+
+def test_downstream_keeps_end_to_end_headers_and_repeats() -> None:
+    h = headers(("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Cache-Control", "no-store"),
+                ("Content-Encoding", "gzip"), ("X-Request-ID", "rid"), ("X_Under", "kept"))
+    assert list(downstream_response_headers(h).items()) == list(h.items())
+
+
+# --- client address -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        # untrusted peer: its own address, whatever it claims
+        ("203.0.113.7", ["198.51.100.1"], "203.0.113.7"),
+        ("203.0.113.7", [], "203.0.113.7"),
+        # trusted peer: walk right to left, skipping trusted hops
+        ("10.0.0.2", ["198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.2", ["198.51.100.1, 10.0.0.9"], "198.51.100.1"),
+        ("10.0.0.2", ["6.6.6.6, 198.51.100.1, 10.0.0.9, 10.1.2.3"], "198.51.100.1"),
+        ("10.0.0.2", ["6.6.6.6", "198.51.100.1, 10.0.0.9"], "198.51.100.1"),
+        ("10.0.0.2", ["198.51.100.1,10.0.0.9"], "198.51.100.1"),
+        ("10.0.0.2", ["198.51.100.1, , 10.0.0.9"], "198.51.100.1"),
+        ("fd00::1", ["2001:db8::1, fd00::2"], "2001:db8::1"),
+        # every hop trusted: the left-most one
+        ("10.0.0.2", ["10.0.0.5, 10.0.0.9"], "10.0.0.5"),
+        # trusted peer without XFF: the peer
+        ("10.0.0.2", [], "10.0.0.2"),
+        ("10.0.0.2", [""], "10.0.0.2"),
+        ("", [], ""),
+    ],
+)
+def test_client_address(peer: str, xff: list[str], expected: str) -> None:
+    h = headers(*(("X-Forwarded-For", v) for v in xff))
+    assert client_address(peer, h, TRUSTED) == expected
+
+
+def test_client_address_without_trusted_networks() -> None:
+    h = headers(("X-Forwarded-For", "198.51.100.1"))
+    assert client_address("10.0.0.2", h, ()) == "10.0.0.2"
+    assert client_address(None, h, TRUSTED) == ""
+
+
+@pytest.mark.parametrize(
+    ("address", "trusted"),
+    [
+        ("10.1.2.3", True),
+        ("11.1.2.3", False),
+        ("fd00::5", True),
+        ("fe80::1%eth0", False),
+        ("fd00::1%eth0", True),
+        ("", False),
+        (None, False),
+        ("not-an-ip", False),
+        ("10.0.0.1:8080", False),
+    ],
+)
+def test_is_trusted(address: str | None, trusted: bool) -> None:
+    assert is_trusted(address, TRUSTED) is trusted
+
+
+# --- request id -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "rid",
+    ["abc-123", "0f8fad5b-d9cb-469f-a165-70867728950e", "req.1:2_3", "a", "x" * 128],
+)
+def test_request_id_keeps_a_sane_client_id(rid: str) -> None:
+    assert request_id(headers(("X-Request-ID", rid))) == rid
+
+
+@pytest.mark.parametrize(
+    "rid",
+    [
+        "",
+        "x" * 129,
+        "abc\r\nSet-Cookie: a=1",
+        "abc\n",
+        "abc\r",
+        "\nabc",
+        "a b",
+        "abc;def",
+        "<script>",
+        "caf\u00e9",
+        "abc\x00",
+    ],
+)
+def test_request_id_replaces_a_hostile_one(rid: str) -> None:
+    new = request_id(headers(("X-Request-ID", rid)))
+    assert new != rid
+    assert re.fullmatch(r"[0-9a-f]{32}", new)
+
+
+def test_request_id_generated_when_missing_and_unique() -> None:
+    ids = {request_id(headers()) for _ in range(50)}
+    assert len(ids) == 50
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+# --- request host ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("example.com", "example.com"),
+        ("Example.COM", "example.com"),
+        ("example.com:8080", "example.com"),
+        ("API.Example.com:443", "api.example.com"),
+        ("example.com.", "example.com"),
+        ("example.com.:8080", "example.com"),
+        (" example.com ", "example.com"),
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[::1]:8080", "::1"),
+        ("[::1]", "::1"),
+        ("[FD00::1]:80", "fd00::1"),
+        ("", ""),
+    ],
+)
+def test_request_host(host: str, expected: str) -> None:
+    assert request_host(headers(("Host", host))) == expected
+
+
+def test_request_host_missing() -> None:
+    assert request_host(headers()) == ""
