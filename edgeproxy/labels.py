@@ -331,7 +331,8 @@ def parse_options(
 # Words other proxies use for our keys: a hint for people coming from Traefik or Caddy.
 _ALIASES = {"url": "path", "uri": "path", "endpoint": "path", "prefix": "path", "rule": "path",
             "domain": "host", "hostname": "host", "server.port": "port", "loadbalancer": "lb",
-            "strip": "strip_prefix", "stripprefix": "strip_prefix", "rate": "ratelimit", "rate_limit": "ratelimit"}
+            "strip": "strip_prefix", "stripprefix": "strip_prefix", "rate": "ratelimit",
+            "rate_limit": "ratelimit"}
 
 
 _FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read",
