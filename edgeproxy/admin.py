@@ -47,6 +47,9 @@ def policies_json(r: Route) -> dict[str, Any]:
     auth = r.spec.auth
     if auth is not None:
         out["auth"] = {"type": "jwt", "scopes": list(auth.scopes), "audience": auth.audience}
+    if r.spec.tls is not None:
+        out["tls"] = {"certificates": r.spec.tls, "redirect": r.spec.tls_redirect,
+                      "hsts_max_age": r.spec.hsts}
     rl = r.spec.ratelimit
     if rl is not None:
         out["ratelimit"] = {"limit": rl.limit, "period_s": rl.period, "burst": rl.burst,
@@ -140,6 +143,7 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
             "in_flight": proxy.in_flight,
             "jwt": {"configured": proxy.verifier.problem is None,
                     "problem": proxy.verifier.problem, "jwks_error": proxy.verifier.jwks_error},
+            "tls": proxy.tls_status(),
             "ratelimit": {"backend": watcher.settings.ratelimit_backend,
                           "healthy": proxy.limiter.healthy,
                           "last_error": proxy.limiter.last_error},

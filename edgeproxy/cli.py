@@ -77,6 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgeproxy.policies.config import jwt_config
 
         jwt_config(settings)  # reads the key file: a bad path is a settings error, exit 2
+        if settings.tls_listen is not None:
+            from edgeproxy.tls import CertError, CertStore
+
+            try:
+                CertStore(settings.tls_certs_dir, settings.tls_cert, settings.tls_key).load()
+            except CertError as exc:
+                raise SettingsError("EDGEPROXY_TLS_CERT" if settings.tls_cert else
+                                    "EDGEPROXY_TLS_CERTS_DIR", str(exc.source),
+                                    f"a readable certificate and key ({exc.problem})") from None
     except SettingsError as exc:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import headers as h
+from edgeproxy.acme import CHALLENGE_PREFIX, AcmeManager, challenge_token
 from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
 from edgeproxy.logs import access_logger, get_logger
@@ -31,6 +32,7 @@ from edgeproxy.policies.ratelimit import (
 )
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
+from edgeproxy.tls import CertStore, hsts_value, https_redirect_url
 from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool, serialize_head
 
@@ -133,12 +135,26 @@ class Proxy:
         self.limiter: Limiter = limiter or LocalLimiter()
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
+        self._certs: CertStore | None = None
+        self._acme: AcmeManager | None = None
         self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
         self._log = access_logger(settings.log_format)
         self._access = settings.access_log
         self.in_flight = 0
+
+    def tls(self, store: CertStore, acme: AcmeManager) -> None:
+        """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
+        self._certs = store
+        self._acme = acme
+
+    def tls_status(self) -> dict[str, Any] | None:
+        """Certificates served and ACME orders, for /healthz."""
+        if self._certs is None:
+            return None
+        return {"certificates": [c.as_dict() for c in self._certs.certificates()],
+                "acme": self._acme.status() if self._acme is not None else []}
 
     def close(self) -> None:
         """Close pooled connections to replicas."""
@@ -194,6 +210,13 @@ class Proxy:
         self, request: web.BaseRequest, rid: str, info: dict[str, Any]
     ) -> web.StreamResponse:
         raw_path, query = split_target(request.raw_path)
+        challenge = self._acme is not None and raw_path.startswith(CHALLENGE_PREFIX)
+        if challenge and self._acme is not None:
+            token = challenge_token(raw_path)
+            answer = self._acme.challenge_response(token) if token else None
+            if answer is not None:
+                info["route"] = "acme-challenge"
+                return web.Response(text=answer, content_type="text/plain")
         try:
             path = normalize_path(raw_path)
         except PathError as exc:
@@ -206,6 +229,20 @@ class Proxy:
         route, prefix = found
         info["route"] = route.name
         spec = route.spec
+        secure = request.secure
+        if spec.tls is not None:
+            if not secure and spec.tls_redirect and not challenge and (
+                    self._certs is not None and self._certs.covers(host)):
+                location = https_redirect_url(request.headers.get("Host", ""),
+                                              request.raw_path, self.settings.tls_redirect_port)
+                if location is None:
+                    return error_response(400, "bad_host", "the Host header cannot be "
+                                          "redirected to https", rid)
+                return web.Response(status=308, headers={"Location": location,
+                                                         "X-Request-ID": rid})
+            if secure and spec.hsts is not None:
+                info.setdefault("extra_headers", {})["Strict-Transport-Security"] = hsts_value(
+                    spec.hsts, spec.hsts_subdomains)
         if spec.response_headers:
             info["response_rules"] = spec.response_headers
         if spec.cors is not None:
@@ -260,7 +297,8 @@ class Proxy:
         if spec.add_prefix:
             fwd_path = spec.add_prefix + fwd_path
         hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
-                                          scheme=self._scheme, rid=rid, trusted_peer=trusted_peer)
+                                          scheme="https" if secure else "http", rid=rid,
+                                          trusted_peer=trusted_peer)
         if spec.request_headers:
             spec.request_headers.apply(hdrs)
         if identity is not None:

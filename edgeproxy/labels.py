@@ -243,6 +243,27 @@ def parse_server_name(value: str) -> str:
     return hosts[0]
 
 
+def parse_edge_tls(value: str) -> str | None:
+    """acme (automatic certificates), true (certificates from files) or false."""
+    v = value.strip().lower()
+    if v == "acme":
+        return "acme"
+    if v in ("true", "1", "yes", "on", "files"):
+        return "files"
+    if v in ("false", "0", "no", "off"):
+        return None
+    raise ValueError("acme, true (certificates from files) or false")
+
+
+def parse_hsts(value: str) -> int:
+    """'365d' or seconds -> Strict-Transport-Security max-age."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError("a max-age such as 365d, 180d or 31536000") from None
+    return int(seconds)
+
+
 def parse_body_size(value: str) -> int:
     """'10m', '512k', '0' (unlimited)."""
     try:
@@ -294,6 +315,10 @@ KEYS: dict[str, Callable[[str], object]] = {
     "tls.ca": parse_ca_path,
     "tls.server_name": parse_server_name,
     "max_body": parse_body_size,
+    "tls": parse_edge_tls,
+    "tls.redirect": parse_flag,
+    "tls.hsts": parse_hsts,
+    "tls.hsts.subdomains": parse_flag,
 }
 # Families of keys whose last part is a header name: gateway.request.headers.X-Env=prod.
 HEADER_FAMILIES = ("request.headers.", "response.headers.")
@@ -335,8 +360,7 @@ _ALIASES = {"url": "path", "uri": "path", "endpoint": "path", "prefix": "path", 
             "rate_limit": "ratelimit"}
 
 
-_FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read",
-                "tls": "tls.verify"}
+_FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read"}
 
 
 def suggest_key(key: str) -> str | None:
@@ -480,6 +504,16 @@ def build_routing(
             if key in values:
                 errors.append(LabelError(label_of(key), written(key),
                                          f"needs {label_of('scheme')}=https"))
+    edge_tls = values.get("tls")
+    hosts = values.get("host", ())
+    if edge_tls == "acme" and (not hosts or any(h.startswith("*.") for h in hosts)):
+        errors.append(LabelError(label_of("tls"), written("tls"),
+                                 f"needs {label_of('host')} with exact host names (ACME HTTP-01 "
+                                 "cannot issue wildcards)"))
+    for key in ("tls.redirect", "tls.hsts", "tls.hsts.subdomains"):
+        if key in values and edge_tls is None:
+            errors.append(LabelError(label_of(key), written(key),
+                                     f"needs {label_of('tls')}=acme or {label_of('tls')}=true"))
     if errors:
         raise LabelsInvalid(errors)
     spec = RouteSpec(
@@ -504,6 +538,10 @@ def build_routing(
         tls_ca=values.get("tls.ca"),
         tls_server_name=values.get("tls.server_name"),
         max_body=values.get("max_body"),
+        tls=edge_tls,
+        tls_redirect=values.get("tls.redirect", edge_tls is not None),
+        hsts=values.get("tls.hsts"),
+        hsts_subdomains=values.get("tls.hsts.subdomains", False),
     )
     return Routing(spec=spec, port=values.get("port"), network=values.get("network"),
                    weight=values.get("weight", 1))

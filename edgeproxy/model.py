@@ -85,6 +85,10 @@ class RouteSpec:
     tls_ca: str | None = None
     tls_server_name: str | None = None
     max_body: int | None = None  # None: EDGEPROXY_MAX_BODY_SIZE
+    tls: str | None = None  # at the edge: "acme" (certificates ordered) or "files"
+    tls_redirect: bool = False  # plain HTTP -> 308 to https
+    hsts: int | None = None  # Strict-Transport-Security max-age, opt-in
+    hsts_subdomains: bool = False
 
 
 @dataclass(frozen=True, slots=True)

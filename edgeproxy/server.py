@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import uuid
 
 import structlog
@@ -12,6 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from edgeproxy.acme import AcmeManager
 from edgeproxy.admin import make_admin_app
 from edgeproxy.errors import error_response
 from edgeproxy.forward import Proxy, make_session
@@ -24,7 +26,20 @@ from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.table import RouteTable
+from edgeproxy.tls import CertStore
 from edgeproxy.watcher import Watcher
+
+
+def make_cert_store(settings: Settings) -> CertStore:
+    """Certificates from the settings' files (raises CertError naming the bad file)."""
+    store = CertStore(settings.tls_certs_dir, settings.tls_cert, settings.tls_key)
+    store.load()
+    return store
+
+
+def acme_hosts(table: RouteTable) -> frozenset[str]:
+    """Hosts of every route with gateway.tls=acme: the certificates to keep."""
+    return frozenset(h for r in table.routes if r.spec.tls == "acme" for h in r.spec.hosts)
 
 
 async def _flush_logs(interval: float = 0.1) -> None:
@@ -112,6 +127,20 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher"),
                                        asyncio.create_task(_flush_logs(), name="log-flush")]
 
+    store: CertStore | None = None
+    acme: AcmeManager | None = None
+    if settings.tls_listen is not None:
+        store = make_cert_store(settings)
+        acme = AcmeManager(
+            settings.acme_directory, settings.acme_email, settings.state_dir, store,
+            renew_before_days=settings.acme_renew_before / 86400,
+            verify_ssl=str(settings.acme_ca_bundle) if settings.acme_ca_bundle else True)
+        proxy.tls(store, acme)
+        manager = acme
+        watcher.on_swap.append(lambda table: manager.ensure_soon(acme_hosts(table)))
+        tasks.append(asyncio.create_task(store.watch(settings.tls_reload), name="certs"))
+        tasks.append(asyncio.create_task(acme.run(), name="acme"))
+
     files: FileProvider | None = None
     if settings.routes_file is not None:
         files = FileProvider(watcher, settings.routes_file, settings.routes_file_poll)
@@ -134,17 +163,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
                                  access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await admin_runner.setup()
-    listeners: list[tuple[web.BaseRunner, Address]] = [(runner, settings.listen)]
+    listeners: list[tuple[web.BaseRunner, Address, ssl.SSLContext | None]] = [
+        (runner, settings.listen, None)]
+    if store is not None and settings.tls_listen is not None:
+        listeners.append((runner, settings.tls_listen, store.context()))
     if worker == 0:
-        listeners.append((admin_runner, settings.admin_listen))
+        listeners.append((admin_runner, settings.admin_listen, None))
     try:
-        for r, addr in listeners:
+        for r, addr, context in listeners:
             try:
-                await web.TCPSite(r, addr.host, addr.port, backlog=1024,
+                await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
                                   reuse_port=settings.workers > 1 or None).start()
             except OSError as exc:
                 raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
         log.info("listening", proxy=str(settings.listen),
+                 tls=str(settings.tls_listen) if settings.tls_listen else None,
                  admin=str(settings.admin_listen) if worker == 0 else None,
                  docker=settings.docker, routes_file=str(settings.routes_file or "") or None,
                  workers=settings.workers)
@@ -157,6 +190,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         await runner.cleanup()
         await admin_runner.cleanup()
         await monitor.close()
+        if acme is not None:
+            await acme.close()
         for t in tasks:
             t.cancel()
         for t in tasks:

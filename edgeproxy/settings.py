@@ -37,8 +37,8 @@ class Address:
 # --- value parsers: each raises ValueError with what was expected -------------------------
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -47,7 +47,7 @@ def parse_duration(text: str) -> float:
     """'250ms', '5s', '2m', '1h' or bare seconds -> seconds."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError("a duration such as 250ms, 5s, 2m or 1h")
+        raise ValueError("a duration such as 250ms, 5s, 2m, 1h or 30d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
@@ -119,6 +119,24 @@ def _label_prefix(text: str) -> str:
 
 def _optional_str(text: str) -> str | None:
     return text.strip() or None
+
+
+def _optional_address(text: str) -> Address | None:
+    return parse_address(text) if text.strip() else None
+
+
+def _port(text: str) -> int:
+    if not _DIGITS.fullmatch(text.strip()) or not 0 < int(text) < 65536:
+        raise ValueError("a port number between 1 and 65535")
+    return int(text)
+
+
+def _https_url(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ValueError("an ACME directory URL such as "
+                         "https://acme-v02.api.letsencrypt.org/directory")
+    return value
 
 
 def _optional_secret(text: str) -> str | None:
@@ -205,6 +223,22 @@ OPTIONS: tuple[Option, ...] = (
            "address for /healthz and /routes (keep it private)"),
     Option("workers", "auto", _workers,
            "processes serving the listen port (SO_REUSEPORT); auto = one per core"),
+    Option("tls_listen", "", _optional_address,
+           "address for HTTPS (e.g. 0.0.0.0:8443); unset = no TLS listener"),
+    Option("tls_certs_dir", "", _optional_path, "folder of name.crt + name.key pairs (SNI)"),
+    Option("tls_cert", "", _optional_path, "one certificate (PEM), the default for unknown names"),
+    Option("tls_key", "", _optional_path, "its private key (PEM)"),
+    Option("tls_reload", "2s", _positive(parse_duration), "how often certificate files are checked"),
+    Option("tls_redirect_port", "443", _port, "port in https redirects (the published HTTPS port)"),
+    Option("acme_directory", "https://acme-v02.api.letsencrypt.org/directory", _https_url,
+           "ACME directory for gateway.tls=acme (default: Let's Encrypt)"),
+    Option("acme_email", "", _optional_str, "contact e-mail for the ACME account"),
+    Option("acme_ca_bundle", "", _optional_path,
+           "CA bundle to trust the ACME server with (a private CA such as Pebble's)"),
+    Option("acme_renew_before", "30d", _positive(parse_duration),
+           "renew ACME certificates this long before they expire"),
+    Option("state_dir", "/var/lib/edgeproxy", lambda t: Path(t.strip() or "/var/lib/edgeproxy"),
+           "where ACME account, certificates and locks are kept (a volume)"),
     Option("label_prefix", "gateway", _label_prefix, "label namespace read from containers"),
     Option("network", "", _optional_str,
            "Docker network to reach containers on when they have several (default: their only one)"),
@@ -268,6 +302,17 @@ class Settings:
     listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
     admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
     workers: int = 1
+    tls_listen: Address | None = None
+    tls_certs_dir: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_reload: float = 2.0
+    tls_redirect_port: int = 443
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: str | None = None
+    acme_ca_bundle: Path | None = None
+    acme_renew_before: float = 30 * 86400.0
+    state_dir: Path = Path("/var/lib/edgeproxy")
     label_prefix: str = "gateway"
     network: str | None = None
     exposed_by_default: bool = True
