@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io busybox-static redis-server)
+packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose)
 packages+=(debootstrap docker-compose)  # tests/e2e: base image without a registry; Compose
 missing=()
 for pkg in "${packages[@]}"; do
