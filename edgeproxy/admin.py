@@ -171,12 +171,9 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    try:  # TEMP until dashboard.py lands
-        from edgeproxy.dashboard import add_dashboard  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        pass
-    else:
-        add_dashboard(app, watcher, proxy)
+    from edgeproxy.dashboard import add_dashboard  # imports this module: import it late
+
+    add_dashboard(app, watcher, proxy)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/routes", routes)
     app.router.add_get("/containers", containers)
