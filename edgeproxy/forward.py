@@ -177,7 +177,7 @@ class Proxy:
                     rules.apply(response.headers)
                 extra = info.get("extra_headers")
                 if extra:
-                    response.headers.update(extra)
+                    _merge_headers(response, extra)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -440,12 +440,17 @@ class Proxy:
                 spec.response_headers.apply(out.headers)
             extra = info.get("extra_headers")
             if extra:
-                out.headers.update(extra)
+                _merge_headers(out, extra)
             gzip = spec.compress and should_compress(
                 method, resp.status, resp.headers, request.headers.get("Accept-Encoding", ""))
             if gzip:
                 out.headers["Content-Encoding"] = "gzip"
                 _add_vary(out, "Accept-Encoding")
+                # Another representation: its validators must not match the identity bytes.
+                etag = out.headers.get("ETag")
+                if etag is not None and not etag.startswith("W/"):
+                    out.headers["ETag"] = "W/" + etag
+                out.headers.popall("Accept-Ranges", None)
             elif spec.compress:
                 _add_vary(out, "Accept-Encoding")
             whole = None if gzip else resp.complete_body()
@@ -556,6 +561,16 @@ async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
     except ConnectionError:
         info["error"] = "client_aborted"
     return out
+
+
+def _merge_headers(out: web.StreamResponse, extra: dict[str, str]) -> None:
+    """Add our headers; Vary is merged with the backend's, never replaced."""
+    for name, value in extra.items():
+        if name == "Vary":
+            for token in value.split(","):
+                _add_vary(out, token.strip())
+        else:
+            out.headers[name] = value
 
 
 def _add_vary(out: web.StreamResponse, name: str) -> None:

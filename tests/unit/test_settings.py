@@ -162,7 +162,7 @@ def test_other_options(env: str, value: str, attr: str, expected: object) -> Non
     assert getattr(load_settings({env: value}), attr) == expected
 
 
-DURATION = "a duration such as 250ms, 5s, 2m or 1h"
+DURATION = "a duration such as 250ms, 5s, 2m, 1h or 30d"
 SIZE = "a size such as 1048576, 512k, 10m or 1g"
 ADDRESS = "host:port, e.g. 0.0.0.0:8080 or [::]:8080"
 CIDRS = "comma-separated CIDRs, e.g. 10.0.0.0/8,172.16.0.0/12"
@@ -174,7 +174,7 @@ WORKERS = "auto (one per core) or a whole number from 1 to 256"
     [
         ("EDGEPROXY_CONNECT_TIMEOUT", "5 sec", DURATION),
         ("EDGEPROXY_CONNECT_TIMEOUT", "-1s", DURATION),
-        ("EDGEPROXY_CONNECT_TIMEOUT", "1d", DURATION),
+        ("EDGEPROXY_CONNECT_TIMEOUT", "1w", DURATION),
         ("EDGEPROXY_CONNECT_TIMEOUT", "", DURATION),
         ("EDGEPROXY_CONNECT_TIMEOUT", "0s", "a duration greater than zero, e.g. 5s"),
         ("EDGEPROXY_READ_TIMEOUT", "0", "a duration greater than zero, e.g. 5s"),
@@ -228,7 +228,7 @@ def test_invalid_value_message_example() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings({"EDGEPROXY_READ_TIMEOUT": "forever"})
     assert str(info.value) == (
-        "EDGEPROXY_READ_TIMEOUT='forever' is invalid: expected a duration such as 250ms, 5s, 2m or 1h"
+        "EDGEPROXY_READ_TIMEOUT='forever' is invalid: expected a duration such as 250ms, 5s, 2m, 1h or 30d"
     )
     assert isinstance(info.value, ValueError)
 
