@@ -98,10 +98,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     metrics = Metrics(lambda: watcher.table)
     verifier = JwtVerifier(jwt_config(settings))
     limiter = make_limiter(settings)
-    if settings.ratelimit_backend == "memory" and settings.workers > 1 and worker == 0:
-        log.warning("ratelimit_per_worker", workers=settings.workers,
-                    hint="each worker keeps its own buckets: limits are per worker; set "
-                         "EDGEPROXY_RATELIMIT_BACKEND=redis for one shared budget")
     await verifier.start()
     await limiter.start()
     proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics, verifier=verifier,

@@ -86,6 +86,10 @@ class Supervisor:
         # prometheus_client reads this when it is first imported: set it before any worker
         # (and before this process) imports the metrics module.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        if self.settings.ratelimit_backend == "memory":
+            from edgeproxy.policies import shared
+
+            shared.prepare(self.settings.ratelimit_max_keys * 2)  # half full keeps probes short
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
         self.log.info("workers_starting", workers=self.settings.workers, pid=os.getpid())

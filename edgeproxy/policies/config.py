@@ -6,6 +6,7 @@ from typing import Literal
 
 from edgeproxy.policies.auth import JwtConfig, split_pem
 from edgeproxy.policies.ratelimit import Limiter, LocalLimiter, RedisLimiter
+from edgeproxy.policies.shared import SharedLimiter, shared_table
 from edgeproxy.settings import Settings, SettingsError
 
 
@@ -34,4 +35,7 @@ def make_limiter(settings: Settings) -> Limiter:
         failure: Literal["open", "closed"] = (
             "closed" if settings.ratelimit_failure == "closed" else "open")
         return RedisLimiter(settings.redis_url, failure)
+    table = shared_table()
+    if table is not None:  # several workers: one budget for all of them
+        return SharedLimiter(table)
     return LocalLimiter(settings.ratelimit_max_keys)

@@ -1,0 +1,105 @@
+"""Token buckets in shared memory: one budget per route for every worker process on a host.
+
+With EDGEPROXY_WORKERS > 1 and the memory backend, per-process buckets would multiply every
+limit by the number of workers. The supervisor maps one fixed-size table before it forks; each
+worker updates it under one process-shared lock. Memory is fixed (24 bytes per slot), so a key
+flood evicts old buckets instead of growing anything.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import struct
+import time
+from typing import Any
+
+from edgeproxy.policies.ratelimit import (
+    _EPSILON,
+    RateDecision,
+    RateLimitSpec,
+    _bucket_id,
+    _decide,
+)
+
+_SLOT = struct.Struct("=Qdd")  # bucket id (first 8 bytes of its hash), tokens, last update
+_PROBES = 8
+
+
+class SharedTable:
+    """The mapping and its lock; create before forking, use in every child."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(64, slots)
+        self.map = mmap.mmap(-1, self.slots * _SLOT.size)  # anonymous + shared across fork
+        self.lock: Any = multiprocessing.get_context("fork").Lock()
+
+
+_table: SharedTable | None = None
+
+
+def prepare(slots: int) -> None:
+    """Called by the supervisor before it forks the workers."""
+    global _table
+    _table = SharedTable(slots)
+
+
+def shared_table() -> SharedTable | None:
+    """The table the supervisor prepared, if any."""
+    return _table
+
+
+class SharedLimiter:
+    """Same semantics as LocalLimiter (token bucket, burst = size), shared by the workers."""
+
+    healthy = True
+    last_error: str | None = None
+
+    def __init__(self, table: SharedTable) -> None:
+        self._t = table
+
+    async def start(self) -> None:
+        """Nothing to set up."""
+
+    async def close(self) -> None:
+        """The mapping lives as long as the process."""
+
+    async def hit(self, route: str, spec: RateLimitSpec, key: str,
+                  now: float | None = None) -> RateDecision:
+        """Take one token from (route, key)'s bucket; CLOCK_MONOTONIC is host-wide."""
+        return self.take(route, spec, key, time.monotonic() if now is None else now)
+
+    def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
+        """The synchronous core of `hit`."""
+        bid = int.from_bytes(_bucket_id(route, spec, key)[:8], "little") or 1
+        t = self._t
+        buf = t.map
+        size = _SLOT.size
+        start = bid % t.slots
+        with t.lock:
+            victim = -1
+            victim_ts = float("inf")
+            found = -1
+            for i in range(_PROBES):
+                slot = (start + i) % t.slots
+                sid, tokens, ts = _SLOT.unpack_from(buf, slot * size)
+                if sid == bid:
+                    found = slot
+                    break
+                if sid == 0:
+                    victim, victim_ts = slot, -1.0
+                    break
+                if ts < victim_ts:  # evict the least recently used bucket of the probe run
+                    victim, victim_ts = slot, ts
+            if found >= 0:
+                elapsed = now - ts
+                tokens = min(float(spec.burst), tokens + max(0.0, elapsed) * spec.rate)
+                ts = max(ts, now)
+                slot = found
+            else:
+                tokens, ts, slot = float(spec.burst), now, victim
+            allowed = tokens >= 1.0 - _EPSILON
+            if allowed:
+                tokens = max(0.0, tokens - 1.0)
+            _SLOT.pack_into(buf, slot * size, bid, tokens, ts)
+        return _decide(spec, tokens, allowed)
