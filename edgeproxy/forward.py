@@ -574,11 +574,12 @@ def _merge_headers(out: web.StreamResponse, extra: dict[str, str]) -> None:
 
 
 def _add_vary(out: web.StreamResponse, name: str) -> None:
-    vary = out.headers.get("Vary")
-    if not vary:
-        out.headers["Vary"] = name
-    elif name.lower() not in vary.lower():
-        out.headers["Vary"] = f"{vary}, {name}"
+    """Add one token to Vary, keeping every token (and line) the backend sent."""
+    tokens = [t.strip() for v in out.headers.getall("Vary", ()) for t in v.split(",")
+              if t.strip()]
+    if "*" in tokens or name.lower() in {t.lower() for t in tokens}:
+        return
+    out.headers["Vary"] = ", ".join([*tokens, name])
 
 
 def _auth_error(exc: AuthFailure, rid: str) -> web.Response:

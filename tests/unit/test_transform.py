@@ -153,16 +153,20 @@ def test_bad_rewrites_are_refused_with_the_reason(label: str, reason: str) -> No
     (r"^/v1/(.*) => /api/../\1", "/v1/a"),
     (r"^/v1/(.*) => /\1/..", "/v1/a"),
     (r"^/v1/(.*) => /api/\1", "/v1/../"),  # callers pass normalised paths, but still refused
-    (r"^/v1/(.*) => /api/\1 x", "/v1/a"),  # a space is not a path character
 ])
 def test_rewrite_never_produces_dot_segments_or_encoded_separators(label: str, path: str) -> None:
     with pytest.raises(PathError, match=r"not a canonical path|not allowed|encoded"):
         parse_rewrite(label).apply(path)
 
 
-def test_rewrite_result_must_be_absolute() -> None:
+def test_rewrite_result_must_be_an_absolute_path_of_path_characters() -> None:
+    # parse_rewrite refuses such replacements already; apply() does not rely on that.
     with pytest.raises(PathError, match="does not start with '/'"):
         Rewrite(re.compile("^/"), "x").apply("/abc")
+    with pytest.raises(PathError, match="not allowed"):
+        Rewrite(re.compile("^/(.*)"), "/a b/\\1").apply("/abc")
+    with pytest.raises(PathError, match="not allowed"):
+        Rewrite(re.compile("^/(.*)"), "/\\1\r\nX-Injected: 1").apply("/abc")
 
 
 _SEGMENT = st.text(st.sampled_from("ab.%2Fe_~-"), max_size=6)
@@ -189,6 +193,7 @@ def test_rewrite_output_is_always_canonical(segments: list[str]) -> None:
     r"^/(.*) => /\1\n",
     r"^/(.*) => /\0\1",  # octal escape: a NUL byte
     r"^/(.*) => /\1\t",
+    r"^/(.*) => /api/\1 x",  # a space is no path character either
 ])
 def test_rewrite_replacement_that_expands_to_control_characters_is_a_label_error(
         label: str) -> None:
