@@ -190,7 +190,7 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.R
         (h.partition(":") for h in request.query.getall("header", [])) if k.strip()
     )
     try:
-        url = URL(url_text)
+        url = URL(url_text, encoded=True)  # as given: yarl would resolve dot segments
     except ValueError:
         url = URL()
     if not url.is_absolute() or url.scheme not in ("http", "https"):

@@ -26,6 +26,7 @@ class Container:
     exposed_ports: tuple[int, ...]  # TCP ports the image exposes, sorted
     created: float
     stopping: bool = False  # a kill/stop event was seen: no new requests
+    seen: int = 0  # order in which the proxy first saw it: breaks ties within one second
 
     @property
     def service(self) -> str:

@@ -128,7 +128,8 @@ def pick_port(routing: Routing, c: Container) -> int:
 class _Group:
     spec: RouteSpec
     source: str
-    rank: tuple[int, float, str]  # file routes first, then oldest container, then name
+    # file routes first, then the oldest container (created, then first seen), then name
+    rank: tuple[int, float, int, str]
     name: str
     upstreams: list[Upstream] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
@@ -149,10 +150,10 @@ def build_table(
     groups: dict[RouteSpec, _Group] = {}
     file_groups: list[_Group] = []
     for fr in file_routes:
-        file_groups.append(_Group(fr.spec, "file", (0, 0.0, fr.name), fr.name,
+        file_groups.append(_Group(fr.spec, "file", (0, 0.0, 0, fr.name), fr.name,
                                   list(fr.upstreams), []))
 
-    for c in sorted(containers, key=lambda c: (c.created, c.name)):
+    for c in sorted(containers, key=lambda c: (c.created, c.seen, c.name)):
         try:
             routing = parse_labels(c.labels, label_prefix, exposed_by_default)
         except LabelsInvalid as exc:
@@ -182,12 +183,12 @@ def build_table(
                                                reason="active health check: " + reason)
         group = groups.get(routing.spec)
         if group is None:
-            group = groups[routing.spec] = _Group(routing.spec, "docker", (1, c.created, c.name),
-                                                  c.service)
+            group = groups[routing.spec] = _Group(routing.spec, "docker",
+                                                  (1, c.created, c.seen, c.name), c.service)
         group.upstreams.append(upstream)
         group.containers.append(c.name)
 
-    held_groups = [_Group(spec, "held", (2, 0.0, name), name) for name, spec in held
+    held_groups = [_Group(spec, "held", (2, 0.0, 0, name), name) for name, spec in held
                    if spec not in groups]
     return _compile(file_groups + list(groups.values()) + held_groups, decisions)
 

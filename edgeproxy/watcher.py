@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterable
 
@@ -27,6 +28,8 @@ class Watcher:
         self._containers: dict[str, Container] = {}
         self._stopping: set[str] = set()
         self._file_routes: tuple[FileRoute, ...] = ()
+        self._seen: dict[str, int] = {}
+        self._seen_counter = itertools.count(1)
         self._failing: dict[str, str] = {}  # upstream key -> why its active check fails
         self._held: dict[RouteSpec, tuple[str, float]] = {}  # spec -> (name, monotonic deadline)
         self._live: tuple[Route, ...] = ()
@@ -43,21 +46,30 @@ class Watcher:
 
     # --- provider inputs (called on the event loop) -----------------------------------------
 
+    def _stamp(self, c: Container) -> Container:
+        """Keep the order in which containers were first seen (tie-break for conflicts)."""
+        seen = self._seen.get(c.id)
+        if seen is None:
+            seen = self._seen[c.id] = next(self._seen_counter)
+        return c if c.seen == seen else dataclasses.replace(c, seen=seen)
+
     def resync(self, containers: Iterable[Container]) -> None:
         """Replace every Docker observation with a fresh list."""
-        self._containers = {c.id: c for c in containers}
+        self._containers = {c.id: self._stamp(c) for c in containers}
+        self._seen = {cid: n for cid, n in self._seen.items() if cid in self._containers}
         # A start may have been missed while disconnected; a stale mark would drain forever.
         self._stopping.clear()
         self._mark()
 
     def update(self, container: Container) -> None:
         """One container changed (from an inspect after an event)."""
-        self._containers[container.id] = container
+        self._containers[container.id] = self._stamp(container)
         self._mark()
 
     def remove(self, container_id: str) -> None:
         """A container was destroyed."""
         self._containers.pop(container_id, None)
+        self._seen.pop(container_id, None)
         self._stopping.discard(container_id)
         self._mark()
 

@@ -39,7 +39,7 @@ def test_containers_explains_every_kind_of_not_routed(proxy: ProxyProcess) -> No
         run_container(names["plain"], {})
         run_container(names["off"], {"gateway.path": "/off", "gateway.enable": "false"})
         run_container(names["bad"], {"gateway.path": "/bad", "gateway.port": "http"})
-        run_container(names["nonet"], {"gateway.path": "/nonet"}, "--network", net)
+        run_container(names["nonet"], {"gateway.path": "/nonet", "gateway.network": "backend"})
         run_container(names["sick"], {"gateway.path": "/" + unique("s")},
                       "--health-cmd", "false", "--health-interval", "1s",
                       "--health-retries", "1")
@@ -60,7 +60,7 @@ def test_containers_explains_every_kind_of_not_routed(proxy: ProxyProcess) -> No
         assert r["plain"] == "no gateway.* labels"
         assert r["off"] == "gateway.enable=false"
         assert r["bad"].startswith("invalid labels: gateway.port='http'")
-        assert r["nonet"].startswith("no reachable network: not attached to network 'bridge'")
+        assert r["nonet"].startswith("no reachable network: not attached to network 'backend'")
         assert r["sick"].startswith("routed, but gets no traffic: unhealthy")
         assert r["newer"] == f"lost a conflict with container {names['older']}"
         assert r["ok"] == "routed"
