@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 import aiohttp
+import structlog
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
@@ -140,7 +141,8 @@ class Proxy:
         self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
-        self._log = access_logger(settings.log_format)
+        self._log = access_logger(settings.log_format,
+                                  **structlog.contextvars.get_contextvars())
         self._access = settings.access_log
         self.in_flight = 0
 
@@ -434,7 +436,7 @@ class Proxy:
             raise _UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                     headers=h.downstream_response_headers(resp.headers))
+                                     headers=h.downstream_from_raw(resp.raw_headers))
             out.headers["X-Request-ID"] = rid
             if spec.response_headers:
                 spec.response_headers.apply(out.headers)
@@ -442,7 +444,8 @@ class Proxy:
             if extra:
                 _merge_headers(out, extra)
             gzip = spec.compress and should_compress(
-                method, resp.status, resp.headers, request.headers.get("Accept-Encoding", ""))
+                method, resp.status, out.headers, request.headers.get("Accept-Encoding", ""),
+                resp.content_length)
             if gzip:
                 out.headers["Content-Encoding"] = "gzip"
                 _add_vary(out, "Accept-Encoding")

@@ -38,6 +38,7 @@ os.register_at_fork(after_in_child=_new_rid_prefix)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+_DOWNSTREAM_DROP = HOP_BY_HOP | {"content-length"}
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -130,6 +131,21 @@ def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
     for name, value in headers.items():
         if name.lower() not in drop:
             out.add(name, value)
+    return out
+
+
+def downstream_from_raw(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """downstream_response_headers straight from the parser's (name, value) byte pairs."""
+    drop = _DOWNSTREAM_DROP
+    for name, value in raw:
+        if len(name) == 10 and name.lower() == b"connection":
+            extra = {t.strip().lower() for t in value.decode("latin-1").split(",") if t.strip()}
+            drop = drop | extra
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in raw:
+        key = name.decode("latin-1")
+        if key.lower() not in drop:
+            out.add(key, value.decode("utf-8", "surrogateescape"))
     return out
 
 

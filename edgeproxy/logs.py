@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -47,14 +47,15 @@ class BufferedLines:
 
     def __init__(self, stream: Any = None, limit: int = 64 * 1024) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._size = 0
         self._limit = limit
 
-    def msg(self, message: str) -> None:
+    def msg(self, message: str | bytes) -> None:
         """Queue one rendered line."""
-        self._lines.append(message)
-        self._size += len(message)
+        data = message.encode("utf-8", "replace") if isinstance(message, str) else message
+        self._lines.append(data)
+        self._size += len(data)
         if self._size > self._limit:
             self.flush()
 
@@ -64,7 +65,7 @@ class BufferedLines:
         """Write every queued line now."""
         if not self._lines:
             return
-        data = ("\n".join(self._lines) + "\n").encode("utf-8", "replace")
+        data = b"\n".join(self._lines) + b"\n"
         self._lines.clear()
         self._size = 0
         try:
@@ -95,20 +96,34 @@ class _FastStamp:
 _access_sink = BufferedLines()
 
 
-def access_logger(fmt: str = "json") -> Any:
-    """The per-request logger: same event shape as the others, batched writes."""
+_orjson: Any
+try:  # the "fast" extra: about 5x cheaper per access line than json.dumps
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - plain json works the same, slower
+    _orjson = None
+
+
+def _orjson_dumps(event: Any, **_: Any) -> bytes:
+    return cast(bytes, _orjson.dumps(event, default=str))
+
+
+def access_logger(fmt: str = "json", **context: Any) -> Any:
+    """The per-request logger: same event shape as the others, batched writes.
+
+    `context` (e.g. the worker number) is bound once instead of merged per event."""
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    elif _orjson is not None:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
         renderer = structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
     return structlog.wrap_logger(
         _access_sink,
-        processors=[structlog.contextvars.merge_contextvars,
-                    structlog.processors.add_log_level, _FastStamp(), renderer],
+        processors=[structlog.processors.add_log_level, _FastStamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=True,
-    ).bind(logger="access")
+    ).bind(logger="access", **context)
 
 
 def flush_access_log() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -66,6 +67,7 @@ class Metrics:
                                           "watcher", buckets=_BUCKETS, registry=r)
         self.table_swaps = Counter("edgeproxy_table_swaps", "Route tables swapped in",
                                    registry=r)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     @staticmethod
     def method_label(method: str) -> str:
@@ -74,10 +76,18 @@ class Metrics:
 
     def observe_request(self, route: str | None, method: str, status: int,
                         seconds: float) -> None:
-        """Count one answered request."""
+        """Count one answered request (label children cached: labels() costs a lock and more)."""
         name = route or ""
-        self.requests.labels(name, self.method_label(method), f"{status // 100}xx").inc()
-        self.duration.labels(name).observe(seconds)
+        key = (name, method, status // 100)
+        pair = self._children.get(key)
+        if pair is None:
+            if len(self._children) > 10_000:  # routes come and go: keep the cache bounded
+                self._children.clear()
+            pair = self._children[key] = (
+                self.requests.labels(name, self.method_label(method), f"{status // 100}xx"),
+                self.duration.labels(name))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
 
 class TableCollector(Collector):

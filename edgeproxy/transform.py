@@ -243,8 +243,8 @@ def wants_gzip(accept_encoding: str) -> bool:
 
 
 def should_compress(method: str, status: int, headers: Mapping[str, str],
-                    accept_encoding: str) -> bool:
-    """Whether to gzip this response on the way out."""
+                    accept_encoding: str, content_length: int | None = None) -> bool:
+    """Whether to gzip this response on the way out (`content_length` when headers lack it)."""
     if method == "HEAD" or status < 200 or status in (204, 206, 304):
         return False
     if "content-encoding" in {k.lower() for k in headers}:
@@ -253,7 +253,9 @@ def should_compress(method: str, status: int, headers: Mapping[str, str],
     if not ctype or not _COMPRESSIBLE.match(ctype):
         return False
     length = headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) < MIN_COMPRESS:
+    if length is not None and length.isdigit():
+        content_length = int(length)
+    if content_length is not None and content_length < MIN_COMPRESS:
         return False
     return wants_gzip(accept_encoding)
 

@@ -269,10 +269,17 @@ class UpstreamResponse:
         self._reusable = reusable
         self.status = conn.status
         self.reason = conn.reason
-        self.headers = conn.response_headers()
-        length = self.headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.raw_headers = conn._header_list
+        self.content_length: int | None = None
+        for name, value in self.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length" and value.isdigit():
+                self.content_length = int(value)
         self._released = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The response headers as a multidict (built on demand)."""
+        return self._conn.response_headers()
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""

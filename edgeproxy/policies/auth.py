@@ -441,6 +441,7 @@ class JwtVerifier:
         # Keyed by (sha256 of the token, audience): fixed-size keys however big tokens are; the
         # entry lives until the token's own exp (ttu), so a cached token never outlives it.
         self._cache: TLRUCache[tuple[bytes, str | None], Identity, float] | None = None
+        self._hot: dict[tuple[str, str | None], Identity] = {}
         if config.cache_size > 0:
             self._cache = TLRUCache(config.cache_size, _until_exp, time.time)
 
@@ -498,14 +499,30 @@ class JwtVerifier:
         if self._problem is not None:
             raise AuthFailure(503, None, f"JWT authentication is not configured: {self._problem}",
                               cause="not_configured")
-        token = bearer_token(authorization)
         aud = audience if audience is not None else self.config.audience
+        # A plain dict in front of the TLRU cache: a hot token costs one dict probe. Entries
+        # exist only for tokens whose signature verified, so it can't be flooded.
+        hot = self._hot.get((authorization, aud)) if authorization else None
+        now = time.time()
+        if hot is not None and hot.expires_at > now:
+            return self._check_scopes(hot, scopes)
+        token = bearer_token(authorization)
         key = (hashlib.sha256(token.encode()).digest(), aud)
-        identity = self._cache.get(key) if self._cache is not None else None
-        if identity is None or identity.expires_at <= time.time():
+        cached = self._cache.get(key) if self._cache is not None else None
+        if cached is not None and cached.expires_at > time.time():
+            identity = cached
+        else:
             identity = await self._verify_token(token, aud)
             if self._cache is not None and identity.expires_at > time.time():
                 self._cache[key] = identity
+        if self._cache is not None and authorization:
+            if len(self._hot) >= _HOT_SIZE:
+                self._hot.clear()
+            self._hot[(authorization, aud)] = identity
+        return self._check_scopes(identity, scopes)
+
+    @staticmethod
+    def _check_scopes(identity: Identity, scopes: tuple[str, ...]) -> Identity:
         if scopes:
             missing = [s for s in scopes if s not in identity.scopes]
             if missing:
@@ -662,6 +679,9 @@ class JwtVerifier:
         self._log.warning("jwks_fetch_failed", url=url, error=self._jwks.error,
                           keys_kept=len(self._jwks.keyset.keys) if self._jwks.keyset else 0,
                           retry_after_s=self.config.jwks_cooldown)
+
+
+_HOT_SIZE = 4096
 
 
 def _until_exp(_key: object, identity: Identity, _now: float) -> float:

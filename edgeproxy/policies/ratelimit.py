@@ -162,6 +162,14 @@ def _bucket_id(route: str, spec: RateLimitSpec, key: str) -> bytes:
     return hashlib.blake2b(raw.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
+def _local_key(route: str, spec: RateLimitSpec, key: str) -> object:
+    """The in-process bucket key: a cheap tuple for ordinary keys, a digest for long ones (so
+    a flood of huge header values can't make the bounded cache large in bytes)."""
+    if len(key) <= 96:
+        return (route, spec, key)
+    return _bucket_id(route, spec, key)
+
+
 def _decide(spec: RateLimitSpec, tokens: float, allowed: bool) -> RateDecision:
     """A decision from the bucket level left after this request."""
     rate = spec.rate
@@ -202,7 +210,7 @@ class LocalLimiter:
 
     def __init__(self, max_keys: int = 100_000) -> None:
         # value: [tokens, last update]; a list so a hit updates in place without allocating.
-        self._buckets: LRUCache[bytes, list[float]] = LRUCache(maxsize=max_keys)
+        self._buckets: LRUCache[object, list[float]] = LRUCache(maxsize=max_keys)
 
     @property
     def size(self) -> int:
@@ -222,7 +230,7 @@ class LocalLimiter:
 
     def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
         """The synchronous core of `hit`."""
-        bid = _bucket_id(route, spec, key)
+        bid = _local_key(route, spec, key)
         state = self._buckets.get(bid)
         if state is None:
             tokens = float(spec.burst)
