@@ -19,7 +19,7 @@ from edgeproxy import headers as h
 from edgeproxy.acme import CHALLENGE_PREFIX, AcmeManager, challenge_token
 from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
-from edgeproxy.logs import access_logger, get_logger
+from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
@@ -141,8 +141,8 @@ class Proxy:
         self._events = get_logger("proxy")
         self._scheme = scheme
         self._trusted = settings.trusted_proxies
-        self._log = access_logger(settings.log_format,
-                                  **structlog.contextvars.get_contextvars())
+        self._log = fast_access_logger(settings.log_format,
+                                       **structlog.contextvars.get_contextvars())
         self._access = settings.access_log
         self.in_flight = 0
 

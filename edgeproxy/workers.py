@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from types import FrameType
 
@@ -71,7 +72,11 @@ class Supervisor:
             code = 1
             try:
                 code = run_worker(self.settings, index)
+            except BaseException:  # noqa: BLE001 - os._exit below would swallow the traceback
+                traceback.print_exc()
             finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
                 os._exit(code)
         self.children[pid] = index
 
