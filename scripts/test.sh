@@ -15,7 +15,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose)
-packages+=(debootstrap docker-compose)  # tests/e2e: base image without a registry; Compose
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg -s "$pkg" 2>/dev/null)" == *$'\nStatus: install ok installed\n'* ]] || missing+=("$pkg")
