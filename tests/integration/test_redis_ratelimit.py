@@ -152,7 +152,7 @@ def test_unresponsive_redis_never_hangs() -> None:
                 # within retry_interval: answered without touching the socket
                 started = time.monotonic()
                 rest = await asyncio.gather(*(limiter.hit("hang", spec, "k") for _ in range(50)))
-                assert time.monotonic() - started < 0.5  # no socket I/O at all: far below the 0.2 s timeout x 50
+                assert time.monotonic() - started < 0.5  # no socket I/O at all
                 assert not any(d.allowed for d in rest)
             finally:
                 await limiter.close()
