@@ -132,6 +132,8 @@ class Proxy:
         self._session = session
         self.balancer = balancer or Balancer(settings.eject_time)
         self.metrics = metrics or Metrics(table)
+        if not self.metrics.count_in_flight:
+            self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.verifier = verifier or JwtVerifier(JwtConfig())
         self.limiter: Limiter = limiter or LocalLimiter()
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
@@ -168,7 +170,8 @@ class Proxy:
         rid = h.request_id(request.headers)
         self.in_flight += 1
         metrics = self.metrics
-        metrics.in_flight.inc()
+        if metrics.count_in_flight:
+            metrics.in_flight.inc()
         info: dict[str, Any] = {"route": None, "upstream": None, "bytes": 0}
         status = 500
         try:
@@ -194,7 +197,8 @@ class Proxy:
                                   "the proxy failed to handle this request; see its log", rid)
         finally:
             self.in_flight -= 1
-            metrics.in_flight.dec()
+            if metrics.count_in_flight:
+                metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
             metrics.observe_request(info["route"], request.method, status, elapsed)
             if "retries" in info:

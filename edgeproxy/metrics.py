@@ -48,6 +48,8 @@ class Metrics:
                                   buckets=_BUCKETS, registry=r)
         self.in_flight = Gauge("edgeproxy_in_flight_requests", "Requests being answered",
                                registry=r, multiprocess_mode="livesum")
+        # One process: read the proxy's own counter at scrape time, nothing per request.
+        self.count_in_flight = multiprocess_dir() is not None
         self.upstream_errors = Counter("edgeproxy_upstream_errors",
                                        "Failed tries against a replica", ["route", "kind"],
                                        registry=r)

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
@@ -76,7 +77,6 @@ class _Connection(asyncio.Protocol):
         self._exc: BaseException | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
-        self._watchdog: asyncio.TimerHandle | None = None
         self._timeout = 0.0
         self._reset_response()
 
@@ -175,32 +175,28 @@ class _Connection(asyncio.Protocol):
         self.complete = True
         self._wake_body()
 
-    # --- inactivity watchdog: one timer per request, re-armed only when it fires early ------
+    # --- inactivity watchdog: a set membership per request; one sweeper per loop checks ------
 
     def arm(self, timeout: float) -> None:
         """Fail the request if neither side moves a byte for `timeout` seconds."""
         self._timeout = timeout
         self.last_activity = self.loop.time()
-        if self._watchdog is None:
-            self._watchdog = self.loop.call_later(timeout, self._check_silence)
+        _Sweeper.of(self.loop).watch(self)
 
     def disarm(self) -> None:
         """The request is over (or the connection gone)."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        sweeper = _sweepers.get(self.loop)
+        if sweeper is not None:
+            sweeper.active.discard(self)
 
-    def _check_silence(self) -> None:
-        self._watchdog = None
-        remaining = self.last_activity + self._timeout - self.loop.time()
-        if remaining > 0:
-            self._watchdog = self.loop.call_later(remaining, self._check_silence)
-            return
-        if self.complete:
-            return
+    def check_silence(self, now: float) -> bool:
+        """Called by the sweeper: True when the request timed out (and was failed)."""
+        if self.complete or self.last_activity + self._timeout > now:
+            return False
         self._fail(UpstreamTimeout(f"no byte from the replica for {self._timeout:g}s", False))
         if self.transport is not None:
             self.transport.abort()
+        return True
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -256,6 +252,46 @@ class _Connection(asyncio.Protocol):
             self._body_waiter = self.loop.create_future()
             await self._body_waiter
             self._body_waiter = None
+
+
+_SWEEP_INTERVAL = 0.1
+
+
+class _Sweeper:
+    """Checks requests in flight for silence every 100 ms.
+
+    A timer per request (call_later + cancel) cost more than the timeouts are worth on the hot
+    path; a set add/discard per request and one periodic pass over the set is cheap, and a
+    timeout fires at most 100 ms late."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.active: set[_Connection] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Sweeper:
+        sweeper = _sweepers.get(loop)
+        if sweeper is None:
+            sweeper = _sweepers[loop] = cls(loop)
+        return sweeper
+
+    def watch(self, conn: _Connection) -> None:
+        self.active.add(conn)
+        if self._handle is None:
+            self._handle = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self.loop.time()
+        for conn in [c for c in self.active if c.check_silence(now) or c.complete or c.closed]:
+            self.active.discard(conn)
+        if self.active:
+            self._handle = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+
+_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (
+    weakref.WeakKeyDictionary())
 
 
 class UpstreamResponse:
