@@ -39,6 +39,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 _DOWNSTREAM_DROP = HOP_BY_HOP | {"content-length"}
+# Precomputed per peer kind: the proxy sets Expect handling and X-Request-ID itself.
+_DROP_TRUSTED = HOP_BY_HOP | RESERVED_REQUEST | {"expect", "x-request-id"}
+_DROP_UNTRUSTED = _DROP_TRUSTED | FORWARDED
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -96,13 +99,12 @@ def upstream_request_headers(
     trusted_peer: bool,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: hop-by-hop and reserved removed, forwarded headers set."""
-    drop = HOP_BY_HOP | (connection_tokens(headers) - _PROTECTED) | RESERVED_REQUEST
-    if not trusted_peer:
-        drop = drop | FORWARDED
+    drop = _DROP_TRUSTED if trusted_peer else _DROP_UNTRUSTED
+    if "Connection" in headers:
+        drop = drop | (connection_tokens(headers) - _PROTECTED)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lname = name.lower()
-        if lname in drop or "_" in name or lname == "expect" or lname == "x-request-id":
+        if name.lower() in drop or "_" in name:
             continue
         out.add(name, value)
     if trusted_peer:

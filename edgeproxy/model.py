@@ -110,10 +110,12 @@ class Upstream:
         """True when the replica may get new requests."""
         return self.state in ("healthy", "running")
 
-    @property
-    def key(self) -> str:
-        """Identity for health bookkeeping: a new container on a reused IP starts clean."""
-        return f"{self.container_id or self.name}@{self.host}:{self.port}"
+    # Identity for health bookkeeping (a new container on a reused IP starts clean); computed
+    # once, it is read several times per request.
+    key: str = field(init=False, compare=False, repr=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.container_id or self.name}@{self.host}:{self.port}")
 
     @property
     def address(self) -> str:

@@ -78,17 +78,22 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
         self._timeout = 0.0
+        self.parser: httptools.HttpResponseParser | None = None
+        self._parser_spent = False
         self._reset_response()
 
     # --- per-response state --------------------------------------------------------------
 
     def _reset_response(self, head: bool = False) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # llhttp is ready for the next message after a complete one; only a HEAD answer (whose
+        # body length the parser would still expect) needs a fresh parser next time.
+        if head or self._parser_spent or self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
+        self._parser_spent = head
         self.head_request = head
         self.status = 0
         self.reason = ""
         self._header_list: list[tuple[bytes, bytes]] = []
-        self._last_name = b""
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
         self.body: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -109,7 +114,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = True
         self.last_activity = self.loop.time()
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed response from the replica: {exc}", False))
             if self.transport is not None:
@@ -148,12 +153,14 @@ class _Connection(asyncio.Protocol):
         self.reason = status.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # noqa: S101 - set before any byte can arrive
+        status = parser.get_status_code()
         if 100 <= status < 200:  # 103 Early Hints and friends: not forwarded, keep reading
             self._header_list = []
             return
         self.status = status
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = parser.should_keep_alive()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
         if self.head_request:
