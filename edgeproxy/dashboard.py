@@ -16,7 +16,7 @@ from importlib.resources import files
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import Counter, Metric
+from prometheus_client import Metric
 
 from edgeproxy import __version__
 from edgeproxy import admin as admin_api  # the module, not names: admin may import us early
@@ -79,7 +79,7 @@ def request_totals(families: Iterable[Metric]) -> Totals:
 
 def collect_requests(metrics: Metrics) -> Callable[[], Totals]:
     """Reads this process's request counter, or every worker's when metrics are shared."""
-    counter: Counter = metrics.requests
+    counter: Any = metrics.requests
     folder = multiprocess_dir()
     if not folder:
         return lambda: request_totals(counter.collect())
