@@ -489,6 +489,17 @@ class JwtVerifier:
         if session is not None:
             await session.close()
 
+    def cached(self, authorization: str | None, audience: str | None,
+               scopes: tuple[str, ...]) -> Identity | None:
+        """The identity of a recently verified header, without awaiting; None: call verify."""
+        if not authorization or self._problem is not None:
+            return None
+        aud = audience if audience is not None else self.config.audience
+        hot = self._hot.get((authorization, aud))
+        if hot is None or hot.expires_at <= time.time():
+            return None
+        return self._check_scopes(hot, scopes)
+
     async def verify(self, authorization: str | None, *, audience: str | None = None,
                      scopes: tuple[str, ...] = ()) -> Identity:
         """The identity behind an Authorization header value, or AuthFailure.

@@ -52,6 +52,7 @@ def shared_table() -> SharedTable | None:
 class SharedLimiter:
     """Same semantics as LocalLimiter (token bucket, burst = size), shared by the workers."""
 
+    sync = True
     healthy = True
     last_error: str | None = None
 
