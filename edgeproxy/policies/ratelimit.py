@@ -24,12 +24,12 @@ import hashlib
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import redis.asyncio as aioredis
-from cachetools import LRUCache
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -165,8 +165,8 @@ def _bucket_id(route: str, spec: RateLimitSpec, key: str) -> bytes:
 def _local_key(route: str, spec: RateLimitSpec, key: str) -> object:
     """The in-process bucket key: a cheap tuple for ordinary keys, a digest for long ones (so
     a flood of huge header values can't make the bounded cache large in bytes)."""
-    if len(key) <= 96:
-        return (route, spec, key)
+    if len(key) <= 96:  # plain fields: a frozen dataclass would rehash all of them each time
+        return (route, spec.limit, spec.period, spec.burst, spec.key, key)
     return _bucket_id(route, spec, key)
 
 
@@ -212,7 +212,10 @@ class LocalLimiter:
 
     def __init__(self, max_keys: int = 100_000) -> None:
         # value: [tokens, last update]; a list so a hit updates in place without allocating.
-        self._buckets: LRUCache[object, list[float]] = LRUCache(maxsize=max_keys)
+        # An OrderedDict used as an LRU directly: cachetools' LRUCache does the same through
+        # several Python layers, which showed up per request in profiles.
+        self._buckets: OrderedDict[object, list[float]] = OrderedDict()
+        self._max = max_keys
 
     @property
     def size(self) -> int:
@@ -233,12 +236,16 @@ class LocalLimiter:
     def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
         """The synchronous core of `hit`."""
         bid = _local_key(route, spec, key)
-        state = self._buckets.get(bid)
+        buckets = self._buckets
+        state = buckets.get(bid)
         if state is None:
             tokens = float(spec.burst)
             state = [tokens, now]
-            self._buckets[bid] = state
+            buckets[bid] = state
+            if len(buckets) > self._max:
+                buckets.popitem(last=False)  # evict the least recently used bucket
         else:
+            buckets.move_to_end(bid)
             elapsed = now - state[1]
             tokens = min(float(spec.burst), state[0] + max(0.0, elapsed) * spec.rate)
             state[1] = max(state[1], now)  # a clock that steps back must not mint tokens later
