@@ -360,8 +360,10 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections per replica endpoint."""
 
+    # 4 s: below the shortest common server keep-alive (Node.js closes idle sockets after 5 s),
+    # so a pooled connection is never reused just as the replica closes it.
     def __init__(self, connect_timeout: float, read_timeout: float,
-                 idle_timeout: float = 15.0) -> None:
+                 idle_timeout: float = 4.0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
