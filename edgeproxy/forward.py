@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,7 @@ from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool, serialize_
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _CHUNK = 64 * 1024
@@ -53,7 +55,7 @@ class _UpstreamFailed(Exception):
 
     _STATUS: ClassVar[dict[str, int]] = {
         "upstream_unreachable": 502, "upstream_error": 502, "upstream_timeout": 504,
-        "body_too_large": 413, "upstream_tls_error": 502,
+        "body_too_large": 413, "upstream_tls_error": 502, "client_timeout": 408,
     }
 
     def __init__(self, code: str, before_send: bool, detail: str = "") -> None:
@@ -68,6 +70,9 @@ class _UpstreamFailed(Exception):
             return error_response(413, "body_too_large",
                                   f"request body exceeds the limit of {limit} bytes", rid,
                                   {"Connection": "close"})
+        if self.code == "client_timeout":
+            return error_response(408, "client_timeout", "the request body stopped arriving",
+                                  rid, {"Connection": "close"})
         what = {"upstream_unreachable": "refused the connection or is unreachable",
                 "upstream_timeout": "timed out", "upstream_error": "failed",
                 "upstream_tls_error": "failed the TLS handshake"}[self.code]
@@ -228,7 +233,12 @@ class Proxy:
         except PathError as exc:
             return error_response(400, "bad_path", str(exc), rid)
         host = h.request_host(request.headers)
-        found = self._table().match(host, path)
+        table = self._table()
+        found = table.match(host, path)
+        if ";" in path and _semicolon_confusion(table, host, path, found):
+            # Java backends drop ';params' from segments: /api;x/admin is /api/admin to them.
+            return error_response(400, "bad_path", "';' in this path would reach another or a "
+                                  "protected route on some backends", rid)
         if found is None:
             return error_response(404, "no_route",
                                   f"no route matches host {host!r} and path {path!r}", rid)
@@ -311,8 +321,14 @@ class Proxy:
         if spec.request_headers:
             spec.request_headers.apply(hdrs)
         if identity is not None:
+            scopes = " ".join(identity.scopes)
+            if _CONTROL.search(identity.subject) or _CONTROL.search(scopes):
+                # A signed token can still carry CR/LF in sub or scope: never a header.
+                return error_response(401, "invalid_token", "the token's sub or scope holds "
+                                      "control characters", rid,
+                                      {"WWW-Authenticate": 'Bearer error="invalid_token"'})
             hdrs["X-Auth-Subject"] = identity.subject
-            hdrs["X-Auth-Scopes"] = " ".join(identity.scopes)
+            hdrs["X-Auth-Scopes"] = scopes
         if _is_websocket(request):
             return await self._websocket(request, route, upstream, fwd_path, query, hdrs, rid,
                                          info)
@@ -327,26 +343,27 @@ class Proxy:
         while True:
             tried.append(upstream)
             info["upstream"] = upstream.address
-            balancer.acquire(upstream)
+            current = upstream
+            balancer.acquire(current)
             try:
-                response = await self._attempt(request, route, upstream, target, hdrs, body,
+                response = await self._attempt(request, route, current, target, hdrs, body,
                                                rid, info)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
-                if failure.code != "body_too_large":
+                if failure.code not in ("body_too_large", "client_timeout"):
                     self.metrics.upstream_errors.labels(route.name, failure.code).inc()
                 if failure.code in _EJECTING:
-                    self._eject(route, upstream, failure)
+                    self._eject(route, current, failure)
                 nxt = self._next_upstream(route, tried, request.method, body, failure)
                 if nxt is None:
                     return failure.response(route, body, rid, limit)
                 info["retries"] = info.get("retries", 0) + 1
                 upstream = nxt
             else:
-                balancer.succeeded(upstream)
+                balancer.succeeded(current)
                 return response
             finally:
-                balancer.release(upstream)
+                balancer.release(current)
 
     async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
                           identity: Identity | None, request: web.BaseRequest, rid: str,
@@ -531,6 +548,14 @@ class Proxy:
     ) -> web.StreamResponse:
         protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
                      for p in v.split(",") if p.strip()]
+        limit = self.settings.ws_max_message
+        # No permessage-deflate towards the client: a tiny compressed frame could inflate to
+        # gigabytes before the size limit saw it.
+        ws = web.WebSocketResponse(autoclose=False, autoping=False, max_msg_size=limit,
+                                   compress=False)
+        if not ws.can_prepare(request).ok:  # a malformed handshake: refuse before upstream
+            return error_response(400, "bad_websocket_handshake",
+                                  "the WebSocket upgrade request is malformed", rid)
         for name in list(hdrs):
             if name.lower().startswith("sec-websocket-"):
                 del hdrs[name]
@@ -539,7 +564,8 @@ class Proxy:
                         query_string=query, encoded=True)
         try:
             up = await self._session.ws_connect(url, headers=hdrs, protocols=protocols,
-                                                autoclose=False, autoping=False, max_msg_size=0)
+                                                autoclose=False, autoping=False,
+                                                max_msg_size=limit, compress=0)
         except aiohttp.WSServerHandshakeError as exc:
             return error_response(502, "upstream_websocket_refused",
                                   f"replica of route {route.name!r} refused the WebSocket "
@@ -552,13 +578,14 @@ class Proxy:
             return error_response(504, "upstream_timeout",
                                   f"replica of route {route.name!r} timed out", rid)
         ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (),
-                                   autoclose=False, autoping=False, max_msg_size=0)
+                                   autoclose=False, autoping=False, max_msg_size=limit,
+                                   compress=False)
         ws.headers["X-Request-ID"] = rid
         extra = info.get("extra_headers")
         if extra:
             ws.headers.update(extra)
-        await ws.prepare(request)
         try:
+            await ws.prepare(request)
             await _pump_both(ws, up)
         finally:
             await up.close()
@@ -585,6 +612,19 @@ def _merge_headers(out: web.StreamResponse, extra: dict[str, str]) -> None:
                 _add_vary(out, token.strip())
         else:
             out.headers[name] = value
+
+
+def _semicolon_confusion(table: RouteTable, host: str, path: str,
+                         found: tuple[Route, str] | None) -> bool:
+    """True when ';' path parameters could make us route one path and a backend serve another
+    (a different route once the parameters are stripped, or any protected route)."""
+    stripped = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+    other = table.match(host, stripped)
+    if found is not None and found[0].spec.auth is not None:
+        return True
+    if other is not None and other[0].spec.auth is not None:
+        return True
+    return (other[0] if other else None) is not (found[0] if found else None)
 
 
 def _add_vary(out: web.StreamResponse, name: str) -> None:

@@ -348,6 +348,10 @@ def parse_options(
             continue
         try:
             values[key] = parser(raw)
+        except (OverflowError, RecursionError, MemoryError):
+            # Hostile values (a{4294967296}, 1000 nested groups, 400 nines): one container's
+            # problem, never the watcher's.
+            errors.append(LabelError(label_of(key), raw[:200], "value too large or too complex"))
         except ValueError as exc:
             errors.append(LabelError(label_of(key), raw, str(exc)))
     return values, errors

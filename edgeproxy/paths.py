@@ -37,6 +37,10 @@ def normalize_path(raw: str) -> str:
     segments = raw.split("/")
     out: list[str] = []
     for seg in segments[1:]:
+        if ";" in seg and seg.split(";", 1)[0] in (".", ".."):
+            # Servlet containers drop ';params' and then resolve '..': /public/..;/admin
+            # would be matched as /public but served as /admin.
+            raise PathError("the path holds a dot segment with parameters (..;)")
         if seg == "" or seg == ".":
             continue
         if seg == "..":

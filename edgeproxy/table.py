@@ -160,6 +160,10 @@ def build_table(
             decisions.append(Decision(c.name, False, "invalid labels: " + str(exc),
                                       errors=tuple(exc.errors)))
             continue
+        except Exception as exc:  # noqa: BLE001 - a parser bug must cost one container only
+            decisions.append(Decision(c.name, False,
+                                      f"labels could not be parsed: {type(exc).__name__}"))
+            continue
         if isinstance(routing, NotRouted):
             decisions.append(Decision(c.name, False, routing.reason))
             continue

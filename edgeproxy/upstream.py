@@ -55,6 +55,12 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class ClientBodyTimeout(UpstreamError):
+    """The replica waited for a request body the client stopped sending: not its fault."""
+
+    code = "client_timeout"
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where to connect: pooled connections are shared per endpoint."""
@@ -372,6 +378,11 @@ class UpstreamPool:
     def put(self, endpoint: Endpoint, conn: _Connection) -> None:
         """Return a clean connection for reuse."""
         idle = self._idle.setdefault(endpoint, [])
+        now = time.monotonic()
+        while idle and (now - idle[0].idle_since > self.idle_timeout or idle[0].closed):
+            old = idle.pop(0)  # the oldest sit at the bottom: close them instead of keeping
+            if old.transport is not None:
+                old.transport.close()
         if len(idle) >= _IDLE_PER_HOST:
             if conn.transport is not None:
                 conn.transport.close()
@@ -383,6 +394,9 @@ class UpstreamPool:
     def _take(self, endpoint: Endpoint) -> _Connection | None:
         idle = self._idle.get(endpoint)
         now = time.monotonic()
+        if idle is not None and not idle:
+            del self._idle[endpoint]  # replicas come and go: don't keep their endpoints
+            return None
         while idle:
             conn = idle.pop()
             transport = conn.transport
@@ -433,7 +447,8 @@ class UpstreamPool:
             except UpstreamError as exc:
                 # A pooled connection the replica closed while it sat idle: not a byte came
                 # back, so the idempotent request goes once more on a fresh connection.
-                if exc.before_send or not conn.received_any:
+                if exc.before_send or (not conn.received_any
+                                       and not isinstance(exc, UpstreamTimeout)):
                     conn = None
                 else:
                     raise
@@ -462,6 +477,15 @@ class UpstreamPool:
                 await conn.headers_done
             else:
                 await _headers_or_body_failure(conn, sender)
+        except UpstreamTimeout:
+            if sender is not None and not sender.done():
+                sender.cancel()
+                if conn.transport is not None:
+                    conn.transport.abort()
+                raise ClientBodyTimeout("the client stopped sending its body", False) from None
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
         except BaseException:
             if sender is not None and not sender.done():
                 sender.cancel()

@@ -15,6 +15,9 @@ from edgeproxy.model import Container, Route, RouteSpec
 from edgeproxy.settings import Settings
 from edgeproxy.table import FileRoute, RouteTable, build_table
 
+# Longer than any sane stop timeout: a mark older than this on a running container is stale.
+_STOP_MARK_TTL = 120.0
+
 
 class Watcher:
     """The single owner of the live RouteTable; providers report, the watcher rebuilds."""
@@ -26,7 +29,7 @@ class Watcher:
         self.last_swap = 0.0
         self.docker_connected: bool | None = None if settings.docker else False
         self._containers: dict[str, Container] = {}
-        self._stopping: set[str] = set()
+        self._stopping: dict[str, float] = {}  # container id -> when the stop/kill arrived
         self._file_routes: tuple[FileRoute, ...] = ()
         self._seen: dict[str, int] = {}
         self._seen_counter = itertools.count(1)
@@ -57,8 +60,13 @@ class Watcher:
         """Replace every Docker observation with a fresh list."""
         self._containers = {c.id: self._stamp(c) for c in containers}
         self._seen = {cid: n for cid, n in self._seen.items() if cid in self._containers}
-        # A start may have been missed while disconnected; a stale mark would drain forever.
-        self._stopping.clear()
+        # Keep a recent stop mark on a container that is still running (it may be mid graceful
+        # stop); drop old ones: a start may have been missed while disconnected, and a stale
+        # mark would drain the replica forever.
+        now = time.monotonic()
+        self._stopping = {cid: t for cid, t in self._stopping.items()
+                          if cid in self._containers and now - t < _STOP_MARK_TTL
+                          and self._containers[cid].state == "running"}
         self._mark()
 
     def update(self, container: Container) -> None:
@@ -70,19 +78,18 @@ class Watcher:
         """A container was destroyed."""
         self._containers.pop(container_id, None)
         self._seen.pop(container_id, None)
-        self._stopping.discard(container_id)
+        self._stopping.pop(container_id, None)
         self._mark()
 
     def stopping(self, container_id: str) -> None:
         """A stop or kill arrived: take the replica out of rotation before it dies."""
         if container_id not in self._stopping:
-            self._stopping.add(container_id)
+            self._stopping[container_id] = time.monotonic()
             self._mark(urgent=True)
 
     def started(self, container_id: str) -> None:
         """A (re)start arrived: a previous stop no longer applies."""
-        if container_id in self._stopping:
-            self._stopping.discard(container_id)
+        if self._stopping.pop(container_id, None) is not None:
             self._mark()
 
     def set_active_health(self, key: str, reason: str | None) -> None:
@@ -154,7 +161,10 @@ class Watcher:
         self.last_swap = time.time()
         self._log_diff(old, new)
         for callback in self.on_swap:
-            callback(new)
+            try:
+                callback(new)
+            except Exception:  # noqa: BLE001 - one listener must not stop the others
+                self._log.exception("swap_listener_failed")
         return True
 
     async def run(self) -> None:
@@ -168,7 +178,12 @@ class Watcher:
                     await asyncio.wait_for(self._dirty.wait(), expiry + 0.01)
             self._dirty.clear()
             self._urgent.clear()
-            if self.rebuild_now():
+            try:
+                swapped = self.rebuild_now()
+            except Exception:  # noqa: BLE001 - keep serving the last table, keep watching
+                self._log.exception("table_build_failed")
+                swapped = False
+            if swapped:
                 async with self.changed:
                     self.changed.notify_all()
             if self.settings.debounce:
@@ -229,4 +244,4 @@ class _Quiet:
     def _drop(self, *_: object, **__: object) -> None:
         return None
 
-    info = warning = error = debug = _drop
+    info = warning = error = debug = exception = _drop

@@ -20,8 +20,9 @@ from edgeproxy.logs import get_logger
 from edgeproxy.model import Container
 from edgeproxy.watcher import Watcher
 
-# Signals that end a container (a kill with SIGHUP/SIGUSR1 is a reload, not a stop).
-_TERMINATING = frozenset(("2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM"))
+# Kill signals that are reloads, not stops; anything else (SIGTERM, SIGKILL, and custom stop
+# signals such as httpd's SIGWINCH) takes the replica out of rotation at once.
+_RELOAD_SIGNALS = frozenset(("1", "10", "12", "SIGHUP", "SIGUSR1", "SIGUSR2"))
 _IGNORED_ACTIONS = ("exec_", "attach", "commit", "copy", "export", "top", "resize", "archive")
 _STATUS_HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
@@ -195,7 +196,8 @@ class DockerProvider:
         if not cid or action.startswith(_IGNORED_ACTIONS):
             return
         w = self._watcher
-        if (action == "kill" and str(attrs.get("signal", "")) in _TERMINATING) or action == "stop":
+        signal = str(attrs.get("signal", ""))
+        if (action == "kill" and signal not in _RELOAD_SIGNALS) or action == "stop":
             self._post(lambda: w.stopping(cid))
             return
         if action == "destroy":

@@ -143,7 +143,14 @@ def load_routes_file(path: Path) -> list[FileRoute]:
         raise RoutesFileError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RoutesFileError(f"{path} is not valid TOML: {exc}") from None
-    return parse_routes(doc)
+    except UnicodeDecodeError:
+        raise RoutesFileError(f"{path} is not UTF-8 text") from None
+    try:
+        return parse_routes(doc)
+    except RoutesFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bad file keeps the previous routes, always
+        raise RoutesFileError(f"{path}: {type(exc).__name__}: {exc}"[:500]) from None
 
 
 class FileProvider:
