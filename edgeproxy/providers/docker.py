@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import re
@@ -108,6 +109,8 @@ class DockerProvider:
         self._api: Any = None
         self._log = get_logger("docker")
         self.reconnects = 0
+        self._seq: dict[str, int] = {}
+        self._inspectors = concurrent.futures.ThreadPoolExecutor(4, "docker-inspect")
         self.on_reconnect: Callable[[], None] | None = None
         self.last_event = 0.0
 
@@ -119,6 +122,7 @@ class DockerProvider:
     def stop(self) -> None:
         """Ask the thread to end; closing the client unblocks its read."""
         self._stop.set()
+        self._inspectors.shutdown(wait=False, cancel_futures=True)
         api = self._api
         if api is not None:
             with contextlib.suppress(Exception):  # a half-dead client may fail to close
@@ -138,6 +142,7 @@ class DockerProvider:
                 events = api.events(decode=True, filters={"type": ["container", "network"]})
                 items = api.containers(all=True)
                 containers = [container_from_list(i) for i in items]
+                self._seq.clear()  # inspects still in flight predate this list: drop them
                 self._post(functools.partial(self._watcher.resync, containers))
                 self._post(functools.partial(self._connected, len(containers), first))
                 first = False
@@ -202,22 +207,39 @@ class DockerProvider:
             return
         if action == "destroy":
             self._post(lambda: w.remove(cid))
+            self._seq.pop(cid, None)
             return
         if action in ("start", "restart", "unpause"):
             self._post(lambda: w.started(cid))
+        # Each inspecting event bumps the container's sequence: an inspect answered after a
+        # newer one was asked for (or after the destroy) is dropped, never applied late.
+        seq = self._seq[cid] = self._seq.get(cid, 0) + 1
+        stamp = ev.get("timeNano")
+        # Inspects run beside the event stream: Docker answers a 'network connect' inspect only
+        # once the container's start completes, and events must not queue behind it.
+        self._inspectors.submit(self._inspect, api, cid, seq, stamp / 1e9 if stamp else None)
+
+    def _inspect(self, api: Any, cid: str, seq: int, event_time: float | None) -> None:
         try:
             doc = api.inspect_container(cid)
         except docker.errors.NotFound:
-            self._post(lambda: w.remove(cid))
+            self._post(lambda: self._watcher.remove(cid))
             return
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             self._log.warning("docker_inspect_failed", container=cid[:12], error=str(exc)[:200])
             return
+        except Exception as exc:  # noqa: BLE001 - a worker thread must never die silently
+            self._log.warning("docker_inspect_failed", container=cid[:12],
+                              error=f"{type(exc).__name__}: {exc}"[:200])
+            return
+        if self._seq.get(cid) != seq:
+            return  # a newer event's inspect will tell the current state
         c = container_from_inspect(doc)
-        stamp = ev.get("timeNano")
-        self._post(functools.partial(self._apply, c, stamp / 1e9 if stamp else None))
+        self._post(functools.partial(self._apply, c, cid, seq, event_time))
 
-    def _apply(self, c: Container, event_time: float | None) -> None:
+    def _apply(self, c: Container, cid: str, seq: int, event_time: float | None) -> None:
+        if self._seq.get(cid) != seq:
+            return
         self._watcher.update(c)
         lag = self._watcher.on_event_lag
         if lag is not None and event_time is not None:
