@@ -187,7 +187,7 @@ class Proxy:
                     rules.apply(response.headers)
                 extra = info.get("extra_headers")
                 if extra:
-                    _merge_headers(response, extra)
+                    _merge_headers(response.headers, extra)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -463,39 +463,38 @@ class Proxy:
         except UpstreamError as exc:
             raise _UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
         try:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                     headers=h.downstream_from_raw(resp.raw_headers))
-            out.headers["X-Request-ID"] = rid
+            headers = h.downstream_from_raw(resp.raw_headers)
+            headers["X-Request-ID"] = rid
             if spec.response_headers:
-                spec.response_headers.apply(out.headers)
+                spec.response_headers.apply(headers)
             extra = info.get("extra_headers")
             if extra:
-                _merge_headers(out, extra)
+                _merge_headers(headers, extra)
             gzip = spec.compress and should_compress(
-                method, resp.status, out.headers, request.headers.get("Accept-Encoding", ""),
+                method, resp.status, headers, request.headers.get("Accept-Encoding", ""),
                 resp.content_length)
             if gzip:
-                out.headers["Content-Encoding"] = "gzip"
-                _add_vary(out, "Accept-Encoding")
+                headers["Content-Encoding"] = "gzip"
+                _add_vary(headers, "Accept-Encoding")
                 # Another representation: its validators must not match the identity bytes.
-                etag = out.headers.get("ETag")
+                etag = headers.get("ETag")
                 if etag is not None and not etag.startswith("W/"):
-                    out.headers["ETag"] = "W/" + etag
-                out.headers.popall("Accept-Ranges", None)
+                    headers["ETag"] = "W/" + etag
+                headers.popall("Accept-Ranges", None)
             elif spec.compress:
-                _add_vary(out, "Accept-Encoding")
+                _add_vary(headers, "Accept-Encoding")
             whole = None if gzip else resp.complete_body()
-            if whole is not None and (resp.content_length is None
-                                      or resp.content_length == len(whole)):
+            if whole is not None and method != "HEAD" and (
+                    resp.content_length is None or resp.content_length == len(whole)):
                 # Small response already here: one write for head and body.
                 info["bytes"] = len(whole)
-                if method == "HEAD":
-                    if resp.content_length is not None:
-                        out.content_length = resp.content_length
-                    return await _send_head(out, request, info)
-                small = web.Response(status=resp.status, reason=resp.reason, body=whole,
-                                     headers=out.headers)
-                return small
+                return web.Response(status=resp.status, reason=resp.reason, body=whole,
+                                    headers=headers)
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+            if whole is not None and method == "HEAD":
+                if resp.content_length is not None:
+                    out.content_length = resp.content_length
+                return await _send_head(out, request, info)
             if not gzip and resp.content_length is not None:
                 out.content_length = resp.content_length
             try:
@@ -604,14 +603,14 @@ async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
     return out
 
 
-def _merge_headers(out: web.StreamResponse, extra: dict[str, str]) -> None:
+def _merge_headers(headers: CIMultiDict[str], extra: dict[str, str]) -> None:
     """Add our headers; Vary is merged with the backend's, never replaced."""
     for name, value in extra.items():
         if name == "Vary":
             for token in value.split(","):
-                _add_vary(out, token.strip())
+                _add_vary(headers, token.strip())
         else:
-            out.headers[name] = value
+            headers[name] = value
 
 
 def _semicolon_confusion(table: RouteTable, host: str, path: str,
@@ -627,13 +626,13 @@ def _semicolon_confusion(table: RouteTable, host: str, path: str,
     return (other[0] if other else None) is not (found[0] if found else None)
 
 
-def _add_vary(out: web.StreamResponse, name: str) -> None:
+def _add_vary(headers: CIMultiDict[str], name: str) -> None:
     """Add one token to Vary, keeping every token (and line) the backend sent."""
-    tokens = [t.strip() for v in out.headers.getall("Vary", ()) for t in v.split(",")
+    tokens = [t.strip() for v in headers.getall("Vary", ()) for t in v.split(",")
               if t.strip()]
     if "*" in tokens or name.lower() in {t.lower() for t in tokens}:
         return
-    out.headers["Vary"] = ", ".join([*tokens, name])
+    headers["Vary"] = ", ".join([*tokens, name])
 
 
 def _auth_error(exc: AuthFailure, rid: str) -> web.Response:
