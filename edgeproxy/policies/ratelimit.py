@@ -170,6 +170,17 @@ def _local_key(route: str, spec: RateLimitSpec, key: str) -> object:
     return _bucket_id(route, spec, key)
 
 
+def refill_and_take(spec: RateLimitSpec, tokens: float, last: float,
+                    now: float) -> tuple[float, float, bool]:
+    """One token-bucket step: (tokens left, new last-update time, allowed)."""
+    tokens = min(float(spec.burst), tokens + max(0.0, now - last) * spec.rate)
+    last = max(last, now)  # a clock that steps back must not mint tokens later
+    allowed = tokens >= 1.0 - _EPSILON
+    if allowed:
+        tokens = max(0.0, tokens - 1.0)
+    return tokens, last, allowed
+
+
 def _decide(spec: RateLimitSpec, tokens: float, allowed: bool) -> RateDecision:
     """A decision from the bucket level left after this request."""
     rate = spec.rate
@@ -239,19 +250,13 @@ class LocalLimiter:
         buckets = self._buckets
         state = buckets.get(bid)
         if state is None:
-            tokens = float(spec.burst)
-            state = [tokens, now]
+            state = [float(spec.burst), now]
             buckets[bid] = state
             if len(buckets) > self._max:
                 buckets.popitem(last=False)  # evict the least recently used bucket
         else:
             buckets.move_to_end(bid)
-            elapsed = now - state[1]
-            tokens = min(float(spec.burst), state[0] + max(0.0, elapsed) * spec.rate)
-            state[1] = max(state[1], now)  # a clock that steps back must not mint tokens later
-        allowed = tokens >= 1.0 - _EPSILON
-        if allowed:
-            tokens = max(0.0, tokens - 1.0)
+        tokens, state[1], allowed = refill_and_take(spec, state[0], state[1], now)
         state[0] = tokens
         return _decide(spec, tokens, allowed)
 

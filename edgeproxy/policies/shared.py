@@ -15,11 +15,11 @@ import time
 from typing import Any
 
 from edgeproxy.policies.ratelimit import (
-    _EPSILON,
     RateDecision,
     RateLimitSpec,
     _bucket_id,
     _decide,
+    refill_and_take,
 )
 
 _SLOT = struct.Struct("=Qdd")  # bucket id (first 8 bytes of its hash), tokens, last update
@@ -93,14 +93,9 @@ class SharedLimiter:
                 if ts < victim_ts:  # evict the least recently used bucket of the probe run
                     victim, victim_ts = slot, ts
             if found >= 0:
-                elapsed = now - ts
-                tokens = min(float(spec.burst), tokens + max(0.0, elapsed) * spec.rate)
-                ts = max(ts, now)
                 slot = found
             else:
                 tokens, ts, slot = float(spec.burst), now, victim
-            allowed = tokens >= 1.0 - _EPSILON
-            if allowed:
-                tokens = max(0.0, tokens - 1.0)
+            tokens, ts, allowed = refill_and_take(spec, tokens, ts, now)
             _SLOT.pack_into(buf, slot * size, bid, tokens, ts)
         return _decide(spec, tokens, allowed)
