@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
+import queue
 import re
 import threading
 import time
@@ -96,6 +96,34 @@ def container_from_inspect(item: Mapping[str, Any]) -> Container:
 Post = Callable[[Callable[[], None]], None]
 
 
+class _DaemonPool:
+    """A few daemon threads for blocking inspects: unlike ThreadPoolExecutor's workers, they
+    never hold up process exit behind a slow Docker call (a drain must end on time)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._size = size
+        for i in range(size):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn(*args) on one of the threads."""
+        self._jobs.put(functools.partial(fn, *args))
+
+    def shutdown(self) -> None:
+        """Let the threads end once they are idle."""
+        for _ in range(self._size):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with contextlib.suppress(Exception):  # each job logs its own failures
+                job()
+
+
 class DockerProvider:
     """Runs the blocking docker SDK in a thread and posts observations to the watcher."""
 
@@ -110,7 +138,7 @@ class DockerProvider:
         self._log = get_logger("docker")
         self.reconnects = 0
         self._seq: dict[str, int] = {}
-        self._inspectors = concurrent.futures.ThreadPoolExecutor(4, "docker-inspect")
+        self._inspectors = _DaemonPool(4, "docker-inspect")
         self.on_reconnect: Callable[[], None] | None = None
         self.last_event = 0.0
 
@@ -122,7 +150,7 @@ class DockerProvider:
     def stop(self) -> None:
         """Ask the thread to end; closing the client unblocks its read."""
         self._stop.set()
-        self._inspectors.shutdown(wait=False, cancel_futures=True)
+        self._inspectors.shutdown()
         api = self._api
         if api is not None:
             with contextlib.suppress(Exception):  # a half-dead client may fail to close
