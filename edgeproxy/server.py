@@ -53,7 +53,53 @@ class ListenError(RuntimeError):
 
 
 class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering malformed requests with our JSON errors."""
+    """aiohttp's connection handler, answering malformed requests with our JSON errors, and
+    closing connections whose request head does not arrive in time (slowloris) with 408."""
+
+    header_timeout = 30.0  # set per server from EDGEPROXY_HEADER_TIMEOUT
+    _header_timer: asyncio.TimerHandle | None = None
+    _armed_at_count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()  # a connection that sends nothing at all is slow too
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._disarm_header_timer()  # a whole request head arrived
+        elif self._header_timer is None and self._current_request is None and data:
+            self._arm_header_timer()  # the first bytes of the next request head
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timeout > 0:
+            self._armed_at_count = self._request_count
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.header_timeout, self._header_deadline)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if (self._request_count != self._armed_at_count or self._current_request is not None
+                or transport is None or transport.is_closing()):
+            return
+        body = (b'{"error": {"status": 408, "code": "request_timeout", "message": '
+                b'"the request head did not arrive in time", "request_id": null}}')
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
+                        % (len(body), body))
+        self.force_close()
+        transport.close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -71,10 +117,14 @@ class _ProxyRequestHandler(RequestHandler):
 
 
 class ProxyServer(web.Server):
-    """aiohttp's low-level server with our error answers for unparsable requests."""
+    """aiohttp's low-level server with our error answers for unparsable or slow requests."""
+
+    header_timeout = 30.0
 
     def __call__(self) -> RequestHandler:
-        return _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        return handler
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: int = 0) -> None:
@@ -153,6 +203,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     server = ProxyServer(proxy.handle, access_log=None, handler_cancellation=True,
                          auto_decompress=False, max_field_size=settings.max_header_size,
                          max_line_size=settings.max_header_size)
+    server.header_timeout = settings.header_timeout
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
     admin_runner = web.AppRunner(make_admin_app(watcher, proxy),

@@ -257,6 +257,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("routes_file", "", _optional_path, "TOML file with static routes, reloaded on change"),
     Option("routes_file_poll", "1s", _positive(parse_duration), "how often the routes file is checked"),
     Option("max_body_size", "10m", parse_size, "largest request body accepted (0 = unlimited) -> 413"),
+    Option("header_timeout", "30s", parse_duration,
+           "a request head must arrive within this long, else 408 and close (0 = off)"),
     Option("ws_max_message", "4m", parse_size,
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
     Option("max_header_size", "16k", parse_size,
@@ -327,6 +329,7 @@ class Settings:
     routes_file: Path | None = None
     routes_file_poll: float = 1.0
     max_body_size: int = 10 * 1024**2
+    header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
     max_header_size: int = 16 * 1024
     trusted_proxies: tuple[IPNetwork, ...] = ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess
             "upload": {"path": "/upload", "upstreams": [backend]},
         })
         with run_proxy(tmp, docker="false", routes_file=str(routes), read_timeout="1s",
-                       ws_max_message="64k", jwt_secret="x" * 40) as p:
+                       header_timeout="1s", ws_max_message="64k", jwt_secret="x" * 40) as p:
             yield p, backend
 
 
@@ -109,3 +110,39 @@ def test_hostile_labels_on_one_container_leave_the_table_building(tmp_path: Path
     table = build_table([bad, good])
     assert [r.name for r in table.routes] == ["good"]
     assert next(d for d in table.decisions if d.container == "bad").routed is False
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("head", [b"", b"GET /public/x HTTP/1.1\r\nHost: t\r\n"])
+def test_slow_request_head_gets_408_and_is_closed(env: tuple[ProxyProcess, str],
+                                                  head: bytes) -> None:
+    p, backend = env
+    before = len(requests.get(backend + "/__seen", timeout=5).json())
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        if head:
+            s.sendall(head)  # and never the blank line that ends the head
+        answer = read_all(s)  # returns once the proxy closes the connection
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert b'"code": "request_timeout"' in answer
+    assert len(requests.get(backend + "/__seen", timeout=5).json()) == before
+
+
+def test_idle_keep_alive_between_requests_is_not_a_slow_head(
+        env: tuple[ProxyProcess, str]) -> None:
+    p, _ = env
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=5)  # never reconnects
+    try:
+        for path in ("/public/a", "/public/b"):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            time.sleep(1.5)  # idle longer than the header timeout, no request in progress
+    finally:
+        conn.close()
