@@ -232,6 +232,9 @@ class Proxy:
             path = normalize_path(raw_path)
         except PathError as exc:
             return error_response(400, "bad_path", str(exc), rid)
+        # Exempt from https redirects only what really is a challenge path once normalised
+        # (/.well-known/acme-challenge/../../admin is not).
+        challenge = challenge and path.startswith(CHALLENGE_PREFIX)
         host = h.request_host(request.headers)
         table = self._table()
         found = table.match(host, path)
