@@ -24,6 +24,7 @@ from edgeproxy.policies.ratelimit import (
 
 _SLOT = struct.Struct("=Qdd")  # bucket id (first 8 bytes of its hash), tokens, last update
 _PROBES = 8
+_LOCK_WAIT = 0.2
 
 
 class SharedTable:
@@ -77,7 +78,12 @@ class SharedLimiter:
         buf = t.map
         size = _SLOT.size
         start = bid % t.slots
-        with t.lock:
+        # A worker killed while holding the lock must not hang the others: after a short
+        # wait, admit the request without a decision (like Redis failing open).
+        if not t.lock.acquire(timeout=_LOCK_WAIT):
+            return RateDecision(True, spec.limit, 0, 0.0, 0.0,
+                                error="shared rate-limit table busy")
+        try:
             victim = -1
             victim_ts = float("inf")
             found = -1
@@ -98,4 +104,6 @@ class SharedLimiter:
                 tokens, ts, slot = float(spec.burst), now, victim
             tokens, ts, allowed = refill_and_take(spec, tokens, ts, now)
             _SLOT.pack_into(buf, slot * size, bid, tokens, ts)
+        finally:
+            t.lock.release()
         return _decide(spec, tokens, allowed)
