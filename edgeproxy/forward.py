@@ -26,6 +26,7 @@ from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
 from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
 from edgeproxy.policies.ratelimit import (
+    InMemoryLimiter,
     Limiter,
     LocalLimiter,
     RateLimitSpec,
@@ -126,7 +127,6 @@ class Proxy:
         settings: Settings,
         table: Callable[[], RouteTable],
         session: aiohttp.ClientSession,
-        scheme: str = "http",
         balancer: Balancer | None = None,
         metrics: Metrics | None = None,
         verifier: JwtVerifier | None = None,
@@ -146,7 +146,6 @@ class Proxy:
         self._certs: CertStore | None = None
         self._acme: AcmeManager | None = None
         self._events = get_logger("proxy")
-        self._scheme = scheme
         self._trusted = settings.trusted_proxies
         self._log = fast_access_logger(settings.log_format,
                                        **structlog.contextvars.get_contextvars())
@@ -375,8 +374,8 @@ class Proxy:
         key = client_key(spec, ip=client, subject=identity.subject if identity else None,
                          headers=request.headers)
         limiter = self.limiter
-        if getattr(limiter, "sync", False):  # in-memory buckets: no coroutine per request
-            decision = limiter.take(route.name, spec, key, time.monotonic())  # type: ignore[attr-defined]
+        if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine per request
+            decision = limiter.take(route.name, spec, key, time.monotonic())
         else:
             decision = await limiter.hit(route.name, spec, key)
         info.setdefault("extra_headers", {}).update(ratelimit_headers(spec, decision))

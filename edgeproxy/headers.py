@@ -46,13 +46,11 @@ _DROP_UNTRUSTED = _DROP_TRUSTED | FORWARDED
 
 def connection_tokens(headers: Headers) -> set[str]:
     """Lower-case header names listed in Connection (they are hop-by-hop too)."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        for token in value.split(","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
+    return _tokens(headers.getall("Connection", ()))
+
+
+def _tokens(values: Iterable[str]) -> set[str]:
+    return {t for value in values for t in (p.strip().lower() for p in value.split(",")) if t}
 
 
 def is_trusted(address: str | None, trusted: Iterable[IPNetwork]) -> bool:
@@ -128,26 +126,21 @@ def upstream_request_headers(
 
 def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
     """Headers to send to the client: hop-by-hop and framing removed (we frame ourselves)."""
-    drop = HOP_BY_HOP | connection_tokens(headers) | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    return _downstream(headers.items(), headers.getall("Connection", ()))
 
 
 def downstream_from_raw(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
     """downstream_response_headers straight from the parser's (name, value) byte pairs."""
-    drop = _DOWNSTREAM_DROP
-    for name, value in raw:
-        if len(name) == 10 and name.lower() == b"connection":
-            extra = {t.strip().lower() for t in value.decode("latin-1").split(",") if t.strip()}
-            drop = drop | extra
+    pairs = [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
+    return _downstream(pairs, [v for n, v in pairs if n.lower() == "connection"])
+
+
+def _downstream(pairs: Iterable[tuple[str, str]], connection: Iterable[str]) -> CIMultiDict[str]:
+    drop = _DOWNSTREAM_DROP | _tokens(connection)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        key = name.decode("latin-1")
-        if key.lower() not in drop:
-            out.add(key, value.decode("utf-8", "surrogateescape"))
+    for name, value in pairs:
+        if name.lower() not in drop:
+            out.add(name, value)
     return out
 
 

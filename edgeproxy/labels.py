@@ -322,8 +322,7 @@ KEYS: dict[str, Callable[[str], object]] = {
 }
 # Families of keys whose last part is a header name: gateway.request.headers.X-Env=prod.
 HEADER_FAMILIES = ("request.headers.", "response.headers.")
-# Keys that describe one replica rather than the route (replicas may differ in them).
-REPLICA_KEYS = frozenset(("port", "network", "weight", "enable"))
+
 
 
 def parse_options(

@@ -110,18 +110,16 @@ class Upstream:
         """True when the replica may get new requests."""
         return self.state in ("healthy", "running")
 
-    # Identity for health bookkeeping (a new container on a reused IP starts clean); computed
-    # once, it is read several times per request.
+    # Derived once per snapshot, read several times per request: `address` is host:port with
+    # IPv6 hosts bracketed; `key` is the identity for health bookkeeping (a new container on
+    # a reused IP starts clean).
+    address: str = field(init=False, compare=False, repr=False, default="")
     key: str = field(init=False, compare=False, repr=False, default="")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.container_id or self.name}@{self.host}:{self.port}")
-
-    @property
-    def address(self) -> str:
-        """host:port, with IPv6 hosts bracketed."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "address", f"{host}:{self.port}")
+        object.__setattr__(self, "key", f"{self.container_id or self.name}@{self.host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

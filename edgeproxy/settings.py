@@ -131,25 +131,31 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _https_url(text: str) -> str:
-    value = text.strip()
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
-        raise ValueError("an ACME directory URL such as "
-                         "https://acme-v02.api.letsencrypt.org/directory")
-    return value
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
+
+
+def _http_url(expected: str, optional: bool = False) -> Callable[[str], Any]:
+    """A parser for http(s) URLs; `expected` is the message's example."""
+
+    def parse(text: str) -> str | None:
+        value = text.strip()
+        if optional and not value:
+            return None
+        if not _HTTP_URL.fullmatch(value):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+_https_url = _http_url("an ACME directory URL such as "
+                       "https://acme-v02.api.letsencrypt.org/directory")
+_optional_url = _http_url("an http(s) URL such as https://auth.example.com/.well-known/jwks.json",
+                          optional=True)
 
 
 def _optional_secret(text: str) -> str | None:
     return text if text.strip() else None
-
-
-def _optional_url(text: str) -> str | None:
-    value = text.strip()
-    if not value:
-        return None
-    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
-        raise ValueError("an http(s) URL such as https://auth.example.com/.well-known/jwks.json")
-    return value
 
 
 def _redis_url(text: str) -> str:

@@ -79,7 +79,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.reused = False
         self._exc: BaseException | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
@@ -388,7 +387,6 @@ class UpstreamPool:
                 conn.transport.close()
             return
         conn.idle_since = time.monotonic()
-        conn.reused = True
         idle.append(conn)
 
     def _take(self, endpoint: Endpoint) -> _Connection | None:
@@ -452,8 +450,6 @@ class UpstreamPool:
                     conn = None
                 else:
                     raise
-        elif conn is not None:
-            conn.reused = True
         if conn is None:
             conn = await self._connect(endpoint, ct)
         return await self._send(endpoint, conn, head, method, body, chunked, rt)

@@ -210,16 +210,34 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
-class LocalLimiter:
-    """Token buckets in this process: the limit applies per proxy replica.
+class InMemoryLimiter:
+    """Shared shape of the in-memory limiters: `take` is synchronous, `hit` wraps it.
 
-    `hit` never awaits, so on one event loop each call is atomic without a lock; `sync` tells
-    callers they may call `take` directly and skip a coroutine per request.
+    `hit` never awaits, so on one event loop each call is atomic without a lock; callers that
+    know the type call `take` directly and skip a coroutine per request.
     """
 
-    sync = True
     healthy = True
     last_error: str | None = None
+
+    async def start(self) -> None:
+        """Nothing to set up; present so every limiter is wired the same way."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def hit(self, route: str, spec: RateLimitSpec, key: str,
+                  now: float | None = None) -> RateDecision:
+        """Take one token from the bucket of (route, key); `now` (monotonic seconds) for tests."""
+        return self.take(route, spec, key, time.monotonic() if now is None else now)
+
+    def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
+        """Take one token at time `now`."""
+        raise NotImplementedError
+
+
+class LocalLimiter(InMemoryLimiter):
+    """Token buckets in this process: the limit applies per proxy replica."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
         # value: [tokens, last update]; a list so a hit updates in place without allocating.
@@ -232,17 +250,6 @@ class LocalLimiter:
     def size(self) -> int:
         """Buckets held now (never more than max_keys)."""
         return len(self._buckets)
-
-    async def start(self) -> None:
-        """Nothing to set up; present so both limiters are wired the same way."""
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-    async def hit(self, route: str, spec: RateLimitSpec, key: str,
-                  now: float | None = None) -> RateDecision:
-        """Take one token from the bucket of (route, key); `now` (monotonic seconds) for tests."""
-        return self.take(route, spec, key, time.monotonic() if now is None else now)
 
     def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
         """The synchronous core of `hit`."""

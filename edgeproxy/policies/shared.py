@@ -11,10 +11,10 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import struct
-import time
 from typing import Any
 
 from edgeproxy.policies.ratelimit import (
+    InMemoryLimiter,
     RateDecision,
     RateLimitSpec,
     _bucket_id,
@@ -50,26 +50,12 @@ def shared_table() -> SharedTable | None:
     return _table
 
 
-class SharedLimiter:
-    """Same semantics as LocalLimiter (token bucket, burst = size), shared by the workers."""
-
-    sync = True
-    healthy = True
-    last_error: str | None = None
+class SharedLimiter(InMemoryLimiter):
+    """Same semantics as LocalLimiter (token bucket, burst = size), shared by the workers;
+    CLOCK_MONOTONIC is host-wide, so every worker's `now` agrees."""
 
     def __init__(self, table: SharedTable) -> None:
         self._t = table
-
-    async def start(self) -> None:
-        """Nothing to set up."""
-
-    async def close(self) -> None:
-        """The mapping lives as long as the process."""
-
-    async def hit(self, route: str, spec: RateLimitSpec, key: str,
-                  now: float | None = None) -> RateDecision:
-        """Take one token from (route, key)'s bucket; CLOCK_MONOTONIC is host-wide."""
-        return self.take(route, spec, key, time.monotonic() if now is None else now)
 
     def take(self, route: str, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
         """The synchronous core of `hit`."""
