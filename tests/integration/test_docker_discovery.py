@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +36,9 @@ def get_until(p: ProxyProcess, path: str, status: int, timeout: float = 5, **kw:
 
 def test_labelled_container_becomes_routable_quickly(proxy: ProxyProcess) -> None:
     path = "/" + unique("svc")
-    started = time.monotonic()
     run_container(unique("c"), {"gateway.path": path, "gateway.strip_prefix": "true"})
-    r = get_until(proxy, path + "/", 200, 5)
-    elapsed = time.monotonic() - started
+    r = get_until(proxy, path + "/", 200, 5)  # the deadline is the assertion
     assert r.text.strip()  # busybox writes its hostname into index.html
-    assert elapsed < 5
     route = next(rt for rt in proxy.admin("/routes")["routes"] if path in rt["paths"])
     replica = route["replicas"][0]
     assert replica["state"] == "running" and replica["address"].endswith(":80")
