@@ -132,9 +132,9 @@ def access_logger(fmt: str = "json", **context: Any) -> Any:
 class FastAccessLog:
     """The same `access` event as the structlog logger renders, for the JSON format.
 
-    Profiled under load, structlog's per-call pipeline cost ~11 us of a ~130 us request; this
-    writes the identical key order with one orjson call (~1.5 us). Lifecycle events keep using
-    structlog; the console format falls back to the structlog logger."""
+    Measured (200k lines to /dev/null): 5.1 us per line through structlog's pipeline, 2.95 us
+    here, about 2 % of a proxied request. Lifecycle events keep using structlog; the console
+    format falls back to the structlog logger."""
 
     def __init__(self, **context: Any) -> None:
         self._head = {"logger": "access", **context}
