@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import engine  # noqa: E402 - tests/engine.py starts dockerd and builds the busybox image
+from run import free_port, log  # noqa: E402 - bench/run.py, beside this script
 
 BENCH_LABEL = "edgeproxy-bench"  # every container of every run: edgeproxy-bench=1
 RUN_LABEL = "edgeproxy-bench.run"  # this run's containers: edgeproxy-bench.run=<token>
@@ -65,18 +65,6 @@ R = TypeVar("R")
 
 class BenchError(RuntimeError):
     """A step of the benchmark failed; the message says which and why."""
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout holds only the table."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
