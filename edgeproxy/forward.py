@@ -45,6 +45,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _CHUNK = 64 * 1024
+_EMPTY_BODY = frozenset((204, 304))
 
 
 class BodyTooLarge(Exception):
@@ -465,11 +466,21 @@ class Proxy:
         except UpstreamError as exc:
             raise _UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
         try:
+            status = resp.status
+            whole = None if spec.compress else resp.complete_body()
+            extra = info.get("extra_headers")
+            if (whole is not None and not spec.response_headers and method != "HEAD"
+                    and status not in _EMPTY_BODY and not (extra and "Vary" in extra)
+                    and resp.content_length in (None, len(whole))):
+                # The common case: a small answer is all here and nothing rewrites its headers.
+                # Serialise head and body straight from the replica's bytes in one write.
+                return await _write_whole(request, status, h.response_head(
+                    request.version, status, resp.reason, resp.raw_headers, rid, extra,
+                    len(whole), request.keep_alive), whole, info)
             headers = h.downstream_from_raw(resp.raw_headers)
             headers["X-Request-ID"] = rid
             if spec.response_headers:
                 spec.response_headers.apply(headers)
-            extra = info.get("extra_headers")
             if extra:
                 _merge_headers(headers, extra)
             gzip = spec.compress and should_compress(
@@ -485,10 +496,11 @@ class Proxy:
                 headers.popall("Accept-Ranges", None)
             elif spec.compress:
                 _add_vary(headers, "Accept-Encoding")
-            whole = None if gzip else resp.complete_body()
+            if whole is None and spec.compress and not gzip:
+                whole = resp.complete_body()
             if whole is not None and method != "HEAD" and (
                     resp.content_length is None or resp.content_length == len(whole)):
-                # Small response already here: one write for head and body.
+                # Small response already here, headers rewritten: one write for head and body.
                 info["bytes"] = len(whole)
                 return web.Response(status=resp.status, reason=resp.reason, body=whole,
                                     headers=headers)
@@ -593,6 +605,50 @@ class Proxy:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+class _Written(web.StreamResponse):
+    """A response whose head and body are already on the wire (see `_write_whole`).
+
+    aiohttp's request loop still calls prepare() and write_eof() and then reads keep_alive;
+    there is nothing left for them to do."""
+
+    def __init__(self, status: int, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._written_keep_alive = keep_alive
+
+    @property
+    def prepared(self) -> bool:
+        return True
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._written_keep_alive
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body: bytes,
+                       info: dict[str, Any]) -> web.StreamResponse:
+    """Write a complete small response in one send; wait only if the client is not reading."""
+    keep_alive = request.keep_alive
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        info["error"] = "client_aborted"
+        return _Written(status, False)
+    transport.write(head + body)
+    info["bytes"] = len(body)
+    if transport.get_write_buffer_size() > _CHUNK:
+        try:
+            await request.writer.drain()
+        except ConnectionError:
+            info["error"] = "client_aborted"
+            return _Written(status, False)
+    return _Written(status, keep_alive)
 
 
 async def _send_head(out: web.StreamResponse, request: web.BaseRequest,

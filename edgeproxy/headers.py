@@ -6,8 +6,11 @@ import ipaddress
 import itertools
 import os
 import re
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
+from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.settings import IPNetwork
@@ -142,6 +145,65 @@ def _downstream(pairs: Iterable[tuple[str, str]], connection: Iterable[str]) -> 
         if name.lower() not in drop:
             out.add(name, value)
     return out
+
+
+_HEAD_DROP = frozenset(n.encode() for n in _DOWNSTREAM_DROP) | {b"x-request-id"}
+_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header value, formatted once per second."""
+    global _date
+    now = int(time.time())
+    if now != _date[0]:
+        _date = (now, formatdate(now, usegmt=True).encode())
+    return _date[1]
+
+
+def response_head(version: tuple[int, int], status: int, reason: str,
+                  raw: list[tuple[bytes, bytes]], rid: str, extra: dict[str, str] | None,
+                  length: int, keep_alive: bool) -> bytes:
+    """The client's response head for a body of `length` bytes, straight from the replica's
+    header bytes: the same headers `downstream_from_raw` keeps plus X-Request-ID and `extra`
+    (which replace the replica's headers of those names), framed as aiohttp frames a Response
+    (Content-Length, Date, Server and Content-Type when missing, Connection for keep-alive).
+
+    The replica's values pass through as bytes: llhttp refused CR, LF and NUL in them."""
+    drop = _HEAD_DROP
+    if extra:
+        drop = drop | {k.lower().encode() for k in extra}
+    if any(n.lower() == b"connection" for n, _ in raw):
+        drop = drop | {t for n, v in raw if n.lower() == b"connection"
+                       for t in (p.strip().lower() for p in v.split(b",")) if t}
+    lines = [b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], status,
+                                          reason.encode("latin-1", "replace"))]
+    kept: set[bytes] = set()
+    for name, value in raw:
+        low = name.lower()
+        if low not in drop:
+            kept.add(low)
+            lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"X-Request-ID: %s\r\n" % rid.encode())
+    if extra:
+        for key, val in extra.items():
+            lines.append(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape"))
+        kept.update(k.lower().encode() for k in extra)
+    lines.append(b"Content-Length: %d\r\n" % length)
+    if length and b"content-type" not in kept:
+        lines.append(b"Content-Type: application/octet-stream\r\n")
+    if b"date" not in kept:
+        lines.append(b"Date: %s\r\n" % _http_date())
+    if b"server" not in kept:
+        lines.append(_SERVER_LINE)
+    if b"connection" not in kept:
+        if keep_alive:
+            if version == (1, 0):
+                lines.append(b"Connection: keep-alive\r\n")
+        elif version == (1, 1):
+            lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def request_host(headers: Headers) -> str:

@@ -80,6 +80,14 @@ def make_app(name: str) -> web.Application:
         await asyncio.sleep(float(request.query.get("s", "1")))
         return web.Response(text=f"slept {name}")
 
+    async def respond(request: web.Request) -> web.Response:
+        # ?h=Name:Value (repeatable) sets response headers; ?body= sets the body.
+        resp = web.Response(text=request.query.get("body", "ok"))
+        for item in request.query.getall("h", []):
+            key, _, value = item.partition(":")
+            resp.headers.add(key, value)
+        return resp
+
     async def status(request: web.Request) -> web.Response:
         return web.Response(status=int(request.match_info["code"]), text="status")
 
@@ -113,6 +121,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_get("/stream", stream)
     app.router.add_get("/slow", slow)
     app.router.add_get("/status/{code}", status)
+    app.router.add_get("/respond", respond)
     app.router.add_get("/cut", cut)
     app.router.add_get("/ws", ws)
     app.router.add_route("*", "/{tail:.*}", echo)

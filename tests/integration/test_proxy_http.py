@@ -529,6 +529,85 @@ def test_error_responses_carry_the_client_request_id(env: Stack) -> None:
     assert assert_error(resp, 404, "no_route")["request_id"] == "trace-42"
 
 
+# --- client connections: keep-alive, pipelining, HTTP/1.0 ---------------------------------------
+
+
+def read_response(f: Any) -> RawResponse:
+    """One response off an open connection (which stays open: `closed` is not probed)."""
+    status_line = f.readline()
+    if not status_line:
+        raise ConnectionError("closed before a response")
+    return read_response_rest(f, status_line)
+
+
+def read_response_rest(f: Any, status_line: bytes) -> RawResponse:
+    """Headers and body of a response whose status line was read already."""
+    headers: list[tuple[str, str]] = []
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip(), value.strip()))
+    body, complete = _read_body(f, headers)
+    return RawResponse(int(status_line.split()[1]), headers, body, complete, False)
+
+
+def test_keep_alive_connection_serves_requests_one_after_another(env: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=5) as s:
+        f = s.makefile("rb")
+        for i in range(5):
+            s.sendall(f"GET /api/v2/respond?body=n{i} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
+            resp = read_response(f)
+            assert (resp.status, resp.body, resp.complete) == (200, f"n{i}".encode(), True)
+            assert resp.getall("Connection") == []
+
+
+def test_pipelined_requests_are_answered_in_order(env: Stack) -> None:
+    data = b"".join(f"GET /api/v2/respond?body=p{i} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode()
+                    for i in range(4))
+    with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=5) as s:
+        s.sendall(data)
+        f = s.makefile("rb")
+        assert [read_response(f).body for _ in range(4)] == [b"p0", b"p1", b"p2", b"p3"]
+
+
+@pytest.mark.parametrize(("version", "connection", "answer", "stays_open"), [
+    ("1.1", None, [], True),
+    ("1.1", "close", ["close"], False),
+    ("1.0", None, [], False),
+    ("1.0", "keep-alive", ["keep-alive"], True),
+])
+def test_client_connection_is_kept_or_closed_as_the_client_asked(
+        env: Stack, version: str, connection: str | None, answer: list[str],
+        stays_open: bool) -> None:
+    lines = [f"GET /api/v2/respond?body=v HTTP/{version}", "Host: proxy.test"]
+    if connection:
+        lines.append(f"Connection: {connection}")
+    with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=2) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        f = s.makefile("rb")
+        status_line = f.readline()
+        assert status_line.startswith(f"HTTP/{version} 200 ".encode())
+        resp = read_response_rest(f, status_line)
+        assert resp.body == b"v"
+        assert resp.getall("Connection") == answer
+        s.settimeout(0.5)
+        try:
+            closed = f.read(1) == b""
+        except TimeoutError:
+            closed = False
+        assert closed is not stays_open
+
+
+def test_replica_cannot_set_the_request_id_or_framing_of_the_answer(env: Stack) -> None:
+    resp = exchange(env.proxy.port, request_bytes(
+        "/api/v2/respond?body=abc&h=X-Request-ID:forged&h=Connection:x-a&h=X-A:1&h=X-B:2",
+        headers=(("X-Request-ID", "mine-1"),)))
+    assert (resp.status, resp.body, resp.complete) == (200, b"abc", True)
+    assert resp.getall("X-Request-ID") == ["mine-1"]
+    assert resp.getall("Content-Length") == ["3"]
+    assert resp.get("X-A") is None
+    assert resp.getall("X-B") == ["2"]
+
+
 # --- headers and bodies, backend to client ------------------------------------------------------
 
 

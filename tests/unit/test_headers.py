@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from email.utils import parsedate_to_datetime
 
+import httptools
 import pytest
 from multidict import CIMultiDict
 
@@ -15,6 +17,7 @@ from edgeproxy.headers import (
     is_trusted,
     request_host,
     request_id,
+    response_head,
     upstream_request_headers,
 )
 from edgeproxy.settings import IPNetwork
@@ -305,3 +308,106 @@ def test_request_host(host: str, expected: str) -> None:
 
 def test_request_host_missing() -> None:
     assert request_host(headers()) == ""
+
+
+# --- response_head: the client's head for a small answer, straight from the replica's bytes ----
+
+
+class _Parsed:
+    """What a strict HTTP/1.1 client (llhttp) reads from a head plus body."""
+
+    def __init__(self, data: bytes) -> None:
+        self.headers: list[tuple[str, str]] = []
+        self.body = b""
+        self.done = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(data)
+        self.status = self.parser.get_status_code()
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode(), value.decode()))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def getall(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+def head(raw: list[tuple[bytes, bytes]], body: bytes = b"hello", *, version: tuple[int, int] = (1, 1),
+         keep_alive: bool = True, extra: dict[str, str] | None = None, status: int = 200,
+         reason: str = "OK") -> _Parsed:
+    data = response_head(version, status, reason, raw, "rid-1", extra, len(body), keep_alive)
+    assert data.endswith(b"\r\n\r\n")
+    assert data.startswith(b"HTTP/%d.%d %d %s\r\n" % (*version, status, reason.encode()))
+    parsed = _Parsed(data + body)
+    assert parsed.done and parsed.body == body
+    return parsed
+
+
+def test_response_head_drops_hop_by_hop_framing_and_connection_named_headers() -> None:
+    p = head([(b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"s"),
+              (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
+              (b"Content-Length", b"999"), (b"Upgrade", b"h2c"), (b"Trailer", b"X-T"),
+              (b"Proxy-Authenticate", b"Basic"), (b"X-End", b"e"),
+              (b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2")])
+    names = {k.lower() for k, _ in p.headers}
+    assert not names & {"connection", "x-secret", "keep-alive", "transfer-encoding", "upgrade",
+                        "trailer", "proxy-authenticate"}
+    assert p.getall("Content-Length") == ["5"]  # ours, from the body we send, never the replica's
+    assert p.getall("X-End") == ["e"]
+    assert p.getall("Set-Cookie") == ["a=1", "b=2"]  # repeated headers keep order and count
+
+
+def test_response_head_replaces_the_replicas_request_id_and_our_extra_headers() -> None:
+    p = head([(b"X-Request-ID", b"theirs"), (b"ratelimit-policy", b"bogus"), (b"X-Keep", b"k")],
+             extra={"RateLimit-Policy": "10;w=60", "RateLimit": "limit=10, remaining=9, reset=60"})
+    assert p.getall("X-Request-ID") == ["rid-1"]
+    assert p.getall("RateLimit-Policy") == ["10;w=60"]
+    assert p.getall("RateLimit") == ["limit=10, remaining=9, reset=60"]
+    assert p.getall("X-Keep") == ["k"]
+
+
+def test_response_head_passes_value_bytes_through_unchanged() -> None:
+    p = head([(b"X-Bytes", "caf\u00e9".encode())])
+    assert p.getall("X-Bytes") == ["caf\u00e9"]
+
+
+def test_response_head_adds_date_server_and_type_only_when_missing() -> None:
+    p = head([])
+    (date,) = p.getall("Date")
+    assert parsedate_to_datetime(date).tzinfo is not None
+    assert len(p.getall("Server")) == 1
+    assert p.getall("Content-Type") == ["application/octet-stream"]
+    kept = head([(b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT"), (b"server", b"nginx"),
+                 (b"Content-Type", b"text/plain")])
+    assert kept.getall("Date") == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+    assert kept.getall("Server") == ["nginx"]
+    assert kept.getall("Content-Type") == ["text/plain"]
+    assert head([], b"").getall("Content-Type") == []  # no body, nothing to type
+
+
+@pytest.mark.parametrize(("version", "keep_alive", "connection", "client_keeps"), [
+    ((1, 1), True, [], True),
+    ((1, 1), False, ["close"], False),
+    ((1, 0), True, ["keep-alive"], True),
+    ((1, 0), False, [], False),
+])
+def test_response_head_tells_the_client_whether_the_connection_stays(
+        version: tuple[int, int], keep_alive: bool, connection: list[str],
+        client_keeps: bool) -> None:
+    p = head([(b"Connection", b"close")], version=version, keep_alive=keep_alive)
+    assert p.getall("Connection") == connection  # the replica's own Connection never leaks
+    assert p.keep_alive is client_keeps
+
+
+def test_response_head_keeps_the_status_and_reason() -> None:
+    p = head([], b"gone", status=410, reason="Gone Away")
+    assert p.status == 410
