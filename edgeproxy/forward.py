@@ -37,7 +37,7 @@ from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore, hsts_value, https_redirect_url
 from edgeproxy.transform import gzip_compressor, should_compress
-from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool, serialize_head
+from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -318,23 +318,30 @@ class Proxy:
                 return error_response(400, "bad_rewrite", str(exc), rid)
         if spec.add_prefix:
             fwd_path = spec.add_prefix + fwd_path
-        hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
-                                          scheme="https" if secure else "http", rid=rid,
-                                          trusted_peer=trusted_peer)
-        if spec.request_headers:
-            spec.request_headers.apply(hdrs)
+        auth: tuple[str, str] | None = None
         if identity is not None:
-            scopes = " ".join(identity.scopes)
-            if _CONTROL.search(identity.subject) or _CONTROL.search(scopes):
+            auth = (identity.subject, " ".join(identity.scopes))
+            if _CONTROL.search(auth[0]) or _CONTROL.search(auth[1]):
                 # A signed token can still carry CR/LF in sub or scope: never a header.
                 return error_response(401, "invalid_token", "the token's sub or scope holds "
                                       "control characters", rid,
                                       {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-            hdrs["X-Auth-Subject"] = identity.subject
-            hdrs["X-Auth-Scopes"] = scopes
-        if _is_websocket(request):
-            return await self._websocket(request, route, upstream, fwd_path, query, hdrs, rid,
-                                         info)
+        scheme = "https" if secure else "http"
+        websocket = _is_websocket(request)
+        if spec.request_headers or websocket:
+            hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
+                                              scheme=scheme, rid=rid, trusted_peer=trusted_peer)
+            if spec.request_headers:
+                spec.request_headers.apply(hdrs)
+            if auth is not None:
+                hdrs["X-Auth-Subject"], hdrs["X-Auth-Scopes"] = auth
+            if websocket:
+                return await self._websocket(request, route, upstream, fwd_path, query, hdrs,
+                                             rid, info)
+            head = h.UpstreamHead.of(hdrs)
+        else:  # no rules: straight from the client's header bytes to the replica's
+            head = h.upstream_head(request.raw_headers, peer=peer, client=client, scheme=scheme,
+                                   rid=rid, trusted_peer=trusted_peer, auth=auth)
         body: _CountedBody | None = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":
@@ -349,7 +356,7 @@ class Proxy:
             current = upstream
             balancer.acquire(current)
             try:
-                response = await self._attempt(request, route, current, target, hdrs, body,
+                response = await self._attempt(request, route, current, target, head, body,
                                                rid, info)
             except _UpstreamFailed as failure:
                 info["error"] = failure.code
@@ -443,7 +450,7 @@ class Proxy:
         route: Route,
         upstream: Upstream,
         target: str,
-        hdrs: CIMultiDict[str],
+        head: h.UpstreamHead,
         body: _CountedBody | None,
         rid: str,
         info: dict[str, Any],
@@ -451,13 +458,11 @@ class Proxy:
         """One try against one replica; raises _UpstreamFailed while nothing reached the client."""
         spec = route.spec
         method = request.method
-        if "Host" not in hdrs:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
-            hdrs["Host"] = upstream.address
-        chunked = body is not None and "Content-Length" not in hdrs
+        chunked = body is not None and not head.has_length
         try:
             endpoint = self._endpoint(upstream, spec)
             resp = await self._pool.request(
-                endpoint, serialize_head(method, target, hdrs, chunked), method,
+                endpoint, head.serialize(method, target, upstream.address, chunked), method,
                 body.stream() if body is not None else None, chunked,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
                 idempotent=method in _IDEMPOTENT)

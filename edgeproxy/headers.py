@@ -7,7 +7,8 @@ import itertools
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from email.utils import formatdate
 
 from aiohttp.http import SERVER_SOFTWARE
@@ -26,8 +27,6 @@ RESERVED_REQUEST = frozenset(("x-auth-subject", "x-auth-scopes"))
 # Replaced unless the peer is a trusted proxy.
 FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                        "x-forwarded-port", "x-real-ip", "forwarded"))
-# A client's Connection header may not remove what routing and framing rely on.
-_PROTECTED = frozenset(("host", "content-length", "content-type"))
 _RID_PREFIX = os.urandom(11).hex()
 _rid_counter = itertools.count(1)
 
@@ -42,9 +41,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 _DOWNSTREAM_DROP = HOP_BY_HOP | {"content-length"}
-# Precomputed per peer kind: the proxy sets Expect handling and X-Request-ID itself.
-_DROP_TRUSTED = HOP_BY_HOP | RESERVED_REQUEST | {"expect", "x-request-id"}
-_DROP_UNTRUSTED = _DROP_TRUSTED | FORWARDED
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -90,6 +86,105 @@ def request_id(headers: Headers) -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):010x}"
 
 
+# Precomputed per peer kind. The proxy handles Expect and sets X-Request-ID and X-Real-IP
+# (the client address it worked out) itself, even behind a trusted peer.
+_DROP_TRUSTED_B = frozenset(n.encode() for n in HOP_BY_HOP | RESERVED_REQUEST
+                            | {"expect", "x-request-id", "x-real-ip"})
+_DROP_UNTRUSTED_B = _DROP_TRUSTED_B | {n.encode() for n in FORWARDED}
+# A client's Connection header may not remove what routing and framing rely on.
+_PROTECTED_B = frozenset((b"host", b"content-length", b"content-type"))
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHead:
+    """The request headers for a replica, serialised once as `Name: value\\r\\n` lines.
+
+    The request line, a Host for clients that sent none, and chunked framing depend on the
+    try (target, replica, body) and are added by `serialize`."""
+
+    lines: bytes
+    has_host: bool
+    has_length: bool
+
+    @classmethod
+    def of(cls, headers: CIMultiDict[str]) -> UpstreamHead:
+        """From a multidict (after header rules rewrote it)."""
+        return cls("".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
+            "utf-8", "surrogateescape"), "Host" in headers, "Content-Length" in headers)
+
+    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
+        """The whole head for one try: request line, headers, framing, blank line."""
+        parts = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
+                 self.lines]
+        if not self.has_host:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
+            parts.append(b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape"))
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+def upstream_head(
+    raw: RawHeaders,
+    *,
+    peer: str | None,
+    client: str,
+    scheme: str,
+    rid: str,
+    trusted_peer: bool,
+    auth: tuple[str, str] | None = None,
+) -> UpstreamHead:
+    """Headers to send upstream, straight from the client's header bytes: hop-by-hop,
+    Connection-named, reserved and underscore names removed; X-Forwarded-*, X-Real-IP and
+    X-Request-ID set (kept and extended only from a trusted peer); `auth` is the
+    (subject, scopes) pair for X-Auth-Subject and X-Auth-Scopes, already checked for
+    control characters. Values pass through as the client sent them."""
+    drop = _DROP_TRUSTED_B if trusted_peer else _DROP_UNTRUSTED_B
+    lows = [n.lower() for n, _ in raw]
+    if b"connection" in lows:
+        tokens = {t for low, (_, v) in zip(lows, raw, strict=True) if low == b"connection"
+                  for t in (p.strip().lower() for p in v.split(b",")) if t}
+        drop = drop | (tokens - _PROTECTED_B)
+    lines: list[bytes] = []
+    host: bytes | None = None
+    prior: list[bytes] = []
+    has_proto = has_fwd_host = has_length = False
+    for low, (name, value) in zip(lows, raw, strict=True):
+        if low == b"host" and host is None:
+            host = value
+        if low in drop or b"_" in name:
+            continue
+        if low == b"x-forwarded-for":  # only a trusted peer's gets here: it is extended
+            prior.append(value)
+            continue
+        if low == b"content-length":
+            has_length = True
+        elif low == b"x-forwarded-proto":
+            has_proto = True
+        elif low == b"x-forwarded-host":
+            has_fwd_host = True
+        lines.append(b"%s: %s\r\n" % (name, value))
+    peer_b = (peer or "").encode()
+    if trusted_peer:
+        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join([*prior, peer_b]))
+        if not has_proto:
+            lines.append(b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
+        if host is not None and not has_fwd_host:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    else:
+        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n"
+                     % (peer_b, scheme.encode()))
+        if host is not None:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    lines.append(b"X-Real-IP: %s\r\nX-Request-ID: %s\r\n" % (client.encode(), rid.encode()))
+    if auth is not None:
+        subject, scopes = auth
+        lines.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
+            "utf-8", "surrogateescape"))
+    return UpstreamHead(b"".join(lines), host is not None, has_length)
+
+
 def upstream_request_headers(
     headers: Headers,
     *,
@@ -99,31 +194,15 @@ def upstream_request_headers(
     rid: str,
     trusted_peer: bool,
 ) -> CIMultiDict[str]:
-    """Headers to send upstream: hop-by-hop and reserved removed, forwarded headers set."""
-    drop = _DROP_TRUSTED if trusted_peer else _DROP_UNTRUSTED
-    if "Connection" in headers:
-        drop = drop | (connection_tokens(headers) - _PROTECTED)
+    """`upstream_head` as a multidict, for routes whose header rules rewrite it (and WebSockets)."""
+    raw = [(n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+           for n, v in headers.items()]
+    head = upstream_head(raw, peer=peer, client=client, scheme=scheme, rid=rid,
+                         trusted_peer=trusted_peer)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() in drop or "_" in name:
-            continue
-        out.add(name, value)
-    if trusted_peer:
-        prior = out.popall("X-Forwarded-For", [])
-        chain = ", ".join([*prior, peer or ""]) if prior else (peer or "")
-        out["X-Forwarded-For"] = chain
-        out.setdefault("X-Forwarded-Proto", scheme)
-        host = headers.get("Host")
-        if host is not None:
-            out.setdefault("X-Forwarded-Host", host)
-    else:
-        out["X-Forwarded-For"] = peer or ""
-        out["X-Forwarded-Proto"] = scheme
-        host = headers.get("Host")
-        if host is not None:
-            out["X-Forwarded-Host"] = host
-    out["X-Real-IP"] = client
-    out["X-Request-ID"] = rid
+    for line in head.lines.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
     return out
 
 

@@ -527,14 +527,3 @@ async def _headers_or_body_failure(conn: _Connection, sender: asyncio.Task[None]
     if exc is not None:
         raise exc
     await conn.headers_done
-
-
-def serialize_head(method: str, target: str, headers: CIMultiDict[str], chunked: bool) -> bytes:
-    """The request line and headers, as bytes (header values round-trip aiohttp's decoding)."""
-    parts = [f"{method} {target} HTTP/1.1\r\n"]
-    for name, value in headers.items():
-        parts.append(f"{name}: {value}\r\n")
-    if chunked:
-        parts.append("Transfer-Encoding: chunked\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")

@@ -11,6 +11,7 @@ import pytest
 from multidict import CIMultiDict
 
 from edgeproxy.headers import (
+    UpstreamHead,
     client_address,
     connection_tokens,
     downstream_response_headers,
@@ -18,6 +19,7 @@ from edgeproxy.headers import (
     request_host,
     request_id,
     response_head,
+    upstream_head,
     upstream_request_headers,
 )
 from edgeproxy.settings import IPNetwork
@@ -411,3 +413,62 @@ def test_response_head_tells_the_client_whether_the_connection_stays(
 def test_response_head_keeps_the_status_and_reason() -> None:
     p = head([], b"gone", status=410, reason="Gone Away")
     assert p.status == 410
+
+
+# --- upstream_head / UpstreamHead: the request head a replica gets -----------------------------
+
+
+def request_of(head: UpstreamHead, *, method: str = "GET", target: str = "/t",
+               host: str = "10.0.0.5:8080", chunked: bool = False) -> tuple[str, list[tuple[str, str]]]:
+    """Parse the serialised head as a strict HTTP/1.1 server (llhttp) would."""
+    seen: list[tuple[str, str]] = []
+    url: list[bytes] = []
+
+    class Sink:
+        def on_url(self, u: bytes) -> None:
+            url.append(u)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            seen.append((name.decode(), value.decode("utf-8", "surrogateescape")))
+
+    data = head.serialize(method, target, host, chunked)
+    assert data.endswith(b"\r\n\r\n")
+    httptools.HttpRequestParser(Sink()).feed_data(data)
+    return b"".join(url).decode(), seen
+
+
+def test_upstream_head_matches_the_multidict_rules_and_keeps_value_bytes() -> None:
+    raw = [(b"Host", b"api.example"), (b"Accept", b"*/*"), (b"X-Name", "caf\u00e9".encode()),
+           (b"Connection", b"keep-alive, X-Drop"), (b"X-Drop", b"1"), (b"X_Under", b"u"),
+           (b"X-Auth-Subject", b"admin"), (b"X-Forwarded-For", b"6.6.6.6"),
+           (b"Content-Length", b"3")]
+    head = upstream_head(raw, peer="203.0.113.7", client="203.0.113.7", scheme="https",
+                         rid="rid-9", trusted_peer=False, auth=("alice", "read write"))
+    assert head.has_host and head.has_length
+    target, seen = request_of(head, method="POST", target="/x?q=1")
+    assert target == "/x?q=1"
+    assert seen == [("Host", "api.example"), ("Accept", "*/*"), ("X-Name", "caf\u00e9"),
+                    ("Content-Length", "3"), ("X-Forwarded-For", "203.0.113.7"),
+                    ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "api.example"),
+                    ("X-Real-IP", "203.0.113.7"), ("X-Request-ID", "rid-9"),
+                    ("X-Auth-Subject", "alice"), ("X-Auth-Scopes", "read write")]
+
+
+def test_upstream_head_serialize_adds_host_and_chunked_framing_when_needed() -> None:
+    head = upstream_head([(b"Accept", b"*/*")], peer="127.0.0.1", client="127.0.0.1",
+                         scheme="http", rid="r", trusted_peer=False)
+    assert not head.has_host and not head.has_length
+    _, seen = request_of(head, host="10.0.0.5:8080", chunked=True)
+    assert ("Host", "10.0.0.5:8080") in seen
+    assert ("Transfer-Encoding", "chunked") in seen
+    assert not any(k == "X-Forwarded-Host" for k, _ in seen)  # no Host, nothing to forward
+    _, again = request_of(head, host="10.0.0.6:8080")  # a retry on another replica
+    assert ("Host", "10.0.0.6:8080") in again
+    assert not any(k == "Transfer-Encoding" for k, _ in again)
+
+
+def test_upstream_head_of_a_rewritten_multidict() -> None:
+    hdrs = CIMultiDict([("Host", "h"), ("X-Added", "v")])
+    head = UpstreamHead.of(hdrs)
+    assert head.has_host and not head.has_length
+    assert request_of(head)[1] == [("Host", "h"), ("X-Added", "v")]
