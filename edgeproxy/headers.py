@@ -96,6 +96,13 @@ _PROTECTED_B = frozenset((b"host", b"content-length", b"content-type"))
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
+def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
+    """Lower-case header names listed in the Connection headers of a raw header list
+    (`lows` holds its names, lowered)."""
+    return {t for low, (_, v) in zip(lows, raw, strict=True) if low == b"connection"
+            for t in (p.strip().lower() for p in v.split(b",")) if t}
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamHead:
     """The request headers for a replica, serialised once as `Name: value\\r\\n` lines.
@@ -143,9 +150,7 @@ def upstream_head(
     drop = _DROP_TRUSTED_B if trusted_peer else _DROP_UNTRUSTED_B
     lows = [n.lower() for n, _ in raw]
     if b"connection" in lows:
-        tokens = {t for low, (_, v) in zip(lows, raw, strict=True) if low == b"connection"
-                  for t in (p.strip().lower() for p in v.split(b",")) if t}
-        drop = drop | (tokens - _PROTECTED_B)
+        drop = drop | (_named_by_connection(lows, raw) - _PROTECTED_B)
     lines: list[bytes] = []
     host: bytes | None = None
     prior: list[bytes] = []
@@ -227,6 +232,7 @@ def _downstream(pairs: Iterable[tuple[str, str]], connection: Iterable[str]) -> 
 
 
 _HEAD_DROP = frozenset(n.encode() for n in _DOWNSTREAM_DROP) | {b"x-request-id"}
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
 _SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _date: tuple[int, bytes] = (0, b"")
 
@@ -252,14 +258,15 @@ def response_head(version: tuple[int, int], status: int, reason: str,
     drop = _HEAD_DROP
     if extra:
         drop = drop | {k.lower().encode() for k in extra}
-    if any(n.lower() == b"connection" for n, _ in raw):
-        drop = drop | {t for n, v in raw if n.lower() == b"connection"
-                       for t in (p.strip().lower() for p in v.split(b",")) if t}
+    lows = [n.lower() for n, _ in raw]
+    if b"connection" in lows:
+        tokens = _named_by_connection(lows, raw)
+        if not tokens <= _PLAIN_CONNECTION:  # "keep-alive" and "close" name nothing new
+            drop = drop | tokens
     lines = [b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], status,
                                           reason.encode("latin-1", "replace"))]
     kept: set[bytes] = set()
-    for name, value in raw:
-        low = name.lower()
+    for low, (name, value) in zip(lows, raw, strict=True):
         if low not in drop:
             kept.add(low)
             lines.append(b"%s: %s\r\n" % (name, value))
