@@ -105,32 +105,52 @@ def cases(n: int) -> dict[str, list[Case]]:
     else:
         doc = routes_file_doc(n)
         groups["table"].append((f"parse_routes ({n} routes)", lambda: parse_routes(doc)))
-    groups["headers"] = [header_case()]
+    groups["headers"] = header_cases()
     return groups
 
 
-def header_case() -> Case:
-    """Upstream request headers for a typical browser request (the per-request header work)."""
-    name = "upstream_request_headers (12 headers)"
+_BROWSER_HEADERS = {
+    "Host": "api.example.com", "User-Agent": "Mozilla/5.0", "Accept": "*/*",
+    "Accept-Encoding": "gzip, br", "Accept-Language": "en", "Connection": "keep-alive",
+    "Cookie": "a=1; b=2", "Referer": "https://example.com/", "X-Forwarded-For": "10.0.0.1",
+    "Authorization": "Bearer x.y.z", "Cache-Control": "no-cache", "Keep-Alive": "timeout=5",
+}
+_REPLICA_HEADERS = [(b"Server", b"nginx/1.22.1"), (b"Date", b"Thu, 26 Nov 2026 04:40:26 GMT"),
+                    (b"Content-Type", b"text/plain"), (b"Content-Length", b"20"),
+                    (b"Connection", b"keep-alive")]
+
+
+def header_cases() -> list[Case]:
+    """The per-request header work: the replica's request head for a typical browser request
+    (from raw bytes: every request; via a multidict: routes with header rules) and the
+    client's response head for a small answer."""
+    names = ["upstream_head + serialize (12 headers, raw bytes)",
+             "upstream_request_headers (12 headers, multidict, for header rules)",
+             "response_head (5 replica headers)"]
     try:
         from multidict import CIMultiDict, CIMultiDictProxy
 
-        from edgeproxy.headers import upstream_request_headers
+        from edgeproxy.headers import response_head, upstream_head, upstream_request_headers
     except ImportError as exc:
-        return name, _failed(exc)
-    headers = CIMultiDictProxy(CIMultiDict({
-        "Host": "api.example.com", "User-Agent": "Mozilla/5.0", "Accept": "*/*",
-        "Accept-Encoding": "gzip, br", "Accept-Language": "en", "Connection": "keep-alive",
-        "Cookie": "a=1; b=2", "Referer": "https://example.com/", "X-Forwarded-For": "10.0.0.1",
-        "Authorization": "Bearer x.y.z", "Cache-Control": "no-cache", "Keep-Alive": "timeout=5",
-    }))
+        return [(name, _failed(exc)) for name in names]
+    headers = CIMultiDictProxy(CIMultiDict(_BROWSER_HEADERS))
+    raw = [(k.encode(), v.encode()) for k, v in _BROWSER_HEADERS.items()]
 
-    def run() -> object:
+    def raw_head() -> object:
+        return upstream_head(raw, peer="127.0.0.1", client="127.0.0.1", scheme="http",
+                             rid="0123456789abcdef", trusted_peer=False).serialize(
+            "GET", "/api/hello", "127.0.0.1:8080", False)
+
+    def multidict() -> object:
         return upstream_request_headers(headers, peer="127.0.0.1", client="127.0.0.1",
                                         scheme="http", rid="0123456789abcdef",
                                         trusted_peer=False)
 
-    return name, run
+    def answer() -> object:
+        return response_head((1, 1), 200, "OK", _REPLICA_HEADERS, "0123456789abcdef", None, 20,
+                             True)
+
+    return list(zip(names, (raw_head, multidict, answer), strict=True))
 
 
 def _refused(fn: Callable[[Any], object], arg: Any) -> object:

@@ -1012,6 +1012,7 @@ def machine_info(edgeproxy_src: Path) -> dict[str, Any]:
         "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
         "python": platform.python_version(),
+        "python_executable": os.path.realpath(sys.executable),
         "nginx": first_line(["nginx", "-v"]), "haproxy": first_line(["haproxy", "-v"]),
         "caddy": first_line(["caddy", "version"]), "wrk": first_line(["wrk", "-v"]),
         "curl": first_line(["curl", "--version"]),

@@ -91,6 +91,10 @@ def request_id(headers: Headers) -> str:
 _DROP_TRUSTED_B = frozenset(n.encode() for n in HOP_BY_HOP | RESERVED_REQUEST
                             | {"expect", "x-request-id", "x-real-ip"})
 _DROP_UNTRUSTED_B = _DROP_TRUSTED_B | {n.encode() for n in FORWARDED}
+# Names upstream_head notes on the way (its drop sets never hold them).
+_NOTED = frozenset((b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
+                    b"x-forwarded-host"))
+_UNDERSCORE = ord("_")  # `int in bytes` is several times faster than `b"_" in bytes`
 # A client's Connection header may not remove what routing and framing rely on.
 _PROTECTED_B = frozenset((b"host", b"content-length", b"content-type"))
 RawHeaders = Sequence[tuple[bytes, bytes]]
@@ -99,6 +103,9 @@ RawHeaders = Sequence[tuple[bytes, bytes]]
 def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
     """Lower-case header names listed in the Connection headers of a raw header list
     (`lows` holds its names, lowered)."""
+    if lows.count(b"connection") == 1 and (
+            raw[lows.index(b"connection")][1].lower() in _PLAIN_CONNECTION):
+        return set()  # the usual "keep-alive" or "close": it names no other header
     return {t for low, (_, v) in zip(lows, raw, strict=True) if low == b"connection"
             for t in (p.strip().lower() for p in v.split(b",")) if t}
 
@@ -151,43 +158,46 @@ def upstream_head(
     lows = [n.lower() for n, _ in raw]
     if b"connection" in lows:
         drop = drop | (_named_by_connection(lows, raw) - _PROTECTED_B)
-    lines: list[bytes] = []
+    parts: list[bytes] = []
     host: bytes | None = None
     prior: list[bytes] = []
     has_proto = has_fwd_host = has_length = False
     for low, (name, value) in zip(lows, raw, strict=True):
-        if low == b"host" and host is None:
-            host = value
-        if low in drop or b"_" in name:
+        if low in drop or _UNDERSCORE in name:
             continue
-        if low == b"x-forwarded-for":  # only a trusted peer's gets here: it is extended
-            prior.append(value)
-            continue
-        if low == b"content-length":
-            has_length = True
-        elif low == b"x-forwarded-proto":
-            has_proto = True
-        elif low == b"x-forwarded-host":
-            has_fwd_host = True
-        lines.append(b"%s: %s\r\n" % (name, value))
+        if low in _NOTED:
+            if low == b"host":
+                if host is None:
+                    host = value
+            elif low == b"x-forwarded-for":  # only a trusted peer's gets here: it is extended
+                prior.append(value)
+                continue
+            elif low == b"content-length":
+                has_length = True
+            elif low == b"x-forwarded-proto":
+                has_proto = True
+            else:
+                has_fwd_host = True
+        parts.extend((name, b": ", value, b"\r\n"))
     peer_b = (peer or "").encode()
     if trusted_peer:
-        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join([*prior, peer_b]))
+        parts.extend((b"X-Forwarded-For: ", b", ".join([*prior, peer_b]), b"\r\n"))
         if not has_proto:
-            lines.append(b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
+            parts.extend((b"X-Forwarded-Proto: ", scheme.encode(), b"\r\n"))
         if host is not None and not has_fwd_host:
-            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+            parts.extend((b"X-Forwarded-Host: ", host, b"\r\n"))
     else:
-        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n"
-                     % (peer_b, scheme.encode()))
+        parts.extend((b"X-Forwarded-For: ", peer_b, b"\r\nX-Forwarded-Proto: ", scheme.encode(),
+                      b"\r\n"))
         if host is not None:
-            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
-    lines.append(b"X-Real-IP: %s\r\nX-Request-ID: %s\r\n" % (client.encode(), rid.encode()))
+            parts.extend((b"X-Forwarded-Host: ", host, b"\r\n"))
+    parts.extend((b"X-Real-IP: ", client.encode(), b"\r\nX-Request-ID: ", rid.encode(),
+                  b"\r\n"))
     if auth is not None:
         subject, scopes = auth
-        lines.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
+        parts.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
             "utf-8", "surrogateescape"))
-    return UpstreamHead(b"".join(lines), host is not None, has_length)
+    return UpstreamHead(b"".join(parts), host is not None, has_length)
 
 
 def upstream_request_headers(
@@ -256,40 +266,54 @@ def response_head(version: tuple[int, int], status: int, reason: str,
 
     The replica's values pass through as bytes: llhttp refused CR, LF and NUL in them."""
     drop = _HEAD_DROP
+    ours: set[bytes] = set()
     if extra:
-        drop = drop | {k.lower().encode() for k in extra}
+        ours = {k.lower().encode() for k in extra}
+        drop = drop | ours
     lows = [n.lower() for n, _ in raw]
     if b"connection" in lows:
         tokens = _named_by_connection(lows, raw)
-        if not tokens <= _PLAIN_CONNECTION:  # "keep-alive" and "close" name nothing new
+        if tokens:
             drop = drop | tokens
-    lines = [b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], status,
-                                          reason.encode("latin-1", "replace"))]
-    kept: set[bytes] = set()
+    parts = [_status_line(version, status, reason)]
     for low, (name, value) in zip(lows, raw, strict=True):
         if low not in drop:
-            kept.add(low)
-            lines.append(b"%s: %s\r\n" % (name, value))
-    lines.append(b"X-Request-ID: %s\r\n" % rid.encode())
+            parts.extend((name, b": ", value, b"\r\n"))
+    parts.extend((b"X-Request-ID: ", rid.encode(), b"\r\n"))
     if extra:
-        for key, val in extra.items():
-            lines.append(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape"))
-        kept.update(k.lower().encode() for k in extra)
-    lines.append(b"Content-Length: %d\r\n" % length)
-    if length and b"content-type" not in kept:
-        lines.append(b"Content-Type: application/octet-stream\r\n")
-    if b"date" not in kept:
-        lines.append(b"Date: %s\r\n" % _http_date())
-    if b"server" not in kept:
-        lines.append(_SERVER_LINE)
-    if b"connection" not in kept:
+        parts.extend(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape")
+                     for key, val in extra.items())
+    parts.extend((b"Content-Length: ", b"%d" % length, b"\r\n"))
+    present = (set(lows) - drop) | ours
+    if length and b"content-type" not in present:
+        parts.append(b"Content-Type: application/octet-stream\r\n")
+    if b"date" not in present:
+        parts.extend((b"Date: ", _http_date(), b"\r\n"))
+    if b"server" not in present:
+        parts.append(_SERVER_LINE)
+    if b"connection" not in present:
         if keep_alive:
             if version == (1, 0):
-                lines.append(b"Connection: keep-alive\r\n")
+                parts.append(b"Connection: keep-alive\r\n")
         elif version == (1, 1):
-            lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+            parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+_status_lines: dict[tuple[tuple[int, int], int, str], bytes] = {}
+
+
+def _status_line(version: tuple[int, int], status: int, reason: str) -> bytes:
+    """`HTTP/1.1 200 OK\\r\\n`, cached: replicas use a handful of statuses and reasons."""
+    key = (version, status, reason)
+    line = _status_lines.get(key)
+    if line is None:
+        if len(_status_lines) >= 512:  # a replica inventing reasons can't grow it
+            _status_lines.clear()
+        line = _status_lines[key] = b"HTTP/%d.%d %d %s\r\n" % (
+            version[0], version[1], status, reason.encode("latin-1", "replace"))
+    return line
 
 
 def request_host(headers: Headers) -> str:
