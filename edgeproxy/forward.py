@@ -329,7 +329,7 @@ class Proxy:
         scheme = "https" if secure else "http"
         websocket = _is_websocket(request)
         if spec.request_headers or websocket:
-            hdrs = h.upstream_request_headers(request.headers, peer=peer, client=client,
+            hdrs = h.upstream_request_headers(request.raw_headers, peer=peer, client=client,
                                               scheme=scheme, rid=rid, trusted_peer=trusted_peer)
             if spec.request_headers:
                 spec.request_headers.apply(hdrs)

@@ -149,59 +149,23 @@ def upstream_head(
     trusted_peer: bool,
     auth: tuple[str, str] | None = None,
 ) -> UpstreamHead:
-    """Headers to send upstream, straight from the client's header bytes: hop-by-hop,
-    Connection-named, reserved and underscore names removed; X-Forwarded-*, X-Real-IP and
-    X-Request-ID set (kept and extended only from a trusted peer); `auth` is the
-    (subject, scopes) pair for X-Auth-Subject and X-Auth-Scopes, already checked for
-    control characters. Values pass through as the client sent them."""
-    drop = _DROP_TRUSTED_B if trusted_peer else _DROP_UNTRUSTED_B
-    lows = [n.lower() for n, _ in raw]
-    if b"connection" in lows:
-        drop = drop | (_named_by_connection(lows, raw) - _PROTECTED_B)
+    """Headers to send upstream, serialised straight from the client's header bytes (see
+    `upstream_pairs`); `auth` is the (subject, scopes) pair for X-Auth-Subject and
+    X-Auth-Scopes, already checked for control characters."""
+    pairs, has_host, has_length = upstream_pairs(raw, peer=peer, client=client, scheme=scheme,
+                                                 rid=rid, trusted_peer=trusted_peer)
     parts: list[bytes] = []
-    host: bytes | None = None
-    prior: list[bytes] = []
-    has_proto = has_fwd_host = has_length = False
-    for low, (name, value) in zip(lows, raw, strict=True):
-        if low in drop or _UNDERSCORE in name:
-            continue
-        if low in _NOTED:
-            if low == b"host":
-                if host is None:
-                    host = value
-            elif low == b"x-forwarded-for":  # only a trusted peer's gets here: it is extended
-                prior.append(value)
-                continue
-            elif low == b"content-length":
-                has_length = True
-            elif low == b"x-forwarded-proto":
-                has_proto = True
-            else:
-                has_fwd_host = True
+    for name, value in pairs:
         parts.extend((name, b": ", value, b"\r\n"))
-    peer_b = (peer or "").encode()
-    if trusted_peer:
-        parts.extend((b"X-Forwarded-For: ", b", ".join([*prior, peer_b]), b"\r\n"))
-        if not has_proto:
-            parts.extend((b"X-Forwarded-Proto: ", scheme.encode(), b"\r\n"))
-        if host is not None and not has_fwd_host:
-            parts.extend((b"X-Forwarded-Host: ", host, b"\r\n"))
-    else:
-        parts.extend((b"X-Forwarded-For: ", peer_b, b"\r\nX-Forwarded-Proto: ", scheme.encode(),
-                      b"\r\n"))
-        if host is not None:
-            parts.extend((b"X-Forwarded-Host: ", host, b"\r\n"))
-    parts.extend((b"X-Real-IP: ", client.encode(), b"\r\nX-Request-ID: ", rid.encode(),
-                  b"\r\n"))
     if auth is not None:
         subject, scopes = auth
         parts.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
             "utf-8", "surrogateescape"))
-    return UpstreamHead(b"".join(parts), host is not None, has_length)
+    return UpstreamHead(b"".join(parts), has_host, has_length)
 
 
 def upstream_request_headers(
-    headers: Headers,
+    raw: RawHeaders,
     *,
     peer: str | None,
     client: str,
@@ -209,16 +173,69 @@ def upstream_request_headers(
     rid: str,
     trusted_peer: bool,
 ) -> CIMultiDict[str]:
-    """`upstream_head` as a multidict, for routes whose header rules rewrite it (and WebSockets)."""
-    raw = [(n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
-           for n, v in headers.items()]
-    head = upstream_head(raw, peer=peer, client=client, scheme=scheme, rid=rid,
-                         trusted_peer=trusted_peer)
-    out: CIMultiDict[str] = CIMultiDict()
-    for line in head.lines.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b": ")
-        out.add(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-    return out
+    """The same headers as a multidict, for routes whose header rules rewrite them (and
+    WebSockets); values decoded as aiohttp decodes them (UTF-8, bytes kept as surrogates)."""
+    pairs, _, _ = upstream_pairs(raw, peer=peer, client=client, scheme=scheme, rid=rid,
+                                 trusted_peer=trusted_peer)
+    return CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                        for n, v in pairs])
+
+
+def upstream_pairs(
+    raw: RawHeaders,
+    *,
+    peer: str | None,
+    client: str,
+    scheme: str,
+    rid: str,
+    trusted_peer: bool,
+) -> tuple[list[tuple[bytes, bytes]], bool, bool]:
+    """The replica's request headers from the client's: hop-by-hop, Connection-named, reserved
+    and underscore names removed; X-Forwarded-*, X-Real-IP and X-Request-ID set (kept and
+    extended only from a trusted peer). Values pass through as the client sent them.
+
+    Returns the (name, value) pairs, whether a Host is among them, and whether a
+    Content-Length is."""
+    drop = _DROP_TRUSTED_B if trusted_peer else _DROP_UNTRUSTED_B
+    lows = [n.lower() for n, _ in raw]
+    if b"connection" in lows:
+        drop = drop | (_named_by_connection(lows, raw) - _PROTECTED_B)
+    out: list[tuple[bytes, bytes]] = []
+    host: bytes | None = None
+    prior: list[bytes] = []
+    has_proto = has_fwd_host = has_length = False
+    for low, pair in zip(lows, raw, strict=True):
+        if low in drop or _UNDERSCORE in pair[0]:
+            continue
+        if low in _NOTED:
+            if low == b"host":
+                if host is None:
+                    host = pair[1]
+            elif low == b"x-forwarded-for":  # only a trusted peer's gets here: it is extended
+                prior.append(pair[1])
+                continue
+            elif low == b"content-length":
+                has_length = True
+            elif low == b"x-forwarded-proto":
+                has_proto = True
+            else:
+                has_fwd_host = True
+        out.append(pair)
+    peer_b = (peer or "").encode()
+    if trusted_peer:
+        out.append((b"X-Forwarded-For", b", ".join([*prior, peer_b])))
+        if not has_proto:
+            out.append((b"X-Forwarded-Proto", scheme.encode()))
+        if host is not None and not has_fwd_host:
+            out.append((b"X-Forwarded-Host", host))
+    else:
+        out.append((b"X-Forwarded-For", peer_b))
+        out.append((b"X-Forwarded-Proto", scheme.encode()))
+        if host is not None:
+            out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Real-IP", client.encode()))
+    out.append((b"X-Request-ID", rid.encode()))
+    return out, host is not None, has_length
 
 
 def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:

@@ -33,7 +33,8 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
 
 def upstream(h: CIMultiDict[str], *, trusted_peer: bool = False, peer: str = "203.0.113.7",
              client: str | None = None, scheme: str = "http", rid: str = "rid-1") -> CIMultiDict[str]:
-    return upstream_request_headers(h, peer=peer, client=client or peer, scheme=scheme, rid=rid,
+    raw = [(k.encode(), v.encode()) for k, v in h.items()]  # as aiohttp's request.raw_headers
+    return upstream_request_headers(raw, peer=peer, client=client or peer, scheme=scheme, rid=rid,
                                     trusted_peer=trusted_peer)
 
 
