@@ -110,7 +110,7 @@ def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
             for t in (p.strip().lower() for p in v.split(b",")) if t}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs more
 class UpstreamHead:
     """The request headers for a replica, serialised once as `Name: value\\r\\n` lines.
 
