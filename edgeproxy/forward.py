@@ -44,7 +44,7 @@ _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
-_CHUNK = 64 * 1024
+_WRITE_WAIT = 64 * 1024  # unsent bytes past which a small answer waits for the client
 _EMPTY_BODY = frozenset((204, 304))
 
 
@@ -95,7 +95,7 @@ class _CountedBody:
         self.too_large = False
 
     async def stream(self) -> AsyncIterator[bytes]:
-        async for chunk in self._content.iter_chunked(_CHUNK):
+        async for chunk in self._content.iter_any():  # what arrived, no re-slicing
             self.seen += len(chunk)
             if self.limit and self.seen > self.limit:
                 self.too_large = True
@@ -647,7 +647,7 @@ async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body:
         return _Written(status, False)
     transport.write(head + body)
     info["bytes"] = len(body)
-    if transport.get_write_buffer_size() > _CHUNK:
+    if transport.get_write_buffer_size() > _WRITE_WAIT:
         try:
             await request.writer.drain()
         except ConnectionError:

@@ -54,6 +54,8 @@ def make_app(name: str) -> web.Application:
         return web.json_response(payload, headers={"X-Backend": name})
 
     async def upload(request: web.Request) -> web.Response:
+        # ?hold=S: read nothing for S seconds first, as a busy backend would.
+        await asyncio.sleep(float(request.query.get("hold", "0")))
         total = 0
         async for chunk in request.content.iter_any():
             total += len(chunk)

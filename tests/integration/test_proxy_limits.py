@@ -244,3 +244,47 @@ def test_large_sized_upload_streams_completely(roomy: ProxyProcess) -> None:
     r = requests.post(roomy.url("/upload"), data=b"s" * (30 * MB), timeout=60)
     assert r.status_code == 200
     assert r.json()["received"] == 30 * MB
+
+
+# --- backpressure: a slow side never makes the proxy buffer the body -------------------------
+
+
+@pytest.fixture
+def fresh(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[ProxyProcess]:
+    """A proxy of its own: no earlier transfer has raised its peak memory."""
+    yield from _proxy(tmp_path_factory, backend, max_body_size="0")
+
+
+def peak_rss_mb(proxy: ProxyProcess) -> float:
+    """The proxy's peak resident memory so far (VmHWM), in MB."""
+    with open(f"/proc/{proxy.proc.pid}/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_upload_to_a_backend_that_is_not_reading_does_not_pile_up_in_the_proxy(
+        fresh: ProxyProcess) -> None:
+    # The backend reads nothing for 2 s while the client pushes 60 MB as fast as it can: a proxy
+    # that kept reading the client would hold most of it in memory.
+    before = peak_rss_mb(fresh)
+    block = b"h" * MB
+    r = requests.post(fresh.url("/upload?hold=2"), data=(block for _ in range(60)), timeout=60)
+    assert r.status_code == 200
+    assert r.json()["received"] == 60 * MB
+    assert peak_rss_mb(fresh) - before < 20
+
+
+def test_download_to_a_client_that_is_not_reading_does_not_pile_up_in_the_proxy(
+        fresh: ProxyProcess) -> None:
+    before = peak_rss_mb(fresh)
+    size = 60 * MB
+    with socket.create_connection(("127.0.0.1", fresh.port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /stream?bytes={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                  .encode())
+        time.sleep(2)  # not reading: the backend keeps sending
+        got = 0
+        while chunk := s.recv(1024 * 1024):
+            got += len(chunk)
+    assert got > size  # head plus the whole body
+    assert peak_rss_mb(fresh) - before < 20
