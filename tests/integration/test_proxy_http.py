@@ -10,6 +10,7 @@ import gzip
 import json
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import ProxyProcess, free_port, run_backend, run_proxy, write_routes
+from helpers import ProxyProcess, free_port, run_backend, run_proxy, wait_for, write_routes
 from multidict import CIMultiDict
 
 # --- raw HTTP/1.1 over a socket ---------------------------------------------------------------
@@ -606,6 +607,17 @@ def test_replica_cannot_set_the_request_id_or_framing_of_the_answer(env: Stack) 
     assert resp.getall("Content-Length") == ["3"]
     assert resp.get("X-A") is None
     assert resp.getall("X-B") == ["2"]
+
+
+def test_client_that_hangs_up_mid_request_is_logged_499_not_500(env: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=5) as s:
+        s.sendall(b"GET /api/v2/slow?s=2 HTTP/1.1\r\nHost: proxy.test\r\n"
+                  b"X-Request-ID: hangup-1\r\n\r\n")
+        time.sleep(0.3)  # the request is with the backend now
+    line = wait_for(lambda: next((e for e in env.proxy.events("access")
+                                  if e.get("request_id") == "hangup-1"), None), timeout=10)
+    assert line["status"] == 499
+    assert line["error"] == "client_closed"
 
 
 # --- headers and bodies, backend to client ------------------------------------------------------
