@@ -128,20 +128,22 @@ def header_cases() -> list[Case]:
              "upstream_request_headers (12 headers, multidict, for header rules)",
              "response_head (5 replica headers)"]
     try:
-        from edgeproxy.headers import response_head, upstream_head, upstream_request_headers
+        from edgeproxy.headers import (
+            HopInfo,
+            response_head,
+            upstream_head,
+            upstream_request_headers,
+        )
     except ImportError as exc:
         return [(name, _failed(exc)) for name in names]
     raw = [(k.encode(), v.encode()) for k, v in _BROWSER_HEADERS.items()]
+    hop = HopInfo("127.0.0.1", "127.0.0.1", "http", "0123456789abcdef", False)
 
     def raw_head() -> object:
-        return upstream_head(raw, peer="127.0.0.1", client="127.0.0.1", scheme="http",
-                             rid="0123456789abcdef", trusted_peer=False).serialize(
-            "GET", "/api/hello", "127.0.0.1:8080", False)
+        return upstream_head(raw, hop).serialize("GET", "/api/hello", "127.0.0.1:8080", False)
 
     def multidict() -> object:
-        return upstream_request_headers(raw, peer="127.0.0.1", client="127.0.0.1",
-                                        scheme="http", rid="0123456789abcdef",
-                                        trusted_peer=False)
+        return upstream_request_headers(raw, hop)
 
     def answer() -> object:
         return response_head((1, 1), 200, "OK", _REPLICA_HEADERS, "0123456789abcdef", None, 20,

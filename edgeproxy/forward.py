@@ -326,11 +326,10 @@ class Proxy:
                 return error_response(401, "invalid_token", "the token's sub or scope holds "
                                       "control characters", rid,
                                       {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        scheme = "https" if secure else "http"
+        hop = h.HopInfo(peer, client, "https" if secure else "http", rid, trusted_peer)
         websocket = _is_websocket(request)
         if spec.request_headers or websocket:
-            hdrs = h.upstream_request_headers(request.raw_headers, peer=peer, client=client,
-                                              scheme=scheme, rid=rid, trusted_peer=trusted_peer)
+            hdrs = h.upstream_request_headers(request.raw_headers, hop)
             if spec.request_headers:
                 spec.request_headers.apply(hdrs)
             if auth is not None:
@@ -340,8 +339,7 @@ class Proxy:
                                              rid, info)
             head = h.UpstreamHead.of(hdrs)
         else:  # no rules: straight from the client's header bytes to the replica's
-            head = h.upstream_head(request.raw_headers, peer=peer, client=client, scheme=scheme,
-                                   rid=rid, trusted_peer=trusted_peer, auth=auth)
+            head = h.upstream_head(request.raw_headers, hop, auth)
         body: _CountedBody | None = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
+from typing import NamedTuple
 
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -100,6 +101,16 @@ _PROTECTED_B = frozenset((b"host", b"content-length", b"content-type"))
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
+class HopInfo(NamedTuple):
+    """What the proxy tells the replica about this hop."""
+
+    peer: str | None  # the address that connected to us
+    client: str  # the client's address (behind trusted proxies, the last untrusted hop)
+    scheme: str  # "http" or "https", as the client reached us
+    rid: str  # the request id
+    trusted_peer: bool  # the peer is a trusted proxy: its X-Forwarded-* are kept and extended
+
+
 def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
     """Lower-case header names listed in the Connection headers of a raw header list
     (`lows` holds its names, lowered)."""
@@ -139,21 +150,12 @@ class UpstreamHead:
         return b"".join(parts)
 
 
-def upstream_head(
-    raw: RawHeaders,
-    *,
-    peer: str | None,
-    client: str,
-    scheme: str,
-    rid: str,
-    trusted_peer: bool,
-    auth: tuple[str, str] | None = None,
-) -> UpstreamHead:
+def upstream_head(raw: RawHeaders, hop: HopInfo,
+                  auth: tuple[str, str] | None = None) -> UpstreamHead:
     """Headers to send upstream, serialised straight from the client's header bytes (see
     `upstream_pairs`); `auth` is the (subject, scopes) pair for X-Auth-Subject and
     X-Auth-Scopes, already checked for control characters."""
-    pairs, has_host, has_length = upstream_pairs(raw, peer=peer, client=client, scheme=scheme,
-                                                 rid=rid, trusted_peer=trusted_peer)
+    pairs, has_host, has_length = upstream_pairs(raw, hop)
     parts: list[bytes] = []
     for name, value in pairs:
         parts.extend((name, b": ", value, b"\r\n"))
@@ -164,38 +166,22 @@ def upstream_head(
     return UpstreamHead(b"".join(parts), has_host, has_length)
 
 
-def upstream_request_headers(
-    raw: RawHeaders,
-    *,
-    peer: str | None,
-    client: str,
-    scheme: str,
-    rid: str,
-    trusted_peer: bool,
-) -> CIMultiDict[str]:
+def upstream_request_headers(raw: RawHeaders, hop: HopInfo) -> CIMultiDict[str]:
     """The same headers as a multidict, for routes whose header rules rewrite them (and
     WebSockets); values decoded as aiohttp decodes them (UTF-8, bytes kept as surrogates)."""
-    pairs, _, _ = upstream_pairs(raw, peer=peer, client=client, scheme=scheme, rid=rid,
-                                 trusted_peer=trusted_peer)
+    pairs, _, _ = upstream_pairs(raw, hop)
     return CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                         for n, v in pairs])
 
 
-def upstream_pairs(
-    raw: RawHeaders,
-    *,
-    peer: str | None,
-    client: str,
-    scheme: str,
-    rid: str,
-    trusted_peer: bool,
-) -> tuple[list[tuple[bytes, bytes]], bool, bool]:
+def upstream_pairs(raw: RawHeaders, hop: HopInfo) -> tuple[list[tuple[bytes, bytes]], bool, bool]:
     """The replica's request headers from the client's: hop-by-hop, Connection-named, reserved
     and underscore names removed; X-Forwarded-*, X-Real-IP and X-Request-ID set (kept and
     extended only from a trusted peer). Values pass through as the client sent them.
 
     Returns the (name, value) pairs, whether a Host is among them, and whether a
     Content-Length is."""
+    peer, client, scheme, rid, trusted_peer = hop
     drop = _DROP_TRUSTED_B if trusted_peer else _DROP_UNTRUSTED_B
     lows = [n.lower() for n, _ in raw]
     if b"connection" in lows:

@@ -11,6 +11,7 @@ import pytest
 from multidict import CIMultiDict
 
 from edgeproxy.headers import (
+    HopInfo,
     UpstreamHead,
     client_address,
     connection_tokens,
@@ -34,8 +35,7 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
 def upstream(h: CIMultiDict[str], *, trusted_peer: bool = False, peer: str = "203.0.113.7",
              client: str | None = None, scheme: str = "http", rid: str = "rid-1") -> CIMultiDict[str]:
     raw = [(k.encode(), v.encode()) for k, v in h.items()]  # as aiohttp's request.raw_headers
-    return upstream_request_headers(raw, peer=peer, client=client or peer, scheme=scheme, rid=rid,
-                                    trusted_peer=trusted_peer)
+    return upstream_request_headers(raw, HopInfo(peer, client or peer, scheme, rid, trusted_peer))
 
 
 # --- upstream ---------------------------------------------------------------------------
@@ -443,8 +443,8 @@ def test_upstream_head_matches_the_multidict_rules_and_keeps_value_bytes() -> No
            (b"Connection", b"keep-alive, X-Drop"), (b"X-Drop", b"1"), (b"X_Under", b"u"),
            (b"X-Auth-Subject", b"admin"), (b"X-Forwarded-For", b"6.6.6.6"),
            (b"Content-Length", b"3")]
-    head = upstream_head(raw, peer="203.0.113.7", client="203.0.113.7", scheme="https",
-                         rid="rid-9", trusted_peer=False, auth=("alice", "read write"))
+    head = upstream_head(raw, HopInfo("203.0.113.7", "203.0.113.7", "https", "rid-9", False),
+                         auth=("alice", "read write"))
     assert head.has_host and head.has_length
     target, seen = request_of(head, method="POST", target="/x?q=1")
     assert target == "/x?q=1"
@@ -456,8 +456,7 @@ def test_upstream_head_matches_the_multidict_rules_and_keeps_value_bytes() -> No
 
 
 def test_upstream_head_serialize_adds_host_and_chunked_framing_when_needed() -> None:
-    head = upstream_head([(b"Accept", b"*/*")], peer="127.0.0.1", client="127.0.0.1",
-                         scheme="http", rid="r", trusted_peer=False)
+    head = upstream_head([(b"Accept", b"*/*")], HopInfo("127.0.0.1", "127.0.0.1", "http", "r", False))
     assert not head.has_host and not head.has_length
     _, seen = request_of(head, host="10.0.0.5:8080", chunked=True)
     assert ("Host", "10.0.0.5:8080") in seen
