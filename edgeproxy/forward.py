@@ -23,7 +23,13 @@ from edgeproxy.errors import error_response
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
+from edgeproxy.paths import (
+    PathError,
+    normalize_path,
+    split_absolute,
+    split_target,
+    strip_prefix,
+)
 from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
 from edgeproxy.policies.ratelimit import (
     InMemoryLimiter,
@@ -220,7 +226,16 @@ class Proxy:
     async def _dispatch(
         self, request: web.BaseRequest, rid: str, info: dict[str, Any]
     ) -> web.StreamResponse:
-        raw_path, query = split_target(request.raw_path)
+        target = request.raw_path
+        authority: str | None = None
+        if not target.startswith("/"):
+            try:
+                absolute = split_absolute(target)
+            except PathError as exc:
+                return error_response(400, "bad_target", str(exc), rid)
+            if absolute is not None:  # http://host/path: its host replaces the Host header
+                authority, target = absolute
+        raw_path, query = split_target(target)
         challenge = self._acme is not None and raw_path.startswith(CHALLENGE_PREFIX)
         if challenge and self._acme is not None:
             token = challenge_token(raw_path)
@@ -235,7 +250,7 @@ class Proxy:
         # Exempt from https redirects only what really is a challenge path once normalised
         # (/.well-known/acme-challenge/../../admin is not).
         challenge = challenge and path.startswith(CHALLENGE_PREFIX)
-        host = h.request_host(request.headers)
+        host = h.request_host(request.headers) if authority is None else h.host_name(authority)
         table = self._table()
         found = table.match(host, path)
         if ";" in path and _semicolon_confusion(table, host, path, found):
@@ -252,8 +267,9 @@ class Proxy:
         if spec.tls is not None:
             if not secure and spec.tls_redirect and not challenge and (
                     self._certs is not None and self._certs.covers(host)):
-                location = https_redirect_url(request.headers.get("Host", ""),
-                                              request.raw_path, self.settings.tls_redirect_port)
+                location = https_redirect_url(
+                    request.headers.get("Host", "") if authority is None else authority,
+                    target, self.settings.tls_redirect_port)
                 if location is None:
                     return error_response(400, "bad_host", "the Host header cannot be "
                                           "redirected to https", rid)
@@ -327,9 +343,13 @@ class Proxy:
                                       "control characters", rid,
                                       {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         hop = h.HopInfo(peer, client, "https" if secure else "http", rid, trusted_peer)
+        raw_headers = request.raw_headers
+        if authority is not None:  # the replica gets the target's authority as its Host
+            raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
+                           (b"Host", authority.encode()))
         websocket = _is_websocket(request)
         if spec.request_headers or websocket:
-            hdrs = h.upstream_request_headers(request.raw_headers, hop)
+            hdrs = h.upstream_request_headers(raw_headers, hop)
             if spec.request_headers:
                 spec.request_headers.apply(hdrs)
             if auth is not None:
@@ -339,7 +359,7 @@ class Proxy:
                                              rid, info)
             head = h.UpstreamHead.of(hdrs)
         else:  # no rules: straight from the client's header bytes to the replica's
-            head = h.upstream_head(request.raw_headers, hop, auth)
+            head = h.upstream_head(raw_headers, hop, auth)
         body: _CountedBody | None = None
         if request.body_exists:
             if request.headers.get("Expect", "").lower() == "100-continue":

@@ -321,10 +321,14 @@ def _status_line(version: tuple[int, int], status: int, reason: str) -> bytes:
 
 def request_host(headers: Headers) -> str:
     """Lower-case host name from the Host header, without port or trailing dot."""
-    host = headers.get("Host", "")
-    if not host:
+    return host_name(headers.get("Host", ""))
+
+
+def host_name(authority: str) -> str:
+    """Lower-case host name of a Host value or URL authority, without port or trailing dot."""
+    if not authority:
         return ""
-    host = host.strip().lower()
+    host = authority.strip().lower()
     if host.startswith("["):
         end = host.find("]")
         return host[1:end] if end > 0 else host

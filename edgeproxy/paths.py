@@ -106,6 +106,38 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
+# host[:port] of an absolute-form target: a DNS name or IPv4 address, or an [IPv6] literal.
+_AUTHORITY = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def split_absolute(target: str) -> tuple[str, str] | None:
+    """The (authority, origin-form target) of an absolute-form request target
+    (`http://host:port/path?query`, RFC 9112 3.2.2), or None for any other form.
+
+    Servers must accept this form, and its authority replaces the Host header. An authority
+    with userinfo (`user@host`), an empty one or one that is not a host name or address
+    raises PathError."""
+    head = target[:8].lower()
+    if head.startswith("http://"):
+        rest = target[7:]
+    elif head.startswith("https://"):
+        rest = target[8:]
+    else:
+        return None
+    end = len(rest)
+    for sep in "/?#":
+        i = rest.find(sep)
+        if 0 <= i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        raise PathError("the request target carries userinfo ('user@host'), which is refused")
+    if not _AUTHORITY.fullmatch(authority):
+        raise PathError(f"the request target's authority {authority!r} is not a host name or "
+                        "address")
+    return authority, tail if tail.startswith("/") else "/" + tail
+
+
 def prefixes_of(path: str) -> list[str]:
     """Segment-boundary prefixes of a normalised path, longest first: /a/b/ -> /a/b, /a, /."""
     trimmed = path.rstrip("/")

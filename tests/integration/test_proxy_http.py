@@ -530,6 +530,42 @@ def test_error_responses_carry_the_client_request_id(env: Stack) -> None:
     assert assert_error(resp, 404, "no_route")["request_id"] == "trace-42"
 
 
+# --- absolute-form request targets (RFC 9112 3.2.2) ---------------------------------------------
+
+
+def test_absolute_form_target_routes_by_its_authority_not_the_host_header(env: Stack) -> None:
+    resp = exchange(env.proxy.port, b"GET http://SHOP.example:8080/anything?q=1 HTTP/1.1\r\n"
+                    b"Host: proxy.test\r\nConnection: close\r\n\r\n")
+    assert resp.status == 200
+    body = resp.json()
+    assert body["name"] == "shop"  # proxy.test would have gone to a path route or 404
+    assert body["raw_path"] == "/anything?q=1"  # origin-form towards the replica
+    seen = seen_headers(resp)
+    assert seen.getall("Host") == ["SHOP.example:8080"]  # the authority replaced Host
+    assert seen.getall("X-Forwarded-Host") == ["SHOP.example:8080"]
+
+
+def test_absolute_form_target_path_is_normalised_like_any_other(env: Stack) -> None:
+    resp = exchange(env.proxy.port, b"GET http://proxy.test/internal/../api/v2/x HTTP/1.1\r\n"
+                    b"Host: proxy.test\r\nConnection: close\r\n\r\n")
+    assert resp.status == 200
+    assert resp.json()["name"] == "v2"
+    assert resp.json()["raw_path"] == "/x"
+
+
+@pytest.mark.parametrize(("target", "code"), [
+    (b"http://user@shop.example/x", "bad_target"),  # ours: userinfo is never routed
+    (b"http://shop.example%2f.evil/x", "bad_target"),
+    (b"http://shop.example:po/x", "bad_request"),  # aiohttp's parser refuses these first
+    (b"http:///x", "bad_request"),
+])
+def test_absolute_form_target_with_a_bad_authority_is_400(env: Stack, target: bytes,
+                                                          code: str) -> None:
+    resp = exchange(env.proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: shop.example\r\n"
+                    b"Connection: close\r\n\r\n")
+    assert_error(resp, 400, code)
+
+
 # --- client connections: keep-alive, pipelining, HTTP/1.0 ---------------------------------------
 
 

@@ -100,6 +100,15 @@ def test_plain_http_redirects_with_308_except_acme_challenges(file_tls: dict) ->
     assert seen["x-forwarded-proto"] == "http"
 
 
+def test_absolute_form_request_redirects_to_its_own_authority(file_tls: dict) -> None:
+    # GET http://a.test/orders with a Host that names another site: the target's authority
+    # decides both the route and the redirect.
+    p, port = file_tls["proxy"], file_tls["tls_port"]
+    status, headers, _ = http_get(p.port, "b.test", "http://a.test/orders?x=1")
+    assert status == 308
+    assert headers["location"] == f"https://a.test:{port}/orders?x=1"
+
+
 def test_hsts_only_when_asked_and_only_over_https(file_tls: dict, ca: trustme.CA) -> None:
     ca_pem = ca.cert_pem.bytes().decode()
     _, headers, _, _ = https_get(file_tls["tls_port"], "a.test", "/", ca_pem)

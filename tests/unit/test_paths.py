@@ -8,7 +8,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edgeproxy.paths import PathError, normalize_path, prefixes_of, split_target, strip_prefix
+from edgeproxy.paths import (
+    PathError,
+    normalize_path,
+    prefixes_of,
+    split_absolute,
+    split_target,
+    strip_prefix,
+)
 
 
 @pytest.mark.parametrize(
@@ -281,3 +288,36 @@ def test_normalized_path_shape(raw: str) -> None:
 def test_normalize_only_raises_path_error(raw: str) -> None:
     # Anything else would become a 500 instead of a 400.
     _accepted(raw)
+
+
+# --- absolute-form request targets (RFC 9112 3.2.2) ---------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("/orders?x=1", None),
+    ("*", None),
+    ("ftp://example.com/x", None),
+    ("http://Example.com:8080/a/b?c=d", ("Example.com:8080", "/a/b?c=d")),
+    ("HTTPS://example.com", ("example.com", "/")),
+    ("http://example.com?x=1", ("example.com", "/?x=1")),
+    ("http://example.com#frag", ("example.com", "/#frag")),
+    ("http://10.0.0.7/x", ("10.0.0.7", "/x")),
+    ("http://[2001:db8::1]:8080/x", ("[2001:db8::1]:8080", "/x")),
+    ("http://my_service.internal/x", ("my_service.internal", "/x")),
+])
+def test_split_absolute(target: str, expected: tuple[str, str] | None) -> None:
+    assert split_absolute(target) == expected
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("http://user:pw@example.com/x", "userinfo"),
+    ("http://example.com@evil.test/x", "userinfo"),
+    ("http:///x", "authority ''"),
+    ("http://exa mple.com/x", "is not a host name"),
+    ("http://example.com:port/x", "is not a host name"),
+    ("http://-dash.example/x", "is not a host name"),
+    ("http://example.com%2f.evil/x", "is not a host name"),
+])
+def test_split_absolute_refuses_a_bad_authority(target: str, message: str) -> None:
+    with pytest.raises(PathError, match=re.escape(message)):
+        split_absolute(target)
