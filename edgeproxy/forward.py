@@ -664,13 +664,13 @@ async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body:
         info["error"] = "client_aborted"
         return _Written(status, False)
     transport.write(head + body)
-    info["bytes"] = len(body)
     if transport.get_write_buffer_size() > _WRITE_WAIT:
         try:
             await request.writer.drain()
         except ConnectionError:
             info["error"] = "client_aborted"
             return _Written(status, False)
+    info["bytes"] = len(body)
     return _Written(status, keep_alive)
 
 

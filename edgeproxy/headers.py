@@ -114,9 +114,11 @@ class HopInfo(NamedTuple):
 def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
     """Lower-case header names listed in the Connection headers of a raw header list
     (`lows` holds its names, lowered)."""
-    if lows.count(b"connection") == 1 and (
-            raw[lows.index(b"connection")][1].lower() in _PLAIN_CONNECTION):
-        return set()  # the usual "keep-alive" or "close": it names no other header
+    if lows.count(b"connection") == 1:  # the usual one token ("keep-alive", "close")
+        value = raw[lows.index(b"connection")][1]
+        if b"," not in value:
+            token = value.strip().lower()
+            return {token} if token else set()
     return {t for low, (_, v) in zip(lows, raw, strict=True) if low == b"connection"
             for t in (p.strip().lower() for p in v.split(b",")) if t}
 
@@ -245,7 +247,6 @@ def _downstream(pairs: Iterable[tuple[str, str]], connection: Iterable[str]) -> 
 
 
 _HEAD_DROP = frozenset(n.encode() for n in _DOWNSTREAM_DROP) | {b"x-request-id"}
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
 _SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _date: tuple[int, bytes] = (0, b"")
 
@@ -276,7 +277,7 @@ def response_head(version: tuple[int, int], status: int, reason: str,
     lows = [n.lower() for n, _ in raw]
     if b"connection" in lows:
         tokens = _named_by_connection(lows, raw)
-        if tokens:
+        if not tokens <= drop:
             drop = drop | tokens
     parts = [_status_line(version, status, reason)]
     for low, (name, value) in zip(lows, raw, strict=True):
@@ -284,8 +285,10 @@ def response_head(version: tuple[int, int], status: int, reason: str,
             parts.extend((name, b": ", value, b"\r\n"))
     parts.extend((b"X-Request-ID: ", rid.encode(), b"\r\n"))
     if extra:
-        parts.extend(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape")
-                     for key, val in extra.items())
+        for key, val in extra.items():
+            if "\r" in val or "\n" in val:  # ours, but never a way to split the head
+                raise ValueError(f"header {key!r} holds CR or LF")
+            parts.append(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape"))
     parts.extend((b"Content-Length: ", b"%d" % length, b"\r\n"))
     present = (set(lows) - drop) | ours
     if length and b"content-type" not in present:

@@ -724,6 +724,27 @@ def test_proxy_keeps_serving_after_upstream_faults(env: Stack) -> None:
     assert requests.get(env.proxy.url("/api/ok"), timeout=5).json()["name"] == "api"
 
 
+def test_retried_request_without_host_names_the_replica_it_reaches(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # An HTTP/1.0 client may send no Host; the proxy supplies the replica's address, and a
+    # retry on another replica must name that one, not the one that refused the connection.
+    tmp = tmp_path_factory.mktemp("retry-host")
+    dead = free_port()
+    with run_backend("live") as live:
+        routes = write_routes(tmp / "routes.toml", {
+            "r": {"path": "/", "upstreams": [f"http://127.0.0.1:{dead}", live]}})
+        with run_proxy(tmp, docker="false", routes_file=str(routes)) as proxy:
+            hosts = []
+            for _ in range(4):  # round robin: at least one of them tries the dead one first
+                resp = exchange(proxy.port, b"GET /x HTTP/1.0\r\n\r\n")
+                assert resp.status == 200
+                hosts += seen_headers(resp).getall("Host")
+            retried = [e for e in wait_for(lambda: proxy.events("access")[-4:] if len(
+                proxy.events("access")) >= 4 else None, 10) if e["retries"]]
+    assert hosts == [live.removeprefix("http://")] * 4
+    assert retried  # the case under test did happen
+
+
 # --- admin -----------------------------------------------------------------------------------
 
 

@@ -472,3 +472,18 @@ def test_upstream_head_of_a_rewritten_multidict() -> None:
     head = UpstreamHead.of(hdrs)
     assert head.has_host and not head.has_length
     assert request_of(head)[1] == [("Host", "h"), ("X-Added", "v")]
+
+
+@pytest.mark.parametrize("connection", [b"close", b" Close ", b"keep-alive, close"])
+def test_a_header_named_by_connection_close_is_dropped_both_ways(connection: bytes) -> None:
+    # RFC 9110 7.6.1: every connection option names a header to remove, "close" included.
+    p = head([(b"Connection", connection), (b"Close", b"yes"), (b"X-Keep", b"k")])
+    assert p.getall("Close") == [] and p.getall("X-Keep") == ["k"]
+    out = upstream(headers(("Connection", connection.decode()), ("Close", "1"), ("X-Keep", "k")))
+    assert "Close" not in out and out.getall("X-Keep") == ["k"]
+
+
+def test_response_head_refuses_an_extra_header_that_would_split_the_head() -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        response_head((1, 1), 200, "OK", [], "r", {"Access-Control-Allow-Origin": "a\r\nX: y"},
+                      0, True)
