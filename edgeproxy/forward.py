@@ -226,16 +226,16 @@ class Proxy:
     async def _dispatch(
         self, request: web.BaseRequest, rid: str, info: dict[str, Any]
     ) -> web.StreamResponse:
-        target = request.raw_path
+        asked = request.raw_path  # the client's request target, in origin form below
         authority: str | None = None
-        if not target.startswith("/"):
+        if not asked.startswith("/"):
             try:
-                absolute = split_absolute(target)
+                absolute = split_absolute(asked)
             except PathError as exc:
                 return error_response(400, "bad_target", str(exc), rid)
             if absolute is not None:  # http://host/path: its host replaces the Host header
-                authority, target = absolute
-        raw_path, query = split_target(target)
+                authority, asked = absolute
+        raw_path, query = split_target(asked)
         challenge = self._acme is not None and raw_path.startswith(CHALLENGE_PREFIX)
         if challenge and self._acme is not None:
             token = challenge_token(raw_path)
@@ -269,7 +269,7 @@ class Proxy:
                     self._certs is not None and self._certs.covers(host)):
                 location = https_redirect_url(
                     request.headers.get("Host", "") if authority is None else authority,
-                    target, self.settings.tls_redirect_port)
+                    asked, self.settings.tls_redirect_port)
                 if location is None:
                     return error_response(400, "bad_host", "the Host header cannot be "
                                           "redirected to https", rid)
