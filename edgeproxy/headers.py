@@ -41,7 +41,7 @@ os.register_at_fork(after_in_child=_new_rid_prefix)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
-_DOWNSTREAM_DROP = HOP_BY_HOP | {"content-length"}
+_DOWNSTREAM_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -92,7 +92,7 @@ def request_id(headers: Headers) -> str:
 _DROP_TRUSTED_B = frozenset(n.encode() for n in HOP_BY_HOP | RESERVED_REQUEST
                             | {"expect", "x-request-id", "x-real-ip"})
 _DROP_UNTRUSTED_B = _DROP_TRUSTED_B | {n.encode() for n in FORWARDED}
-# Names upstream_head notes on the way (its drop sets never hold them).
+# Names upstream_pairs notes on the way (its drop sets never hold them).
 _NOTED = frozenset((b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
                     b"x-forwarded-host"))
 _UNDERSCORE = ord("_")  # `int in bytes` is several times faster than `b"_" in bytes`
@@ -226,27 +226,30 @@ def upstream_pairs(raw: RawHeaders, hop: HopInfo) -> tuple[list[tuple[bytes, byt
     return out, host is not None, has_length
 
 
-def downstream_response_headers(headers: Headers) -> CIMultiDict[str]:
-    """Headers to send to the client: hop-by-hop and framing removed (we frame ourselves)."""
-    return _downstream(headers.items(), headers.getall("Connection", ()))
+def downstream_pairs(raw: RawHeaders, also: frozenset[bytes] = frozenset()
+                     ) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """The replica's response headers a client may see: hop-by-hop headers, Content-Length
+    (we frame ourselves), every name Connection lists and the names in `also` removed.
+
+    Returns the kept (name, value) pairs and the set of their lower-cased names."""
+    drop = _DOWNSTREAM_DROP | also if also else _DOWNSTREAM_DROP
+    lows = [n.lower() for n, _ in raw]
+    if b"connection" in lows:
+        tokens = _named_by_connection(lows, raw)
+        if not tokens <= drop:
+            drop = drop | tokens
+    kept = [pair for low, pair in zip(lows, raw, strict=True) if low not in drop]
+    return kept, set(lows) - drop
 
 
-def downstream_from_raw(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """downstream_response_headers straight from the parser's (name, value) byte pairs."""
-    pairs = [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
-    return _downstream(pairs, [v for n, v in pairs if n.lower() == "connection"])
+def downstream_from_raw(raw: RawHeaders) -> CIMultiDict[str]:
+    """`downstream_pairs` as a multidict (for response-header rules, compression, streaming),
+    decoded as aiohttp decodes them (UTF-8, bytes kept as surrogates)."""
+    return CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape"))
+                        for n, v in downstream_pairs(raw)[0]])
 
 
-def _downstream(pairs: Iterable[tuple[str, str]], connection: Iterable[str]) -> CIMultiDict[str]:
-    drop = _DOWNSTREAM_DROP | _tokens(connection)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in pairs:
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
-
-
-_HEAD_DROP = frozenset(n.encode() for n in _DOWNSTREAM_DROP) | {b"x-request-id"}
+_REPLACED = frozenset((b"x-request-id",))  # the replica's is replaced by ours
 _SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _date: tuple[int, bytes] = (0, b"")
 
@@ -260,29 +263,20 @@ def _http_date() -> bytes:
     return _date[1]
 
 
-def response_head(version: tuple[int, int], status: int, reason: str,
-                  raw: list[tuple[bytes, bytes]], rid: str, extra: dict[str, str] | None,
-                  length: int, keep_alive: bool) -> bytes:
+def response_head(version: tuple[int, int], status: int, reason: str, raw: RawHeaders,
+                  rid: str, extra: dict[str, str] | None, length: int, keep_alive: bool) -> bytes:
     """The client's response head for a body of `length` bytes, straight from the replica's
-    header bytes: the same headers `downstream_from_raw` keeps plus X-Request-ID and `extra`
+    header bytes: the headers `downstream_pairs` keeps plus X-Request-ID and `extra`
     (which replace the replica's headers of those names), framed as aiohttp frames a Response
     (Content-Length, Date, Server and Content-Type when missing, Connection for keep-alive).
 
     The replica's values pass through as bytes: llhttp refused CR, LF and NUL in them."""
-    drop = _HEAD_DROP
-    ours: set[bytes] = set()
-    if extra:
-        ours = {k.lower().encode() for k in extra}
-        drop = drop | ours
-    lows = [n.lower() for n, _ in raw]
-    if b"connection" in lows:
-        tokens = _named_by_connection(lows, raw)
-        if not tokens <= drop:
-            drop = drop | tokens
+    ours = frozenset(k.lower().encode() for k in extra) if extra else frozenset()
+    pairs, present = downstream_pairs(raw, _REPLACED | ours if ours else _REPLACED)
+    present |= ours
     parts = [_status_line(version, status, reason)]
-    for low, (name, value) in zip(lows, raw, strict=True):
-        if low not in drop:
-            parts.extend((name, b": ", value, b"\r\n"))
+    for name, value in pairs:
+        parts.extend((name, b": ", value, b"\r\n"))
     parts.extend((b"X-Request-ID: ", rid.encode(), b"\r\n"))
     if extra:
         for key, val in extra.items():
@@ -290,7 +284,6 @@ def response_head(version: tuple[int, int], status: int, reason: str,
                 raise ValueError(f"header {key!r} holds CR or LF")
             parts.append(f"{key}: {val}\r\n".encode("utf-8", "surrogateescape"))
     parts.extend((b"Content-Length: ", b"%d" % length, b"\r\n"))
-    present = (set(lows) - drop) | ours
     if length and b"content-type" not in present:
         parts.append(b"Content-Type: application/octet-stream\r\n")
     if b"date" not in present:

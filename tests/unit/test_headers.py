@@ -15,7 +15,7 @@ from edgeproxy.headers import (
     UpstreamHead,
     client_address,
     connection_tokens,
-    downstream_response_headers,
+    downstream_from_raw,
     is_trusted,
     request_host,
     request_id,
@@ -36,6 +36,10 @@ def upstream(h: CIMultiDict[str], *, trusted_peer: bool = False, peer: str = "20
              client: str | None = None, scheme: str = "http", rid: str = "rid-1") -> CIMultiDict[str]:
     raw = [(k.encode(), v.encode()) for k, v in h.items()]  # as aiohttp's request.raw_headers
     return upstream_request_headers(raw, HopInfo(peer, client or peer, scheme, rid, trusted_peer))
+
+
+def downstream(h: CIMultiDict[str]) -> CIMultiDict[str]:
+    return downstream_from_raw([(k.encode(), v.encode()) for k, v in h.items()])
 
 
 # --- upstream ---------------------------------------------------------------------------
@@ -170,7 +174,7 @@ def test_input_headers_are_not_modified() -> None:
     h = headers(("Connection", "X-A"), ("X-A", "1"), ("X-Forwarded-For", "1.1.1.1"))
     before = list(h.items())
     upstream(h)
-    downstream_response_headers(h)
+    downstream(h)
     assert list(h.items()) == before
 
 
@@ -178,21 +182,21 @@ def test_input_headers_are_not_modified() -> None:
 
 @pytest.mark.parametrize("name", [*HOP_BY_HOP, "Content-Length", "content-length"])
 def test_hop_by_hop_and_content_length_removed_downstream(name: str) -> None:
-    out = downstream_response_headers(headers((name, "x"), ("Content-Type", "text/plain")))
+    out = downstream(headers((name, "x"), ("Content-Type", "text/plain")))
     assert name not in out
     assert out.getall("Content-Type") == ["text/plain"]
 
 
 def test_headers_named_in_connection_removed_downstream() -> None:
     h = headers(("Connection", "close, X-Internal"), ("X-Internal", "1"), ("X-Public", "2"))
-    out = downstream_response_headers(h)
+    out = downstream(h)
     assert list(out.items()) == [("X-Public", "2")]
 
 
 def test_downstream_keeps_end_to_end_headers_and_repeats() -> None:
     h = headers(("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Cache-Control", "no-store"),
                 ("Content-Encoding", "gzip"), ("X-Request-ID", "rid"), ("X_Under", "kept"))
-    assert list(downstream_response_headers(h).items()) == list(h.items())
+    assert list(downstream(h).items()) == list(h.items())
 
 
 # --- client address -----------------------------------------------------------------------
