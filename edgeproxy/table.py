@@ -91,9 +91,7 @@ def pick_network(c: Container, wanted: str | None, default: str | None) -> tuple
     """(network, address) to reach a running container on; raise ValueError why not."""
     nets = dict(c.networks)
     if wanted is not None:
-        if wanted not in nets:
-            raise ValueError(f"not attached to network {wanted!r} (attached: {_names(nets)})")
-        name = wanted
+        name = _network_named(c, wanted, nets)
     elif default is not None and default in nets:
         name = default
     elif len(nets) == 1:
@@ -109,6 +107,22 @@ def pick_network(c: Container, wanted: str | None, default: str | None) -> tuple
     if not address:
         raise ValueError(f"no IP address on network {name!r} (host or none network mode?)")
     return name, address
+
+
+COMPOSE_PROJECT = "com.docker.compose.project"
+
+
+def _network_named(c: Container, wanted: str, nets: Mapping[str, str]) -> str:
+    """The attached network `wanted` names: as written, else Compose's `<project>_<wanted>`.
+
+    A compose file says `networks: [frontend]` and Compose creates `<project>_frontend`; the
+    label is written beside the first, so the container's project label supplies the prefix."""
+    if wanted in nets:
+        return wanted
+    project = c.labels.get(COMPOSE_PROJECT)
+    if project and f"{project}_{wanted}" in nets:
+        return f"{project}_{wanted}"
+    raise ValueError(f"not attached to network {wanted!r} (attached: {_names(nets)})")
 
 
 def _names(nets: Mapping[str, str]) -> str:
