@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from edgeproxy.headers import request_host
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
+from edgeproxy.providers.docker import DiscoveryStatus
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
@@ -129,13 +131,19 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
-    """The admin aiohttp application."""
+def make_admin_app(watcher: Watcher, proxy: Proxy,
+                   discovery: Callable[[], DiscoveryStatus] | None = None) -> web.Application:
+    """The admin aiohttp application; `discovery` reads the Docker provider's status."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({
-            "status": "ok",
+        # Discovery on and failing: 503, so the image's HEALTHCHECK turns unhealthy.
+        status = discovery() if discovery is not None and watcher.settings.docker else None
+        failing = status is not None and status.state == "failing"
+        return web.json_response(status=503 if failing else 200, data={
+            "status": "failing" if failing else "ok",
+            "reason": f"Docker discovery fails: {status.error}" if failing and status else None,
+            "discovery": status.as_json() if status is not None else None,
             "version": __version__,
             "uptime_s": round(time.time() - started, 1),
             "docker": _docker_state(watcher),

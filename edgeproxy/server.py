@@ -195,7 +195,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         tasks.append(asyncio.create_task(files.run(), name="routes-file"))
     docker: DockerProvider | None = None
     if settings.docker:
-        docker = DockerProvider(watcher, loop)
+        docker = DockerProvider(watcher, loop, quiet=worker != 0)
         docker.on_reconnect = metrics.docker_reconnects.inc
         docker.start()
 
@@ -206,7 +206,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     server.header_timeout = settings.header_timeout
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
-    admin_runner = web.AppRunner(make_admin_app(watcher, proxy),
+    admin_runner = web.AppRunner(make_admin_app(watcher, proxy, (lambda: docker.status)
+                                                if docker is not None else None),
                                  access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await admin_runner.setup()

@@ -375,7 +375,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[opt.attr] = opt.parse(raw)
         except ValueError as exc:
             raise SettingsError(opt.env, raw, str(exc)) from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.docker:
+        check_docker_host(env.get("DOCKER_HOST"))
+    return settings
+
+
+def check_docker_host(value: str | None) -> None:
+    """Raise SettingsError for a DOCKER_HOST the docker SDK cannot use: retrying won't fix it."""
+    if not value:
+        return  # the SDK's default, unix:///var/run/docker.sock
+    from docker.utils.utils import parse_host  # the SDK's own parser: what it refuses, fails
+
+    try:
+        parse_host(value, False, False)
+    except Exception:  # noqa: BLE001 - DockerException or ValueError, same meaning
+        raise SettingsError("DOCKER_HOST", value,
+                            "unix:///path/to/docker.sock, tcp://HOST:PORT or ssh://USER@HOST "
+                            "(or EDGEPROXY_DOCKER=false)") from None
 
 
 def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:
