@@ -140,8 +140,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    for name in unknown_settings():
-        log.warning("setting_unknown", variable=name)
+    if worker == 0:  # start-up events once, not once per worker
+        for name in unknown_settings():
+            log.warning("setting_unknown", variable=name)
 
     watcher = Watcher(settings, quiet=worker != 0)
     session = make_session(settings)
@@ -189,7 +190,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
 
     files: FileProvider | None = None
     if settings.routes_file is not None:
-        files = FileProvider(watcher, settings.routes_file, settings.routes_file_poll)
+        files = FileProvider(watcher, settings.routes_file, settings.routes_file_poll,
+                             quiet=worker != 0)
         files.load_once()
         watcher.rebuild_now()
         tasks.append(asyncio.create_task(files.run(), name="routes-file"))
@@ -224,7 +226,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
                                   reuse_port=settings.workers > 1 or None).start()
             except OSError as exc:
                 raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
-        log.info("listening", proxy=str(settings.listen),
+        (log.info if worker == 0 else log.debug)("listening", proxy=str(settings.listen),
                  tls=str(settings.tls_listen) if settings.tls_listen else None,
                  admin=str(settings.admin_listen) if worker == 0 else None,
                  docker=settings.docker, routes_file=str(settings.routes_file or "") or None,

@@ -15,11 +15,25 @@ PrefixMap = dict[str, Route]
 
 @dataclass(frozen=True, slots=True)
 class FileRoute:
-    """A route declared in the routes file: a spec and fixed upstream URLs."""
+    """A route declared in the routes file: a spec and fixed upstream URLs.
+
+    With `errors`, the route is invalid as the file now says it: a route that was valid before
+    keeps its last good spec and upstreams (and is served); one that never was has none."""
 
     name: str
     spec: RouteSpec
     upstreams: tuple[Upstream, ...]
+    errors: tuple[LabelError, ...] = ()
+
+    @classmethod
+    def invalid(cls, name: str, errors: tuple[LabelError, ...]) -> FileRoute:
+        """A route with no good version to serve: it claims no host or path."""
+        return cls(name, RouteSpec(hosts=(), paths=()), (), errors)
+
+    @property
+    def serving(self) -> bool:
+        """False for a route that has no valid version at all."""
+        return bool(self.upstreams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +178,16 @@ def build_table(
     groups: dict[RouteSpec, _Group] = {}
     file_groups: list[_Group] = []
     for fr in file_routes:
+        if fr.errors:
+            # Shown in /containers beside the containers' label errors.
+            why = "; ".join(f"{e.label}={e.value!r}: {e.reason}" for e in fr.errors)
+            decisions.append(Decision(
+                f"routes file: {fr.name}", fr.serving,
+                (f"invalid, serving its last good version: {why}" if fr.serving
+                 else f"invalid, not routed: {why}"),
+                route=fr.name if fr.serving else None, errors=fr.errors))
+            if not fr.serving:
+                continue
         file_groups.append(_Group(fr.spec, "file", (0, 0.0, 0, fr.name), fr.name,
                                   list(fr.upstreams), []))
 

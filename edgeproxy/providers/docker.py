@@ -257,7 +257,8 @@ class DockerProvider:
         before, now = self.status, time.time()
         self.status = DiscoveryStatus("connected", since=now)
         event = "docker_connected" if first else "docker_resynced"
-        self._log.info(event, containers=count, previously_connected=was)
+        (self._log.debug if self._quiet else self._log.info)(
+            event, containers=count, previously_connected=was)
         if before.state == "failing" and not self._quiet:
             self._log.info("docker_recovered", failures=before.failures,
                            down_s=round(now - before.since, 1))

@@ -767,3 +767,19 @@ def test_tables_compare_by_routes() -> None:
     cs = [container("a", created=1), container("b", {"gateway.path": "/b"}, created=2)]
     assert build_table(cs) == build_table(list(reversed(cs)))
     assert build_table(cs) != build_table(cs[:1])
+
+
+def test_invalid_file_routes_are_decisions_and_a_held_one_is_served() -> None:
+    err = LabelError("routes.static.strip_prefix", "maybe", "true or false")
+    held = FileRoute("static", RouteSpec(paths=("/orders",)),
+                     (Upstream("http", "10.0.0.9", 80, "http://10.0.0.9"),), errors=(err,))
+    never = FileRoute.invalid("broken", (LabelError("routes.broken.path", "", "missing"),))
+    table = build_table([], [held, never])
+    assert [r.name for r in table.routes] == ["static"]
+    assert table.match("", "/orders/1") is not None
+    assert decision(table, "routes file: static") == Decision(
+        "routes file: static", True,
+        "invalid, serving its last good version: routes.static.strip_prefix='maybe': true or false",
+        route="static", errors=(err,))
+    assert decision(table, "routes file: broken").reason == (
+        "invalid, not routed: routes.broken.path='': missing")
