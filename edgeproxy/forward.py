@@ -219,9 +219,14 @@ class Proxy:
                     "access", method=request.method, path=request.raw_path, status=status,
                     route=info["route"], upstream=info["upstream"], bytes=info["bytes"],
                     duration_ms=round(elapsed * 1000, 3), request_id=rid,
-                    client=info.get("client"), error=info.get("error"),
+                    client=info.get("client") or self._client_of(request),
+                    error=info.get("error"),
                     retries=info.get("retries", 0),
                 )
+
+    def _client_of(self, request: web.BaseRequest) -> str:
+        """The client's address for the access line of a request answered before routing."""
+        return h.client_address(request.remote, request.headers, self._trusted)
 
     async def _dispatch(
         self, request: web.BaseRequest, rid: str, info: dict[str, Any]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import NamedTuple
 
-from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.settings import IPNetwork
@@ -250,7 +249,6 @@ def downstream_from_raw(raw: RawHeaders) -> CIMultiDict[str]:
 
 
 _REPLACED = frozenset((b"x-request-id",))  # the replica's is replaced by ours
-_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _date: tuple[int, bytes] = (0, b"")
 
 
@@ -268,7 +266,8 @@ def response_head(version: tuple[int, int], status: int, reason: str, raw: RawHe
     """The client's response head for a body of `length` bytes, straight from the replica's
     header bytes: the headers `downstream_pairs` keeps plus X-Request-ID and `extra`
     (which replace the replica's headers of those names), framed as aiohttp frames a Response
-    (Content-Length, Date, Server and Content-Type when missing, Connection for keep-alive).
+    (Content-Length, Date and Content-Type when missing, Connection for keep-alive), except
+    that no Server header of ours is added: the replica's passes through, else there is none.
 
     The replica's values pass through as bytes: llhttp refused CR, LF and NUL in them."""
     ours = frozenset(k.lower().encode() for k in extra) if extra else frozenset()
@@ -288,8 +287,6 @@ def response_head(version: tuple[int, int], status: int, reason: str, raw: RawHe
         parts.append(b"Content-Type: application/octet-stream\r\n")
     if b"date" not in present:
         parts.extend((b"Date: ", _http_date(), b"\r\n"))
-    if b"server" not in present:
-        parts.append(_SERVER_LINE)
     if b"connection" not in present:
         if keep_alive:
             if version == (1, 0):

@@ -9,8 +9,11 @@ import ssl
 import uuid
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, RawRequestMessage
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from edgeproxy.acme import AcmeManager
@@ -116,10 +119,25 @@ class _ProxyRequestHandler(RequestHandler):
         return resp
 
 
+class _ProxyRequest(web.BaseRequest):
+    """A request whose answers carry no `Server` of ours (aiohttp adds its name and version)."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # aiohttp ran headers.setdefault(SERVER, SERVER_SOFTWARE) just before this hook: the
+        # very same str object means it is aiohttp's; a replica's Server is another object.
+        if response.headers.get(hdrs.SERVER) is SERVER_SOFTWARE:
+            del response.headers[hdrs.SERVER]
+
+
 class ProxyServer(web.Server):
     """aiohttp's low-level server with our error answers for unparsable or slow requests."""
 
     header_timeout = 30.0
+
+    def _make_request(self, message: RawRequestMessage, payload: StreamReader,
+                      protocol: RequestHandler, writer: AbstractStreamWriter,
+                      task: asyncio.Task[None]) -> web.BaseRequest:
+        return _ProxyRequest(message, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> RequestHandler:
         handler = _ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
