@@ -9,11 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgeproxy.acme import CHALLENGE_PREFIX, challenge_token
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import Headers, host_name, request_host
 from edgeproxy.model import Route
-from edgeproxy.paths import PathError, normalize_path, split_absolute, split_target, strip_prefix
+from edgeproxy.paths import (
+    CHALLENGE_PREFIX,
+    PathError,
+    challenge_token,
+    normalize_path,
+    split_absolute,
+    split_target,
+    strip_prefix,
+)
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import hsts_value, https_redirect_url
 
