@@ -43,7 +43,7 @@ from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore, hsts_value, https_redirect_url
 from edgeproxy.transform import gzip_compressor, should_compress
-from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool
+from edgeproxy.upstream import Endpoint, ResponseLimits, UpstreamError, UpstreamPool
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -149,7 +149,10 @@ class Proxy:
         self.verifier = verifier or JwtVerifier(JwtConfig())
         self.limiter: Limiter = limiter or LocalLimiter()
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
-        self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
+        self._pool = UpstreamPool(
+            settings.connect_timeout, settings.read_timeout,
+            limits=ResponseLimits(settings.max_response_header_size,
+                                  settings.max_response_headers))
         self._certs: CertStore | None = None
         self._acme: AcmeManager | None = None
         self._events = get_logger("proxy")
@@ -534,6 +537,12 @@ class Proxy:
                 return await _send_head(out, request, info)
             if not gzip and resp.content_length is not None:
                 out.content_length = resp.content_length
+            failed = resp.failure()
+            if failed is not None:
+                # The answer already broke off (e.g. shorter than its Content-Length) and no
+                # byte of it has reached the client yet: a 502 beats a head we cannot honour.
+                detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
+                raise _UpstreamFailed("upstream_error", False, detail)
             try:
                 await out.prepare(request)
             except ConnectionError:
