@@ -169,11 +169,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Overrun) or (self.complete and not isinstance(cause, _Refused)):
+            if self.complete:  # _Overrun, or llhttp refusing what follows a whole answer
                 # The answer was whole before these bytes; deliver it as framed.
                 self.discard("bytes from the replica after the end of its answer")
                 return
+            cause = exc.__context__
             detail = str(cause) if isinstance(cause, _Refused) else str(exc)
             self._fail(UpstreamError(f"malformed response from the replica: {detail}", False))
             self.discard(detail)

@@ -253,14 +253,15 @@ def test_bytes_sent_while_the_connection_is_idle_discard_it(
 
 
 @pytest.mark.parametrize(("method", "answer", "status"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 200),
     ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + INJECTED, 200),
     ("GET", b"HTTP/1.1 204 No Content\r\n\r\nhello" + INJECTED, 204),
     ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\n" + INJECTED, 304),
-], ids=["head", "204", "304"])
+], ids=["head-body", "head-message", "204", "304"])
 def test_bodyless_answer_followed_by_bytes_is_delivered_and_the_connection_dropped(
         proxy: ProxyProcess, replica: RawReplica, method: str, answer: bytes,
         status: int) -> None:
-    path = f"/bodyless-{status}-{method}"
+    path = f"/bodyless-{status}-{method}-{len(answer)}"
     replica.scripts[path] = answer
     replica.scripts[path + "-next"] = OK
     with Client(proxy.port) as c:

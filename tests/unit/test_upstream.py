@@ -149,10 +149,25 @@ def test_bytes_on_an_idle_pooled_connection_discard_it() -> None:
     asyncio.run(main())
 
 
-def test_head_answer_followed_by_body_bytes_is_delivered_and_the_connection_dropped() -> None:
+def test_even_an_empty_line_on_an_idle_connection_discards_it() -> None:
+    async def main() -> None:
+        async with replica(answers(OK)) as (r, ep):
+            p = pool()
+            await fetch(p, ep)
+            r.writers[0].write(b"\r\n")  # llhttp would skip it between messages
+            await until(lambda: 1 in r.closed, "the proxy closing the idle connection")
+            await fetch(p, ep)
+            assert r.connections == 2
+            p.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("extra", [b"", INJECTED], ids=["body", "body and a message"])
+def test_head_answer_followed_by_body_bytes_is_delivered_and_the_connection_dropped(
+        extra: bytes) -> None:
     async def main() -> None:
         async with replica(answers(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-                                   + INJECTED)) as (r, ep):
+                                   + extra)) as (r, ep):
             p = pool()
             resp, body = await fetch(p, ep, HEAD, "HEAD")
             assert (resp.status, body, resp.content_length) == (200, b"", 5)
@@ -352,3 +367,31 @@ def test_truncated_body_fails_the_stream() -> None:
             assert resp.failure() is not None
             resp.release()
     asyncio.run(main())
+
+
+def test_endless_trailers_are_cut_off_after_the_limit() -> None:
+    sent = 0
+
+    async def script(w: asyncio.StreamWriter, conn: int, n: int) -> bytes | None:
+        nonlocal sent
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        try:
+            while sent < 64 * 1024 * 1024:
+                w.write(b"a" * 65536)
+                await w.drain()
+                sent += 65536
+        except ConnectionError:
+            pass
+        return None
+
+    async def main() -> None:
+        async with replica(script) as (r, ep):
+            p = pool()
+            resp = await p.request(ep, GET, "GET", None, False)
+            with pytest.raises(UpstreamError, match="trailers over 65536 bytes"):
+                async for _ in resp.iter_body():
+                    pass
+            resp.release()
+            await until(lambda: 1 in r.closed, "the replica's writes failing")
+    asyncio.run(main())
+    assert sent < 8 * 1024 * 1024
