@@ -447,3 +447,22 @@ def test_an_endless_header_is_cut_off_after_the_limit(proxy: ProxyProcess,
              what="the replica seeing its connection cut")
     assert sent[0] < 16 * 1024 * 1024, sent[0]  # socket buffers, not the 64 MB
     assert _rss_kb(proxy.proc.pid) - before < 16 * 1024
+
+
+def test_limits_come_from_the_settings(tmp_path: Path, replica: RawReplica) -> None:
+    routes = write_routes(tmp_path / "routes.toml", {
+        "raw": {"path": "/", "upstreams": [f"http://127.0.0.1:{replica.port}"], "retries": 0},
+    })
+    replica.scripts["/six-headers"] = (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 5
+                                       + b"Content-Length: 2\r\n\r\nok")
+    replica.scripts["/two-kb"] = (b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 2048
+                                  + b"\r\nContent-Length: 2\r\n\r\nok")
+    with run_proxy(tmp_path, docker="false", routes_file=str(routes),
+                   max_response_headers="5", max_response_header_size="1k") as p, \
+            Client(p.port) as c:
+        status, _, body = c.request("GET", "/six-headers")
+        assert (status, error_code(body)) == (502, "upstream_error")
+        assert b"more than 5 header lines" in body
+        status, _, body = c.request("GET", "/two-kb")
+        assert (status, error_code(body)) == (502, "upstream_error")
+        assert b"response head over 1024 bytes" in body
