@@ -348,6 +348,34 @@ def test_a_reason_split_over_two_reads_arrives_whole(proxy: ProxyProcess,
         assert b"Link" not in head  # interim heads are not forwarded
 
 
+BIG = b"x" * 300_000
+FRAMINGS = {
+    "head of a chunked answer": ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                 b""),
+    "304 with chunked": ("GET", b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n"
+                                b"\r\n", b""),
+    "streamed by length": ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+                           + BIG, BIG),
+    "streamed chunked": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n"
+                         % len(BIG) + BIG + b"\r\n0\r\n\r\n", BIG),
+    "small chunked": ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"2\r\nok\r\n0\r\n\r\n", b"ok"),
+}
+
+
+@pytest.mark.parametrize(("method", "answer", "body"), FRAMINGS.values(), ids=FRAMINGS.keys())
+def test_the_client_never_gets_both_content_length_and_transfer_encoding(
+        proxy: ProxyProcess, replica: RawReplica, method: str, answer: bytes,
+        body: bytes) -> None:
+    path = f"/framing-{abs(hash(answer))}"
+    replica.scripts[path] = answer
+    with Client(proxy.port) as c:
+        _, head, got = c.request(method, path)
+        assert got == body
+        low = head.lower()
+        assert not (b"\r\ncontent-length:" in low and b"\r\ntransfer-encoding:" in low), head
+
+
 # --- malformed answers: 502 upstream_error -------------------------------------------------
 
 MALFORMED = {
