@@ -17,7 +17,7 @@ from edgeproxy import headers as h
 from edgeproxy.errors import error_response
 from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, add_vary, merge_headers
 from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.pipeline import Proxy
+from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import UpstreamError, UpstreamResponse
@@ -175,6 +175,12 @@ class Http1Request:
             return await _send_head(out, request, ex)
         if not gzip and resp.content_length is not None:
             out.content_length = resp.content_length
+        failed = resp.failure()
+        if failed is not None:
+            # The answer already broke off (e.g. shorter than its Content-Length) and no
+            # byte of it has reached the client yet: a 502 beats a head we cannot honour.
+            detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
+            raise UpstreamFailed("upstream_error", False, detail)
         try:
             await out.prepare(request)
         except ConnectionError:

@@ -37,7 +37,13 @@ from edgeproxy.policies.ratelimit import (
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
-from edgeproxy.upstream import Endpoint, UpstreamError, UpstreamPool, UpstreamResponse
+from edgeproxy.upstream import (
+    Endpoint,
+    ResponseLimits,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -61,7 +67,9 @@ class Front(Protocol[R_co]):
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> R_co: ...
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec, ex: Exchange) -> R_co: ...
+    async def relay(self, resp: UpstreamResponse, spec: RouteSpec, ex: Exchange) -> R_co:
+        """Write the replica's answer; raise UpstreamFailed only while no byte of it has
+        reached the client (the pipeline may then try another replica)."""
 
     async def websocket(self, route: Route, upstream: Upstream, target: str,
                         headers: CIMultiDict[str], ex: Exchange) -> R_co: ...
@@ -144,7 +152,10 @@ class Proxy(Generic[R]):
         self.limiter: Limiter = limiter or LocalLimiter()
         self.edge = Edge(redirect_port=settings.tls_redirect_port)
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
-        self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
+        self._pool = UpstreamPool(
+            settings.connect_timeout, settings.read_timeout,
+            limits=ResponseLimits(settings.max_response_header_size,
+                                  settings.max_response_headers))
         self._certs: CertStore | None = None
         self._acme: AcmeManager | None = None
         self._events = get_logger("proxy")
@@ -304,6 +315,10 @@ class Proxy(Generic[R]):
             try:
                 try:
                     resp = await self._attempt(route, current, method, target, head, body)
+                    try:
+                        out = await front.relay(resp, route.spec, ex)
+                    finally:
+                        resp.release()
                 except UpstreamFailed as failure:
                     ex.error = failure.code
                     if failure.code not in ("body_too_large", "client_timeout"):
@@ -316,10 +331,6 @@ class Proxy(Generic[R]):
                     ex.retries += 1
                     upstream = nxt
                     continue
-                try:
-                    out = await front.relay(resp, route.spec, ex)
-                finally:
-                    resp.release()
                 balancer.succeeded(current)
                 return out
             finally:
