@@ -187,6 +187,13 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
     return check
 
 
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("a size greater than zero, e.g. 32k")
+    return value
+
+
 def _count(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()):
         raise ValueError("a whole number of 0 or more")
@@ -267,8 +274,12 @@ OPTIONS: tuple[Option, ...] = (
            "a request head must arrive within this long, else 408 and close (0 = off)"),
     Option("ws_max_message", "4m", parse_size,
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
-    Option("max_header_size", "16k", parse_size,
-           "largest request line or header line -> 431 (aiohttp's limit per line)"),
+    Option("max_header_size", "32k", _positive_size,
+           "largest request head (request line and all headers) -> 431 (nginx's 4 x 8k)"),
+    Option("max_headers", "100", _positive_int, "most header lines in a request head -> 431 (Envoy)"),
+    Option("max_uri_size", "8k", _positive_size, "longest request target -> 414 (nginx's 8k)"),
+    Option("keepalive_timeout", "75s", _positive(parse_duration),
+           "how long an idle client connection is kept between requests (nginx's 75s)"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
     Option("jwt_secret", "", _optional_secret, "HMAC secret for gateway.auth=jwt (HS256/384/512)"),
@@ -337,7 +348,10 @@ class Settings:
     max_body_size: int = 10 * 1024**2
     header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
-    max_header_size: int = 16 * 1024
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_uri_size: int = 8 * 1024
+    keepalive_timeout: float = 75.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
