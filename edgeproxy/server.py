@@ -281,9 +281,9 @@ class _ProxyRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _process_keepalive(self) -> None:
-        if self._head_size > 0 or self._done:
-            # A head is arriving: the header timeout governs it, not the idle timeout. The
-            # handle is cleared so aiohttp arms a fresh one after the answer.
+        if self._done or (self._head_size > 0 and self.header_timeout > 0):
+            # A head is arriving: the header timeout governs it, not the idle timeout (unless
+            # it is off). The handle is cleared so aiohttp arms a fresh one after the answer.
             self._keepalive_handle = None
             return
         super()._process_keepalive()
