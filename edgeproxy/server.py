@@ -18,10 +18,11 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from edgeproxy.acme import AcmeManager
 from edgeproxy.admin import make_admin_app
 from edgeproxy.errors import error_response
-from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
+from edgeproxy.http1 import http1_handler, make_session
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
+from edgeproxy.pipeline import Proxy
 from edgeproxy.policies.auth import JwtVerifier
 from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.providers.docker import DockerProvider
@@ -392,8 +393,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     limiter = make_limiter(settings)
     await verifier.start()
     await limiter.start()
-    proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics, verifier=verifier,
-                  limiter=limiter)
+    proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: watcher.table, metrics=metrics,
+                                             verifier=verifier, limiter=limiter)
     watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
     watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
@@ -441,7 +442,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         docker.on_reconnect = metrics.docker_reconnects.inc
         docker.start()
 
-    server = ProxyServer.from_settings(proxy.handle, settings)
+    handler = http1_handler(proxy, session, settings.ws_max_message)
+    server = ProxyServer.from_settings(handler, settings)
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
     admin_runner = web.AppRunner(make_admin_app(watcher, proxy),

@@ -187,13 +187,6 @@ def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
     return check
 
 
-def _positive_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 1:
-        raise ValueError("a size greater than zero, e.g. 32k")
-    return value
-
-
 def _count(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()):
         raise ValueError("a whole number of 0 or more")
@@ -208,6 +201,13 @@ def _workers(text: str) -> int:
     if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= 256:
         raise ValueError("auto (one per core) or a whole number from 1 to 256")
     return int(value)
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("a size of at least 1 byte, such as 64k")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -280,6 +280,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_uri_size", "8k", _positive_size, "longest request target -> 414 (nginx's 8k)"),
     Option("keepalive_timeout", "75s", _positive(parse_duration),
            "how long an idle client connection is kept between requests (nginx's 75s)"),
+    Option("max_response_header_size", "64k", _positive_size,
+           "largest response head a replica may send (status line, headers, 1xx heads, "
+           "trailers) -> 502"),
+    Option("max_response_headers", "100", _positive_int,
+           "most header lines in a replica's response head (Envoy's max_headers_count) -> 502"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
     Option("jwt_secret", "", _optional_secret, "HMAC secret for gateway.auth=jwt (HS256/384/512)"),
@@ -352,6 +357,8 @@ class Settings:
     max_headers: int = 100
     max_uri_size: int = 8 * 1024
     keepalive_timeout: float = 75.0
+    max_response_header_size: int = 64 * 1024
+    max_response_headers: int = 100
     trusted_proxies: tuple[IPNetwork, ...] = ()
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
