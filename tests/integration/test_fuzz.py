@@ -11,6 +11,10 @@ Properties, checked after every example:
 - a client's own malformed request never gets a 5xx (501 and 505 are the answers HTTP asks for
   an unsupported coding or version, so they are the only ones allowed);
 - the proxy's log has no traceback and no `proxy_error`;
+- a head the proxy must refuse is refused with its status and never forwarded: a version other
+  than HTTP/1.0 or 1.1 (505), a transfer coding other than chunked (501), a target over the
+  limit (414), a head or header count over the limit (431); the proxy answers in HTTP/1.x and
+  answers nothing after an answer that said `Connection: close`;
 - a replica never sees more request heads than a strict parser (llhttp) finds in what the client
   sent, never a request smuggled inside a body, never two `Host` or an invalid one, never two
   `Authorization` on a route that verified one, and never bytes it can't parse;
