@@ -346,7 +346,7 @@ class Proxy(Generic[R]):
         try:
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
-                endpoint, head.serialize(method, target, upstream.address, chunked), method,
+                endpoint, head.parts(method, target, upstream.address, chunked), method,
                 body.stream() if body is not None else None, chunked,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
                 idempotent=method in IDEMPOTENT)
