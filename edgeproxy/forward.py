@@ -30,7 +30,9 @@ from edgeproxy.paths import (
     split_target,
     strip_prefix,
 )
-from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
+from edgeproxy.policies.access import Access, Grant, RequestView
+from edgeproxy.policies.auth import JwtConfig, JwtVerifier
+from edgeproxy.policies.basic import BasicVerifier
 from edgeproxy.policies.ratelimit import (
     InMemoryLimiter,
     Limiter,
@@ -138,6 +140,7 @@ class Proxy:
         metrics: Metrics | None = None,
         verifier: JwtVerifier | None = None,
         limiter: Limiter | None = None,
+        basic: BasicVerifier | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
@@ -147,6 +150,9 @@ class Proxy:
         if not self.metrics.count_in_flight:
             self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.verifier = verifier or JwtVerifier(JwtConfig())
+        self.access = Access(self.verifier,
+                             basic or BasicVerifier(on_hash=self.metrics.bcrypt_checks.inc),
+                             session, self.metrics, settings.read_timeout)
         self.limiter: Limiter = limiter or LocalLimiter()
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
@@ -172,8 +178,9 @@ class Proxy:
                 "acme": self._acme.status() if self._acme is not None else []}
 
     def close(self) -> None:
-        """Close pooled connections to replicas."""
+        """Close pooled connections to replicas and stop the bcrypt threads."""
         self._pool.close()
+        self.access.basic.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for aiohttp's low-level server."""
@@ -297,21 +304,19 @@ class Proxy:
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, request.headers, self._trusted)
         info["client"] = client
-        identity: Identity | None = None
+        # Access checks in the documented order: IP lists, then auth, then the rate limit.
+        if spec.ip is not None and not spec.ip.allows(client):
+            return self.access.ip_refused(route, client, rid, info)
+        grant: Grant | None = None
         if spec.auth is not None:
-            try:
-                authorization = request.headers.get("Authorization")
-                identity = self.verifier.cached(authorization, spec.auth.audience,
-                                                spec.auth.scopes)
-                if identity is None:
-                    identity = await self.verifier.verify(
-                        authorization, audience=spec.auth.audience, scopes=spec.auth.scopes)
-            except AuthFailure as exc:
-                info["error"] = "auth:" + exc.cause
-                self.metrics.auth_failures.labels(route.name, exc.cause).inc()
-                return _auth_error(exc, rid)
+            checked = await self.access.authenticate(
+                route, spec.auth, request,
+                RequestView(client, peer, trusted_peer, secure, asked, authority), rid, info)
+            if isinstance(checked, web.Response):
+                return checked
+            grant = checked
         if spec.ratelimit is not None:
-            refused = await self._rate_limit(route, spec.ratelimit, client, identity, request,
+            refused = await self._rate_limit(route, spec.ratelimit, client, grant, request,
                                              rid, info)
             if refused is not None:
                 return refused
@@ -335,15 +340,15 @@ class Proxy:
         if spec.add_prefix:
             fwd_path = spec.add_prefix + fwd_path
         auth: tuple[str, str] | None = None
-        if identity is not None:
-            auth = (identity.subject, " ".join(identity.scopes))
+        if grant is not None and grant.subject is not None:
+            auth = (grant.subject, " ".join(grant.scopes))
             if _CONTROL.search(auth[0]) or _CONTROL.search(auth[1]):
                 # A signed token can still carry CR/LF in sub or scope: never a header.
                 return error_response(401, "invalid_token", "the token's sub or scope holds "
                                       "control characters", rid,
                                       {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         hop = h.HopInfo(peer, client, "https" if secure else "http", rid, trusted_peer)
-        raw_headers = request.raw_headers
+        raw_headers = request.raw_headers if grant is None else grant.edit(request.raw_headers)
         if authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
                            (b"Host", authority.encode()))
@@ -394,10 +399,10 @@ class Proxy:
                 balancer.release(current)
 
     async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
-                          identity: Identity | None, request: web.BaseRequest, rid: str,
+                          grant: Grant | None, request: web.BaseRequest, rid: str,
                           info: dict[str, Any]) -> web.Response | None:
         """Take a token; the refusal to answer with, or None to go on."""
-        key = client_key(spec, ip=client, subject=identity.subject if identity else None,
+        key = client_key(spec, ip=client, subject=grant.subject if grant else None,
                          headers=request.headers)
         limiter = self.limiter
         if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine per request
@@ -700,11 +705,15 @@ def _semicolon_confusion(table: RouteTable, host: str, path: str,
     (a different route once the parameters are stripped, or any protected route)."""
     stripped = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
     other = table.match(host, stripped)
-    if found is not None and found[0].spec.auth is not None:
+    if found is not None and _protected(found[0].spec):
         return True
-    if other is not None and other[0].spec.auth is not None:
+    if other is not None and _protected(other[0].spec):
         return True
     return (other[0] if other else None) is not (found[0] if found else None)
+
+
+def _protected(spec: RouteSpec) -> bool:
+    return spec.auth is not None or spec.ip is not None
 
 
 def _add_vary(headers: CIMultiDict[str], name: str) -> None:
@@ -714,13 +723,6 @@ def _add_vary(headers: CIMultiDict[str], name: str) -> None:
     if "*" in tokens or name.lower() in {t.lower() for t in tokens}:
         return
     headers["Vary"] = ", ".join([*tokens, name])
-
-
-def _auth_error(exc: AuthFailure, rid: str) -> web.Response:
-    challenge = exc.www_authenticate()
-    code = exc.error or "auth_unavailable"
-    return error_response(exc.status, code, exc.description, rid,
-                          {"WWW-Authenticate": challenge} if challenge else None)
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:

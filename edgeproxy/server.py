@@ -163,7 +163,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         if problem is None:
             return
         for r in table.routes:
-            if r.spec.auth is not None and r.name not in warned_auth:
+            auth = r.spec.auth
+            if auth is not None and auth.kind == "jwt" and r.name not in warned_auth:
                 warned_auth.add(r.name)
                 log.error("route_auth_unavailable", route=r.name, answers=503, reason=problem)
 
