@@ -507,11 +507,15 @@ def build_routing(
     if "ratelimit" in values:
         limit, period, burst = values["ratelimit"]
         ratelimit = RateLimitSpec(limit, period, burst, key)
-        if key == "sub" and (auth is None or auth.kind == "forward"):
+        if key == "sub" and auth is None:
             errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
-                                     f"keys by the verified subject, so it needs "
-                                     f"{label_of('auth')}=jwt or {label_of('auth')}=basic on "
-                                     "the same container"))
+                                     f"keys by the verified JWT subject, so it needs "
+                                     f"{label_of('auth')}=jwt on the same container"))
+        elif key == "sub" and auth is not None and auth.kind == "forward":
+            errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
+                                     f"keys by the verified subject, which "
+                                     f"{label_of('auth')}=forward does not have: use jwt or "
+                                     "basic, or key by ip or header:<Name>"))
     elif "ratelimit.key" in values:
         errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
                                  f"needs {label_of('ratelimit')}, e.g. 100/m"))
