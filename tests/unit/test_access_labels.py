@@ -3,8 +3,8 @@ routes file, check and /routes: values, combinations and their errors."""
 
 from __future__ import annotations
 
-import ipaddress
 import io
+import ipaddress
 from pathlib import Path
 
 import pytest
