@@ -72,6 +72,19 @@ def policies_json(r: Route) -> dict[str, Any]:
     return out
 
 
+def access_checks(r: Route) -> list[str]:
+    """The checks a request to this route passes, in the order the proxy runs them."""
+    spec = r.spec
+    out = []
+    if spec.ip is not None:
+        out.append("ip")
+    if spec.auth is not None:
+        out.append("auth:" + spec.auth.kind)
+    if spec.ratelimit is not None:
+        out.append("ratelimit")
+    return out
+
+
 def transforms_json(r: Route) -> dict[str, Any]:
     """What a route changes on the way through, as shown by /routes."""
     spec = r.spec
@@ -234,6 +247,7 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.R
         matched_prefix=prefix,
         forwarded_path=fwd + ("?" + query if query else ""),
         replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
+        checks=access_checks(route),
     )
     if not route.pool:
         out.update(status=503, decision="route has no healthy replica: 503 with Retry-After")

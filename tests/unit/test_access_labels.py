@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.admin import policies_json
+from edgeproxy.admin import access_checks, policies_json
 from edgeproxy.check import run_check
 from edgeproxy.labels import LabelError, LabelsInvalid, Routing, parse_labels, suggest_key
 from edgeproxy.model import Route
@@ -162,3 +162,10 @@ def test_check_reports_weak_hashes_and_mixed_kinds(tmp_path: Path) -> None:
     assert "MD5 ($apr1$) is not accepted" in text and "htpasswd -nbB bob" in text
     assert "gateway.auth.users_file" in text and "one auth kind per route" in text
     assert "service lan" not in text
+
+
+def test_explain_lists_the_checks_in_order() -> None:
+    spec = routing({"gateway.ip.deny": "10.6.6.6", "gateway.auth": "basic",
+                    "gateway.auth.users": ALICE, "gateway.ratelimit": "5/s"}).spec
+    assert access_checks(Route("r", "docker", spec, ())) == ["ip", "auth:basic", "ratelimit"]
+    assert access_checks(Route("r", "docker", routing({}).spec, ())) == []
