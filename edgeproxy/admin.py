@@ -49,8 +49,23 @@ def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, An
 def policies_json(r: Route) -> dict[str, Any]:
     """A route's policies as shown by /routes and /explain."""
     out: dict[str, Any] = {}
+    ip = r.spec.ip
+    if ip is not None:  # checked first, then auth, then the rate limit
+        out["ip"] = {"allow": [str(n) for n in ip.allow], "deny": [str(n) for n in ip.deny]}
     auth = r.spec.auth
-    if auth is not None:
+    if auth is not None and auth.basic is not None:
+        b = auth.basic
+        # Never the hashes: user names and where they come from are enough to debug.
+        out["auth"] = {"type": "basic", "users": [u for u, _ in b.users],
+                       "users_file": b.users_file, "realm": b.realm or r.name,
+                       "keep_authorization": b.keep_authorization}
+    elif auth is not None and auth.forward is not None:
+        f = auth.forward
+        out["auth"] = {"type": "forward", "url": f.url,
+                       "response_headers": list(f.response_headers),
+                       "request_headers": None if f.request_headers is None
+                       else list(f.request_headers), "timeout_s": f.timeout}
+    elif auth is not None:
         out["auth"] = {"type": "jwt", "scopes": list(auth.scopes), "audience": auth.audience}
     if r.spec.tls is not None:
         out["tls"] = {"certificates": r.spec.tls, "redirect": r.spec.tls_redirect,
@@ -59,6 +74,19 @@ def policies_json(r: Route) -> dict[str, Any]:
     if rl is not None:
         out["ratelimit"] = {"limit": rl.limit, "period_s": rl.period, "burst": rl.burst,
                             "key": rl.key}
+    return out
+
+
+def access_checks(r: Route) -> list[str]:
+    """The checks a request to this route passes, in the order the proxy runs them."""
+    spec = r.spec
+    out = []
+    if spec.ip is not None:
+        out.append("ip")
+    if spec.auth is not None:
+        out.append("auth:" + spec.auth.kind)
+    if spec.ratelimit is not None:
+        out.append("ratelimit")
     return out
 
 
@@ -236,6 +264,7 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> 
         matched_prefix=decision.prefix,
         forwarded_path=decision.target,
         replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
+        checks=access_checks(route),
     )
     if not route.pool:
         out.update(status=503, decision="route has no healthy replica: 503 with Retry-After")

@@ -412,7 +412,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     await verifier.start()
     await limiter.start()
     proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: watcher.table, metrics=metrics,
-                                             verifier=verifier, limiter=limiter)
+                                             verifier=verifier, limiter=limiter,
+                                             session=session)
     watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
     watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
@@ -424,7 +425,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         if problem is None:
             return
         for r in table.routes:
-            if r.spec.auth is not None and r.name not in warned_auth:
+            auth = r.spec.auth
+            if auth is not None and auth.kind == "jwt" and r.name not in warned_auth:
                 warned_auth.add(r.name)
                 log.error("route_auth_unavailable", route=r.name, answers=503, reason=problem)
 
