@@ -10,8 +10,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import __version__
-from edgeproxy.balancer import Balancer
-from edgeproxy.forward import Proxy
+from edgeproxy.dataview import BalancerView, DataPlaneView, WorkerReports
 from edgeproxy.headers import request_host
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
@@ -20,7 +19,7 @@ from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
 
-def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, Any]:
+def upstream_json(u: Upstream, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One replica as shown by /routes."""
     state: str = u.state
     reason = u.reason or None
@@ -87,7 +86,7 @@ def transforms_json(r: Route) -> dict[str, Any]:
     return out
 
 
-def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
+def route_json(r: Route, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
     spec = r.spec
     health = spec.health
@@ -129,12 +128,15 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
-    """The admin aiohttp application."""
+def make_admin_app(watcher: Watcher, proxy: DataPlaneView,
+                   workers: WorkerReports | None = None) -> web.Application:
+    """The admin aiohttp application, on the process that holds the control plane: `watcher`
+    for the table, Docker and change history; `proxy` for the data plane's side (the one
+    worker's Proxy, or every worker's reports)."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({
+        doc = {
             "status": "ok",
             "version": __version__,
             "uptime_s": round(time.time() - started, 1),
@@ -147,7 +149,10 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
             "ratelimit": {"backend": watcher.settings.ratelimit_backend,
                           "healthy": proxy.limiter.healthy,
                           "last_error": proxy.limiter.last_error},
-        })
+        }
+        if workers is not None:
+            doc["workers"] = workers.workers_json()
+        return web.json_response(doc)
 
     async def routes(_: web.Request) -> web.Response:
         table = watcher.table
@@ -181,7 +186,7 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
     return app
 
 
-async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.Response:
+async def explain(request: web.Request, watcher: Watcher, proxy: DataPlaneView) -> web.Response:
     """What the proxy would do with a request, without sending it anywhere."""
     url_text = request.query.get("url", "")
     method = request.query.get("method", "GET").upper()

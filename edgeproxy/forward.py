@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import headers as h
-from edgeproxy.acme import CHALLENGE_PREFIX, AcmeManager, challenge_token
+from edgeproxy.acme import CHALLENGE_PREFIX, ChallengeAnswers, challenge_token
 from edgeproxy.balancer import Balancer
 from edgeproxy.errors import error_response
 from edgeproxy.logs import fast_access_logger, get_logger
@@ -151,7 +151,7 @@ class Proxy:
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._pool = UpstreamPool(settings.connect_timeout, settings.read_timeout)
         self._certs: CertStore | None = None
-        self._acme: AcmeManager | None = None
+        self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
         self._trusted = settings.trusted_proxies
         self._log = fast_access_logger(settings.log_format,
@@ -159,7 +159,7 @@ class Proxy:
         self._access = settings.access_log
         self.in_flight = 0
 
-    def tls(self, store: CertStore, acme: AcmeManager) -> None:
+    def tls(self, store: CertStore, acme: ChallengeAnswers) -> None:
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
         self._acme = acme

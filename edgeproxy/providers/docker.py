@@ -19,7 +19,7 @@ import requests.exceptions
 
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Container
-from edgeproxy.watcher import Watcher
+from edgeproxy.providers import Observations
 
 # Kill signals that are reloads, not stops; anything else (SIGTERM, SIGKILL, and custom stop
 # signals such as httpd's SIGWINCH) takes the replica out of rotation at once.
@@ -125,11 +125,17 @@ class _DaemonPool:
 
 
 class DockerProvider:
-    """Runs the blocking docker SDK in a thread and posts observations to the watcher."""
+    """Runs the blocking docker SDK in a thread and posts observations to the sink (on the
+    sink's event loop). Observations are reported under `source` ("docker")."""
 
-    def __init__(self, watcher: Watcher, loop: asyncio.AbstractEventLoop,
-                 client_factory: Callable[[], Any] | None = None) -> None:
-        self._watcher = watcher
+    source = "docker"
+
+    def __init__(self, sink: Observations, loop: asyncio.AbstractEventLoop,
+                 client_factory: Callable[[], Any] | None = None,
+                 backoff_max: float = 30.0) -> None:
+        self._sink = sink
+        self._backoff_max = backoff_max
+        self._state: bool | None = None  # connected, as last reported
         self._loop = loop
         self._factory = client_factory or (lambda: docker.from_env(timeout=10).api)
         self._stop = threading.Event()
@@ -171,7 +177,7 @@ class DockerProvider:
                 items = api.containers(all=True)
                 containers = [container_from_list(i) for i in items]
                 self._seq.clear()  # inspects still in flight predate this list: drop them
-                self._post(functools.partial(self._watcher.resync, containers))
+                self._post(functools.partial(self._sink.resync, containers, self.source))
                 self._post(functools.partial(self._connected, len(containers), first))
                 first = False
                 backoff = 0.25
@@ -189,7 +195,7 @@ class DockerProvider:
                 self._post(functools.partial(self._disconnected, reason, backoff))
                 self._close_quietly()
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._watcher.settings.docker_backoff_max)
+                backoff = min(backoff * 2, self._backoff_max)
 
     def _close_quietly(self) -> None:
         with contextlib.suppress(Exception):
@@ -197,17 +203,19 @@ class DockerProvider:
                 self._api.close()
 
     def _connected(self, count: int, first: bool) -> None:
-        was = self._watcher.docker_connected
-        self._watcher.docker_connected = True
+        was = self._state
+        self._state = True
+        self._sink.connected(True, self.source)
         event = "docker_connected" if first else "docker_resynced"
         self._log.info(event, containers=count, previously_connected=was)
 
     def _disconnected(self, reason: str, backoff: float) -> None:
-        if self._watcher.docker_connected is not False:
+        if self._state is not False:
             self._log.warning("docker_disconnected", reason=reason, retry_in_s=backoff)
         else:
             self._log.debug("docker_unreachable", reason=reason, retry_in_s=backoff)
-        self._watcher.docker_connected = False
+        self._state = False
+        self._sink.connected(False, self.source)
 
     def _follow(self, api: Any, events: Iterator[Mapping[str, Any]]) -> None:
         for ev in events:
@@ -228,13 +236,13 @@ class DockerProvider:
             cid = actor.get("ID") or ev.get("id")
         if not cid or action.startswith(_IGNORED_ACTIONS):
             return
-        w = self._watcher
+        w, source = self._sink, self.source
         signal = str(attrs.get("signal", ""))
         if (action == "kill" and signal not in _RELOAD_SIGNALS) or action == "stop":
             self._post(lambda: w.stopping(cid))
             return
         if action == "destroy":
-            self._post(lambda: w.remove(cid))
+            self._post(lambda: w.remove(cid, source))
             self._seq.pop(cid, None)
             return
         if action in ("start", "restart", "unpause"):
@@ -251,7 +259,7 @@ class DockerProvider:
         try:
             doc = api.inspect_container(cid)
         except docker.errors.NotFound:
-            self._post(lambda: self._watcher.remove(cid))
+            self._post(lambda: self._sink.remove(cid, self.source))
             return
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             self._log.warning("docker_inspect_failed", container=cid[:12], error=str(exc)[:200])
@@ -268,7 +276,6 @@ class DockerProvider:
     def _apply(self, c: Container, cid: str, seq: int, event_time: float | None) -> None:
         if self._seq.get(cid) != seq:
             return
-        self._watcher.update(c)
-        lag = self._watcher.on_event_lag
-        if lag is not None and event_time is not None:
-            lag(max(0.0, time.time() - event_time))
+        self._sink.update(c, self.source)
+        if event_time is not None:
+            self._sink.observed_lag(max(0.0, time.time() - event_time), self.source)

@@ -14,8 +14,8 @@ from yarl import URL
 from edgeproxy.labels import LabelError, LabelsInvalid, build_routing, parse_options
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Upstream
+from edgeproxy.providers import Observations
 from edgeproxy.table import FileRoute
-from edgeproxy.watcher import Watcher
 
 _CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
 
@@ -156,8 +156,8 @@ def load_routes_file(path: Path) -> list[FileRoute]:
 class FileProvider:
     """Polls the routes file's metadata and reloads it when it changes."""
 
-    def __init__(self, watcher: Watcher, path: Path, interval: float) -> None:
-        self._watcher = watcher
+    def __init__(self, sink: Observations, path: Path, interval: float) -> None:
+        self._sink = sink
         self._path = path
         self._interval = interval
         self._log = get_logger("routes_file")
@@ -182,7 +182,7 @@ class FileProvider:
             self._log.error("routes_file_invalid", path=str(self._path), error=str(exc),
                             kept_previous=True)
             return
-        self._watcher.set_file_routes(routes)
+        self._sink.set_file_routes(routes)
         self._log.info("routes_file_loaded", path=str(self._path), routes=len(routes))
 
     async def run(self) -> None:
