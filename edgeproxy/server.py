@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import time
@@ -217,10 +218,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         # 404 for a route the others serve.
         waiter = asyncio.create_task(feed.first.wait())
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({waiter, stopper}, timeout=5.0,
+        done, _ = await asyncio.wait({waiter, stopper}, timeout=1.0,
                                      return_when=asyncio.FIRST_COMPLETED)
         if not done:
-            log.warning("control_waiting", path=control_path)
+            log.warning("control_waiting", path=control_path, pid=os.getpid())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         stopper.cancel()
@@ -250,11 +251,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
             if feed is not None:
                 feed.listening = True
                 feed.report_now()
-            log.info("listening", proxy=str(settings.listen),
+            log.info("listening", proxy=str(settings.listen), pid=os.getpid(),
                      tls=str(settings.tls_listen) if settings.tls_listen else None,
                      admin=str(settings.admin_listen) if admin_runner is not None else None,
                      docker=settings.docker, routes_file=str(settings.routes_file or "") or None,
-                     workers=settings.workers)
+                     workers=settings.workers,
+                     table=feed.generation if feed is not None else None)
             await stop.wait()
         log.info("draining", in_flight=proxy.in_flight, timeout_s=settings.drain_timeout)
     finally:
