@@ -20,7 +20,7 @@ from edgeproxy.logs import get_logger
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertError, CertStore
 
-BACKOFF_MAX = 1.0
+BACKOFF_MAX = 0.5
 """Longest wait between two attempts to reach the control plane (seconds)."""
 
 
