@@ -101,12 +101,15 @@ class TableFeed:
     def _apply(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "table":
-            _, generation, table, _sent = message
+            _, generation, table, sent = message
             if not isinstance(table, RouteTable):
                 raise ControlChannelError(f"table message carries {type(table).__name__}")
             self.table = table
             self.generation = generation
-            self.received_at = time.time()
+            now = self.received_at = time.time()
+            # `at` and `lag_ms` let bench/discovery.py measure how far apart workers swap.
+            self._log.debug("table_received", generation=generation, routes=len(table.routes),
+                            at=now, lag_ms=round((now - sent) * 1000, 3))
             self.first.set()
             for callback in self.on_table:
                 try:
