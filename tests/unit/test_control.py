@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 
+from edgeproxy.acme import AcmeManager, ChallengeBook
 from edgeproxy.control import ControlChannelError, encode, read_message
 from edgeproxy.dataview import WorkerReports, WorkerStatus
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Upstream
 from edgeproxy.providers.files import parse_routes
 from edgeproxy.table import RouteTable, build_table
+from edgeproxy.tls import CertStore
 
 ROUTES = {"routes": {
     "api": {"path": "/api", "upstreams": ["http://10.0.0.1:80", "http://10.0.0.2:80"],
@@ -85,3 +88,27 @@ def test_worker_reports_add_up() -> None:
     assert reports.in_flight == 5
     reports.gone(1, 101)
     assert reports.in_flight == 2 and not reports.balancer.is_ejected(u)
+
+
+def test_a_worker_answers_published_challenges_then_the_shared_files(tmp_path: Path) -> None:
+    book = ChallengeBook(tmp_path)
+    token = "A" * 43
+    assert book.challenge_response(token) is None  # -> 404
+    book.put(token, token + ".published")
+    assert book.challenge_response(token) == token + ".published"
+    book.put(token, None)
+    # An answer whose message is still on its way is found in the state directory, where the
+    # control plane's manager wrote it before asking the CA to validate.
+    (tmp_path / "acme" / "challenges").mkdir(parents=True)
+    (tmp_path / "acme" / "challenges" / token).write_text(token + ".file\n")
+    assert book.challenge_response(token) == token + ".file"
+    assert book.challenge_response("../etc/passwd") is None
+
+
+def test_the_manager_hands_certificates_and_tokens_to_the_control_plane(tmp_path: Path) -> None:
+    acme = AcmeManager("https://ca.invalid/dir", None, tmp_path, CertStore())
+    seen: list[tuple[str, str | None]] = []
+    acme.on_challenge = lambda token, answer: seen.append((token, answer))
+    acme._put_challenge("tok", "tok.key")
+    acme._drop_challenge("tok")
+    assert seen == [("tok", "tok.key"), ("tok", None)]
