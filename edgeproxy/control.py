@@ -257,7 +257,8 @@ class ControlPlane:
         # The resync was posted before the connection flag: build from it now rather than
         # wait for the watcher's turn.
         watcher.rebuild_now()
-        watcher.on_swap.append(publisher.publish)
+        # First of the swap listeners: the workers' copy should not wait for logs or probes.
+        watcher.on_swap.insert(0, publisher.publish)
         publisher.publish(watcher.table)
         self.ready.set()
         self._log.info("control_publishing", routes=len(watcher.table.routes),
