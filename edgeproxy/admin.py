@@ -12,20 +12,19 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import __version__
-from edgeproxy.balancer import Balancer
+from edgeproxy.dataview import BalancerView, DataPlaneView, WorkerReports
 from edgeproxy.decide import decide
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import request_host
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target
-from edgeproxy.pipeline import Proxy
 from edgeproxy.providers.docker import DiscoveryStatus
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
 
-def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, Any]:
+def upstream_json(u: Upstream, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One replica as shown by /routes."""
     state: str = u.state
     reason = u.reason or None
@@ -120,7 +119,7 @@ def transforms_json(r: Route) -> dict[str, Any]:
     return out
 
 
-def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
+def route_json(r: Route, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
     spec = r.spec
     health = spec.health
@@ -162,16 +161,20 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
-                   discovery: Callable[[], DiscoveryStatus] | None = None) -> web.Application:
-    """The admin aiohttp application; `discovery` reads the Docker provider's status."""
+def make_admin_app(watcher: Watcher, proxy: DataPlaneView,
+                   workers: WorkerReports | None = None,
+                   discovery: Callable[[], DiscoveryStatus | None] | None = None) -> web.Application:
+    """The admin aiohttp application, on the process that holds the control plane: `watcher`
+    for the table, Docker and change history; `proxy` for the data plane's side (the one
+    worker's Proxy, or every worker's reports); `discovery` reads the Docker provider's
+    status."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
         # Discovery on and failing: 503, so the image's HEALTHCHECK turns unhealthy.
         status = discovery() if discovery is not None and watcher.settings.docker else None
         failing = status is not None and status.state == "failing"
-        return web.json_response(status=503 if failing else 200, data={
+        doc: dict[str, Any] = {
             "status": "failing" if failing else "ok",
             "reason": f"Docker discovery fails: {status.error}" if failing and status else None,
             "discovery": status.as_json() if status is not None else None,
@@ -186,7 +189,10 @@ def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
             "ratelimit": {"backend": watcher.settings.ratelimit_backend,
                           "healthy": proxy.limiter.healthy,
                           "last_error": proxy.limiter.last_error},
-        })
+        }
+        if workers is not None:
+            doc["workers"] = workers.workers_json()
+        return web.json_response(doc, status=503 if failing else 200)
 
     async def routes(_: web.Request) -> web.Response:
         table = watcher.table
@@ -220,7 +226,7 @@ def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
     return app
 
 
-async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> web.Response:
+async def explain(request: web.Request, watcher: Watcher, proxy: DataPlaneView) -> web.Response:
     """What the proxy would do with a request, without sending it anywhere: the same `decide`
     as the request pipeline, so the two cannot disagree."""
     url_text = request.query.get("url", "")

@@ -19,7 +19,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edgeproxy import headers as h
-from edgeproxy.acme import AcmeManager
+from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
 from edgeproxy.decide import Edge, decide
 from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, RequestView
@@ -167,7 +167,7 @@ class Proxy(Generic[R]):
             limits=ResponseLimits(settings.max_response_header_size,
                                   settings.max_response_headers))
         self._certs: CertStore | None = None
-        self._acme: AcmeManager | None = None
+        self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
         self._trusted = settings.trusted_proxies
         self._log = fast_access_logger(settings.log_format,
@@ -180,7 +180,7 @@ class Proxy(Generic[R]):
         table: RouteTable = self._table()
         return table
 
-    def tls(self, store: CertStore, acme: AcmeManager) -> None:
+    def tls(self, store: CertStore, acme: ChallengeAnswers) -> None:
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
         self._acme = acme
