@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import aiohttp
@@ -38,6 +40,13 @@ from edgeproxy.policies.ratelimit import (
     RateLimitSpec,
     client_key,
     ratelimit_headers,
+)
+from edgeproxy.requestcheck import (
+    Refusal,
+    check_credentials,
+    check_forwarded_host,
+    check_head,
+    host_problem,
 )
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
@@ -226,6 +235,9 @@ class Proxy:
     async def _dispatch(
         self, request: web.BaseRequest, rid: str, info: dict[str, Any]
     ) -> web.StreamResponse:
+        refusal = check_head(request.version, request.headers)
+        if refusal is not None:
+            return _refuse(request, refusal, rid, info)
         asked = request.raw_path  # the client's request target, in origin form below
         authority: str | None = None
         if not asked.startswith("/"):
@@ -235,6 +247,9 @@ class Proxy:
                 return error_response(400, "bad_target", str(exc), rid)
             if absolute is not None:  # http://host/path: its host replaces the Host header
                 authority, asked = absolute
+                problem = host_problem(authority)
+                if problem is not None:
+                    return error_response(400, "bad_target", "request target: " + problem, rid)
         raw_path, query = split_target(asked)
         challenge = self._acme is not None and raw_path.startswith(CHALLENGE_PREFIX)
         if challenge and self._acme is not None:
@@ -297,6 +312,14 @@ class Proxy:
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, request.headers, self._trusted)
         info["client"] = client
+        # Credentials this route's policies read: sent twice, we would check one and the
+        # replica might read the other (Authorization is checked on every route, in check_head).
+        rl_key = spec.ratelimit.key if spec.ratelimit is not None else ""
+        refusal = (check_credentials(request.headers, (rl_key[7:],))
+                   if rl_key.startswith("header:") else None) or (
+            check_forwarded_host(request.headers) if trusted_peer else None)
+        if refusal is not None:
+            return _refuse(request, refusal, rid, info)
         identity: Identity | None = None
         if spec.auth is not None:
             try:
@@ -672,6 +695,27 @@ async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body:
             return _Written(status, False)
     info["bytes"] = len(body)
     return _Written(status, keep_alive)
+
+
+def _refuse(request: web.BaseRequest, refused: Refusal, rid: str,
+            info: dict[str, Any]) -> web.StreamResponse:
+    """The proxy's own answer to a request `requestcheck` refused."""
+    info["error"] = refused.code
+    if request.version[:1] != (1,):
+        # aiohttp would answer in the request's version ("HTTP/2.0 505"): write HTTP/1.1
+        # ourselves and close.
+        body = json.dumps({"error": {"status": refused.status, "code": refused.code,
+                                     "message": refused.message, "request_id": rid}}).encode()
+        head = (f"HTTP/1.1 {refused.status} {HTTPStatus(refused.status).phrase}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"X-Request-ID: {rid}\r\nCache-Control: no-store\r\nConnection: close\r\n"
+                "\r\n").encode()
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(head + body)
+        return _Written(refused.status, False)
+    return error_response(refused.status, refused.code, refused.message, rid,
+                          {"Connection": "close"} if refused.close else None)
 
 
 async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
