@@ -714,8 +714,11 @@ def _refuse(request: web.BaseRequest, refused: Refusal, rid: str,
         if transport is not None and not transport.is_closing():
             transport.write(head + body)
         return _Written(refused.status, False)
-    return error_response(refused.status, refused.code, refused.message, rid,
+    resp = error_response(refused.status, refused.code, refused.message, rid,
                           {"Connection": "close"} if refused.close else None)
+    if refused.close:
+        resp.force_close()
+    return resp
 
 
 async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
