@@ -254,3 +254,14 @@ def test_proxy_keeps_serving_after_every_refusal(env: tuple[ProxyProcess, str]) 
     p, _ = env
     assert requests.get(p.url("/public/after"), timeout=5).status_code == 200
     assert "Traceback" not in p.log_text()
+
+
+def test_jwt_with_a_string_exp_is_401(env: tuple[ProxyProcess, str]) -> None:
+    p, backend = env
+    tok = jwt.encode({"sub": "alice", "exp": "9999999999"}, SECRET, algorithm="HS256")
+    before = seen(backend)
+    r = requests.get(p.url("/secure/str-exp"), headers={"Authorization": "Bearer " + tok},
+                     timeout=5)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+    assert "exp must be a number" in r.headers["WWW-Authenticate"]
+    assert seen(backend) == before
