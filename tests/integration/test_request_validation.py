@@ -265,3 +265,44 @@ def test_jwt_with_a_string_exp_is_401(env: tuple[ProxyProcess, str]) -> None:
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
     assert "exp must be a number" in r.headers["WWW-Authenticate"]
     assert seen(backend) == before
+
+
+@pytest.fixture(scope="module")
+def admin_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    tmp = tmp_path_factory.mktemp("admin-hosts")
+    with run_proxy(tmp, docker="false", admin_hosts="ops.example") as p:
+        yield p
+
+
+def admin_get(p: ProxyProcess, path: str, host: str) -> requests.Response:
+    return requests.get(p.admin_base + path, headers={"Host": host}, timeout=5)
+
+
+@pytest.mark.parametrize("path", ["/routes", "/healthz", "/", "/events", "/metrics",
+                                  "/explain?url=http://a/"])
+def test_admin_refuses_a_rebound_host(admin_env: ProxyProcess, path: str) -> None:
+    p = admin_env
+    r = admin_get(p, path, f"evil.test:{p.admin_port}")
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "host_not_allowed"
+    assert "EDGEPROXY_ADMIN_HOSTS" in r.json()["error"]["message"]
+    assert set(r.json()) == {"error"}  # nothing of the topology
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}",
+                                  "ops.example", "ops.example:{port}"])
+def test_admin_answers_its_own_addresses_and_listed_names(admin_env: ProxyProcess,
+                                                          host: str) -> None:
+    p = admin_env
+    r = admin_get(p, "/routes", host.format(port=p.admin_port))
+    assert r.status_code == 200 and "routes" in r.json()
+
+
+def test_admin_dashboard_and_its_event_stream_work_from_their_origin(
+        admin_env: ProxyProcess) -> None:
+    p = admin_env
+    page = requests.get(p.admin_base + "/", timeout=5)
+    assert page.status_code == 200 and "EventSource" in page.text
+    with requests.get(p.admin_base + "/events", stream=True, timeout=5) as r:
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
