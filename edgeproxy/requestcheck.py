@@ -33,6 +33,10 @@ _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 _WS_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")  # base64 of exactly 16 bytes (RFC 6455 4.1)
 _CHUNKED = "chunked"
+# Host values already found valid: a site has a handful, and a dict probe costs a tenth of
+# parsing one again on every request.
+_GOOD_HOSTS: dict[str, None] = {}
+_GOOD_HOSTS_MAX = 4096
 
 
 class HostError(ValueError):
@@ -102,10 +106,13 @@ def check_head(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal 
         return Refusal(505, "http_version_not_supported",
                        f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", True)
     host = headers.get("Host")
-    if host is not None:
+    if host is not None and host not in _GOOD_HOSTS:
         problem = host_problem(host)
         if problem is not None:
             return Refusal(400, "bad_host", problem)
+        if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:  # a flood of made-up names can't grow it
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS[host] = None
     te = headers.get("Transfer-Encoding")
     if te is not None:
         if version < (1, 1):

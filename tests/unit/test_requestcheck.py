@@ -181,3 +181,14 @@ def test_route_credentials_are_refused_when_repeated_in_any_case() -> None:
 def test_trusted_forwarded_host_must_hold_hosts(values: tuple[str, ...], ok: bool) -> None:
     refusal = check_forwarded_host(head(*(("X-Forwarded-Host", v) for v in values)))
     assert (refusal is None) == ok
+
+
+def test_valid_host_memo_is_bounded_and_never_holds_a_refused_value() -> None:
+    from edgeproxy import requestcheck
+
+    for i in range(requestcheck._GOOD_HOSTS_MAX + 100):
+        assert check_head((1, 1), head(("Host", f"h{i}.test"))) is None
+    assert len(requestcheck._GOOD_HOSTS) <= requestcheck._GOOD_HOSTS_MAX
+    for _ in range(2):  # refused the second time too: refusals are not remembered
+        refusal = check_head((1, 1), head(("Host", "h1.test:1@evil.test")))
+        assert refusal is not None and refusal.code == "bad_host"
