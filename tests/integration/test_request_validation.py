@@ -268,10 +268,25 @@ def test_jwt_with_a_string_exp_is_401(env: tuple[ProxyProcess, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def admin_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def admin_env(tmp_path_factory: pytest.TempPathFactory,
+              env: tuple[ProxyProcess, str]) -> Iterator[ProxyProcess]:
+    """A second proxy: admin names listed, and the test client as a trusted proxy."""
     tmp = tmp_path_factory.mktemp("admin-hosts")
-    with run_proxy(tmp, docker="false", admin_hosts="ops.example") as p:
+    routes = write_routes(tmp / "routes.toml", {"public": {"path": "/public",
+                                                           "upstreams": [env[1]]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), admin_hosts="ops.example",
+                   trusted_proxies="127.0.0.1/32") as p:
         yield p
+
+
+def test_trusted_peer_forwarded_host_must_be_valid(admin_env: ProxyProcess,
+                                                   env: tuple[ProxyProcess, str]) -> None:
+    p, backend = admin_env, env[1]
+    refused(p, backend, b"GET /public/xfh HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-Host: "
+            b"front.test, a.test:1@evil.test\r\n\r\n", b"400", "bad_host")
+    answer, _ = exchange(p.port, b"GET /public/xfh HTTP/1.1\r\nHost: a.test\r\n"
+                                 b"X-Forwarded-Host: front.test\r\n\r\n")
+    assert echo_headers(answer)["x-forwarded-host"] == ["front.test"]
 
 
 def admin_get(p: ProxyProcess, path: str, host: str) -> requests.Response:
