@@ -290,7 +290,11 @@ def test_trusted_peer_forwarded_host_must_be_valid(admin_env: ProxyProcess,
 
 
 def admin_get(p: ProxyProcess, path: str, host: str) -> requests.Response:
-    return requests.get(p.admin_base + path, headers={"Host": host}, timeout=5)
+    # stream=True: an /events answered 200 (a broken guard) must fail the test, not hang it.
+    r = requests.get(p.admin_base + path, headers={"Host": host}, timeout=5, stream=True)
+    if r.status_code == 200 and path == "/events":
+        r.close()
+    return r
 
 
 @pytest.mark.parametrize("path", ["/routes", "/healthz", "/", "/events", "/metrics",
