@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 
 from multidict import MultiMapping
+
+from edgeproxy.exchange import Refusal
 
 # A DNS-style host name: labels of letters, digits, '-' and '_' (Docker service names carry
 # '_'), one optional trailing dot. Stricter than RFC 3986 reg-name on purpose: its sub-delims
@@ -43,14 +44,8 @@ class HostError(ValueError):
     """A Host value or authority that is not host[:port] (answered with 400)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a request is answered by the proxy itself, and how."""
-
-    status: int
-    code: str
-    message: str
-    close: bool = False  # the connection's framing can't be trusted after this request
+# The connection's framing can't be trusted after these refusals.
+CLOSE = {"Connection": "close"}
 
 
 def parse_host(value: str) -> tuple[str, int | None]:
@@ -95,16 +90,35 @@ def host_problem(value: str) -> str | None:
     return None
 
 
-def check_head(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal | None:
-    """What is wrong with a request head whatever its route, or None.
-
-    `headers` is the parsed, case-insensitive header multidict (aiohttp's `request.headers`).
-    Cheap for an ordinary request: a few lookups in the C multidict and one regex."""
+def check_http1(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal | None:
+    """What is wrong with an HTTP/1.x request head that llhttp let through, or None: the
+    version, Transfer-Encoding and Sec-WebSocket-Key (the HTTP/1.1 front's own checks)."""
     if version[0] != 1:
         # llhttp hands us HTTP/2.0 request lines; answering them as HTTP/1.1 would let a
         # client believe it talks h2 over this connection.
         return Refusal(505, "http_version_not_supported",
-                       f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", True)
+                       f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", CLOSE)
+    te = headers.get("Transfer-Encoding")
+    if te is not None:
+        if version < (1, 1):
+            return Refusal(400, "bad_request", "Transfer-Encoding is not defined for HTTP/1.0 "
+                           "(RFC 9112 6.1); send Content-Length", CLOSE)
+        if te.strip().lower() != _CHUNKED:
+            # nginx's answer too: a coding we don't apply would be dropped or misframed.
+            return Refusal(501, "unsupported_transfer_encoding",
+                           f"Transfer-Encoding {te!r} is not supported; only 'chunked' is", CLOSE)
+    keys = headers.getall("Sec-WebSocket-Key", ())
+    if keys and (len(keys) > 1 or not _WS_KEY.fullmatch(keys[0])):
+        return Refusal(400, "bad_websocket_handshake", "Sec-WebSocket-Key must appear once and "
+                       "be the base64 encoding of 16 bytes (RFC 6455 4.1)")
+    return None
+
+
+def check_request(headers: MultiMapping[str]) -> Refusal | None:
+    """What is wrong with any request whatever its route and protocol, or None: the Host
+    syntax and a repeated Authorization. Part of `decide`, so /explain reports it too.
+
+    Cheap for an ordinary request: a few lookups in the C multidict and a dict probe."""
     host = headers.get("Host")
     if host is not None and host not in _GOOD_HOSTS:
         problem = host_problem(host)
@@ -113,22 +127,9 @@ def check_head(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal 
         if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:  # a flood of made-up names can't grow it
             _GOOD_HOSTS.clear()
         _GOOD_HOSTS[host] = None
-    te = headers.get("Transfer-Encoding")
-    if te is not None:
-        if version < (1, 1):
-            return Refusal(400, "bad_request", "Transfer-Encoding is not defined for HTTP/1.0 "
-                           "(RFC 9112 6.1); send Content-Length", True)
-        if te.strip().lower() != _CHUNKED:
-            # nginx's answer too: a coding we don't apply would be dropped or misframed.
-            return Refusal(501, "unsupported_transfer_encoding",
-                           f"Transfer-Encoding {te!r} is not supported; only 'chunked' is", True)
     if len(headers.getall("Authorization", ())) > 1:
         return Refusal(400, "duplicate_credentials", "the request carries more than one "
                        "Authorization header; send exactly one")
-    keys = headers.getall("Sec-WebSocket-Key", ())
-    if keys and (len(keys) > 1 or not _WS_KEY.fullmatch(keys[0])):
-        return Refusal(400, "bad_websocket_handshake", "Sec-WebSocket-Key must appear once and "
-                       "be the base64 encoding of 16 bytes (RFC 6455 4.1)")
     return None
 
 

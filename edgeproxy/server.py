@@ -16,10 +16,11 @@ from aiohttp.web_protocol import RequestHandler
 from edgeproxy.acme import AcmeManager
 from edgeproxy.admin import make_admin_app
 from edgeproxy.errors import error_response
-from edgeproxy.forward import Proxy, make_session
 from edgeproxy.health import HealthMonitor
+from edgeproxy.http1 import http1_handler, make_session
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
+from edgeproxy.pipeline import Proxy
 from edgeproxy.policies.auth import JwtVerifier
 from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.providers.docker import DockerProvider
@@ -150,8 +151,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     limiter = make_limiter(settings)
     await verifier.start()
     await limiter.start()
-    proxy = Proxy(settings, lambda: watcher.table, session, metrics=metrics, verifier=verifier,
-                  limiter=limiter)
+    proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: watcher.table, metrics=metrics,
+                                             verifier=verifier, limiter=limiter)
     watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
     watcher.on_event_lag = metrics.docker_event_lag.observe
     monitor = HealthMonitor(session, watcher.set_active_health)
@@ -200,7 +201,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         docker.start()
 
     # auto_decompress=False: a gzip request body goes upstream as the client sent it.
-    server = ProxyServer(proxy.handle, access_log=None, handler_cancellation=True,
+    handler = http1_handler(proxy, session, settings.ws_max_message)
+    server = ProxyServer(handler, access_log=None, handler_cancellation=True,
                          auto_decompress=False, max_field_size=settings.max_header_size,
                          max_line_size=settings.max_header_size)
     server.header_timeout = settings.header_timeout

@@ -220,6 +220,13 @@ def _workers(text: str) -> int:
     return int(value)
 
 
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("a size of at least 1 byte, such as 64k")
+    return value
+
+
 def _positive_int(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()) or int(text) < 1:
         raise ValueError("a whole number of at least 1")
@@ -289,6 +296,11 @@ OPTIONS: tuple[Option, ...] = (
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
     Option("max_header_size", "16k", parse_size,
            "largest request line or header line -> 431 (aiohttp's limit per line)"),
+    Option("max_response_header_size", "64k", _positive_size,
+           "largest response head a replica may send (status line, headers, 1xx heads, "
+           "trailers) -> 502"),
+    Option("max_response_headers", "100", _positive_int,
+           "most header lines in a replica's response head (Envoy's max_headers_count) -> 502"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
     Option("jwt_secret", "", _optional_secret, "HMAC secret for gateway.auth=jwt (HS256/384/512)"),
@@ -359,6 +371,8 @@ class Settings:
     header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
     max_header_size: int = 16 * 1024
+    max_response_header_size: int = 64 * 1024
+    max_response_headers: int = 100
     trusted_proxies: tuple[IPNetwork, ...] = ()
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)

@@ -47,6 +47,7 @@ def test_defaults() -> None:
     assert s.routes_file is None
     assert s.routes_file_poll == 1.0
     assert s.max_body_size == 10 * 1024 * 1024
+    assert (s.max_response_header_size, s.max_response_headers) == (64 * 1024, 100)
     assert s.trusted_proxies == ()
     assert (s.log_level, s.log_format, s.access_log, s.retry_after) == ("info", "json", True, 5)
 
@@ -159,6 +160,8 @@ def test_cidr_lists(value: str, networks: tuple[str, ...]) -> None:
         ("EDGEPROXY_EJECT_TIME", "250ms", "eject_time", 0.25),
         ("EDGEPROXY_RETRIES", "0", "retries", 0),
         ("EDGEPROXY_RETRIES", "5", "retries", 5),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "32k", "max_response_header_size", 32768),
+        ("EDGEPROXY_MAX_RESPONSE_HEADERS", "200", "max_response_headers", 200),
     ],
 )
 def test_other_options(env: str, value: str, attr: str, expected: object) -> None:
@@ -222,6 +225,9 @@ ADMIN_HOSTS = ("comma-separated host names or addresses with an optional port, e
         ("EDGEPROXY_EJECT_TIME", "0s", "a duration greater than zero, e.g. 5s"),
         ("EDGEPROXY_RETRIES", "-1", "a whole number of 0 or more"),
         ("EDGEPROXY_RETRIES", "two", "a whole number of 0 or more"),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "0", "a size of at least 1 byte, such as 64k"),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "big", SIZE),
+        ("EDGEPROXY_MAX_RESPONSE_HEADERS", "0", "a whole number of at least 1"),
     ],
 )
 def test_invalid_value(env: str, value: str, expected: str) -> None:
