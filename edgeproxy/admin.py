@@ -3,25 +3,83 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import __version__
 from edgeproxy.dataview import BalancerView, DataPlaneView, WorkerReports
 from edgeproxy.decide import decide
+from edgeproxy.errors import error_response
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import request_host
+from edgeproxy.logs import get_logger
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target
 from edgeproxy.providers.docker import DiscoveryStatus
+from edgeproxy.requestcheck import HostError, parse_host
+from edgeproxy.settings import Address
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
+
+_WILDCARD = frozenset(("0.0.0.0", "::", ""))
+_LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_host_allowed(host: str | None, listen: Address,
+                       extra: tuple[tuple[str, int | None], ...] = ()) -> bool:
+    """Whether the admin listener answers a request with this Host value (DNS rebinding guard).
+
+    A page on another site can make the operator's browser reach the admin listener only under
+    its own name (DNS rebinding), never under a loopback name or an IP literal, so those are
+    what is let in, as Caddy's admin API does with its `origins`:
+    - no Host at all (HTTP/1.0: browsers always send one);
+    - a name listed in EDGEPROXY_ADMIN_HOSTS (an entry without a port matches any port);
+    - the listener's own host:port, and for a loopback listener localhost, 127.0.0.1 and [::1]
+      with its port (without a port when it is 80);
+    - for a wildcard listener (0.0.0.0, ::; inside a container, where the published port is
+      unknown) localhost and any IP literal, with any port."""
+    if host is None:
+        return True
+    try:
+        name, port = parse_host(host)
+    except HostError:
+        return False
+    if any(n == name and (p is None or p == port) for n, p in extra):
+        return True
+    own = listen.host.lower()
+    if own in _WILDCARD:
+        return name == "localhost" or _is_ip(name)
+    if port != listen.port and not (port is None and listen.port == 80):
+        return False
+    if _is_ip(own):
+        own = ipaddress.ip_address(own).compressed
+    return name == own or (_is_loopback(own) and name in _LOOPBACK_NAMES)
 
 
 def upstream_json(u: Upstream, balancer: BalancerView | None = None) -> dict[str, Any]:
@@ -214,7 +272,23 @@ def make_admin_app(watcher: Watcher, proxy: DataPlaneView,
         body = render(proxy.metrics)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application()
+    settings = watcher.settings
+    log = get_logger("admin")
+
+    @web.middleware
+    async def host_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if not admin_host_allowed(host, settings.admin_listen, settings.admin_hosts):
+            log.warning("admin_host_refused", host=host, path=request.path,
+                        peer=request.remote)
+            return error_response(
+                403, "host_not_allowed",
+                f"Host {host!r} is not an address of this admin listener "
+                f"({settings.admin_listen}); add the name to EDGEPROXY_ADMIN_HOSTS to use it",
+                uuid.uuid4().hex)
+        return await handler(request)
+
+    app = web.Application(middlewares=[host_guard])
     app.router.add_get("/metrics", metrics)
     from edgeproxy.dashboard import add_dashboard  # imports this module: import it late
 
