@@ -164,6 +164,13 @@ class _ProxyRequestHandler(RequestHandler):
 
     def _measure_head(self, piece: bytes, complete: bool) -> _HeadRefused | None:
         """Count a head's next bytes against the limits, before the parser buffers them."""
+        if self._head_size == 0:
+            # Empty lines before a request line are skipped (RFC 9112 2.2), by llhttp too:
+            # they are not part of the head, and must not make a long target look like a
+            # long header line.
+            piece = piece.lstrip(b"\r\n")
+            if not piece:
+                return None
         size = self._head_size + len(piece)
         lines = self._head_lines + piece.count(b"\n")
         if len(self._head_start) < _HEAD_START_KEPT:
