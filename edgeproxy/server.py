@@ -18,6 +18,7 @@ from edgeproxy.admin import make_admin_app
 from edgeproxy.errors import error_response
 from edgeproxy.health import HealthMonitor
 from edgeproxy.http1 import http1_handler, make_session
+from edgeproxy.http2 import H2Site, h2_front  # edgeproxy-h2
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline import Proxy
@@ -218,9 +219,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         listeners.append((runner, settings.tls_listen, store.context()))
     if worker == 0:
         listeners.append((admin_runner, settings.admin_listen, None))
+    # edgeproxy-h2: HTTP/2 on the TLS listener (ALPN h2) and, with EDGEPROXY_H2C, on the plain one.
+    h2 = h2_front(proxy, settings)
     try:
         for r, addr, context in listeners:
             try:
+                if r is runner and (context is not None or settings.h2c):
+                    await H2Site(r, addr.host, addr.port, h2, ssl_context=context, backlog=1024,
+                                 reuse_port=settings.workers > 1 or None).start()
+                    continue
                 await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
                                   reuse_port=settings.workers > 1 or None).start()
             except OSError as exc:
@@ -236,7 +243,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         if docker is not None:
             docker.stop()
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
+        h2_drain = asyncio.ensure_future(h2.shutdown(settings.drain_timeout))  # edgeproxy-h2
         await runner.cleanup()
+        await h2_drain
         await admin_runner.cleanup()
         await monitor.close()
         if acme is not None:
