@@ -52,23 +52,27 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _EMPTY_BODY = frozenset((204, 304))
 _events = get_logger("http2")
 
-# gRPC status codes for the proxy's own refusals (grpc/doc/statuscodes.md), by error code,
-# then by HTTP status as in grpc/doc/http-grpc-status-mapping.md.
-GRPC_BY_CODE = {
-    "no_route": 12, "method_not_allowed": 12, "no_replica": 14, "upstream_unreachable": 14,
-    "upstream_error": 14, "upstream_tls_error": 14, "upstream_timeout": 4,
-    "rate_limited": 8, "body_too_large": 8, "header_too_large": 8,
-    "ratelimit_unavailable": 14, "auth_unavailable": 14,
-    "invalid_token": 16, "missing_token": 16, "insufficient_scope": 7, "forbidden": 7,
-    "client_timeout": 4, "internal_error": 13, "bad_request": 3, "bad_path": 3,
+# gRPC status codes (grpc/doc/statuscodes.md) for the proxy's own refusals, by HTTP status; the
+# README's error table has the same column.
+GRPC_BY_STATUS = {
+    400: 3,  # INVALID_ARGUMENT: bad_path, bad_target, bad_request, bad_rewrite, bad_host, ...
+    401: 16,  # UNAUTHENTICATED: invalid_token
+    403: 7,  # PERMISSION_DENIED: insufficient_scope
+    404: 12,  # UNIMPLEMENTED: no_route (as a gRPC server answers an unknown method)
+    408: 4,  # DEADLINE_EXCEEDED: request_timeout, client_timeout
+    413: 8,  # RESOURCE_EXHAUSTED: body_too_large
+    429: 8,  # RESOURCE_EXHAUSTED: rate_limited
+    431: 8,  # RESOURCE_EXHAUSTED: header_too_large
+    500: 13,  # INTERNAL: internal_error
+    502: 14,  # UNAVAILABLE: upstream_unreachable, upstream_error, upstream_tls_error
+    503: 14,  # UNAVAILABLE: no_replica, auth_unavailable, ratelimit_unavailable
+    504: 4,  # DEADLINE_EXCEEDED: upstream_timeout
 }
-GRPC_BY_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 408: 4, 413: 8, 429: 8, 431: 8,
-                  500: 13, 502: 14, 503: 14, 504: 4}
 
 
 def grpc_status_of(refusal: Refusal) -> int:
     """The gRPC status a gRPC client gets for one of the proxy's refusals."""
-    return GRPC_BY_CODE.get(refusal.code) or GRPC_BY_STATUS.get(refusal.status, 2)
+    return GRPC_BY_STATUS.get(refusal.status, 2)  # 2: UNKNOWN
 
 
 def is_grpc(headers: h.Headers) -> bool:

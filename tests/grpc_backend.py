@@ -26,6 +26,7 @@ def _ident(b: bytes) -> bytes:
 class _State:
     def __init__(self) -> None:
         self.cancelled = threading.Event()
+        self.sleeping = threading.Event()
         self.calls = 0
         self.lock = threading.Lock()
 
@@ -52,6 +53,7 @@ def _handlers(state: _State) -> grpc.GenericRpcHandler:
 
     def sleep(request: bytes, context: grpc.ServicerContext) -> bytes:
         context.add_callback(state.cancelled.set)
+        state.sleeping.set()
         deadline = time.monotonic() + float(request.decode() or "0")
         while time.monotonic() < deadline and context.is_active():
             time.sleep(0.01)
