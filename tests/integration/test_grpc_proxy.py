@@ -5,7 +5,6 @@ replica), and the proxy's own refusals in gRPC form."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
