@@ -5,6 +5,7 @@ replica), and the proxy's own refusals in gRPC form."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -38,9 +39,18 @@ def tls_backend(ca: trustme.CA) -> Iterator[GrpcBackend]:
         yield b
 
 
+@dataclass
+class GrpcProxy:
+    """The proxy process, its TLS listener's port and the CA that signed its certificate."""
+
+    p: ProxyProcess
+    tls_port: int
+    ca_pem: bytes
+
+
 @pytest.fixture(scope="module")
 def proxy(backend: GrpcBackend, tls_backend: GrpcBackend, ca: trustme.CA,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcProxy]:
     tmp = tmp_path_factory.mktemp("grpc")
     ca_file = tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -62,18 +72,16 @@ def proxy(backend: GrpcBackend, tls_backend: GrpcBackend, ca: trustme.CA,
     with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true",
                    tls_listen=f"127.0.0.1:{tls_port}", tls_cert=str(tmp / "edge.crt"),
                    tls_key=str(tmp / "edge.key"), jwt_secret="s3cret" * 6) as p:
-        p.tls_port = tls_port  # type: ignore[attr-defined]
-        p.ca_pem = ca.cert_pem.bytes()  # type: ignore[attr-defined]
-        yield p
+        yield GrpcProxy(p, tls_port, ca.cert_pem.bytes())
 
 
-def h2c_channel(p: ProxyProcess) -> grpc.Channel:
-    return grpc.insecure_channel(f"127.0.0.1:{p.port}", options=OPTIONS)
+def h2c_channel(p: GrpcProxy) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{p.p.port}", options=OPTIONS)
 
 
-def tls_channel(p: ProxyProcess, authority: str = "grpc.test") -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials(root_certificates=p.ca_pem)  # type: ignore[attr-defined]
-    return grpc.secure_channel(f"127.0.0.1:{p.tls_port}", creds,  # type: ignore[attr-defined]
+def tls_channel(p: GrpcProxy, authority: str = "grpc.test") -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(root_certificates=p.ca_pem)
+    return grpc.secure_channel(f"127.0.0.1:{p.tls_port}", creds,
                                options=[*OPTIONS, ("grpc.ssl_target_name_override", "grpc.test"),
                                         ("grpc.default_authority", authority)])
 
@@ -95,21 +103,21 @@ def four_kinds(channel: grpc.Channel, service: str = "test.Echo") -> None:
     assert m("unary_unary", "Unary")(big, timeout=30) == big
 
 
-def test_four_call_kinds_over_h2c(proxy: ProxyProcess) -> None:
+def test_four_call_kinds_over_h2c(proxy: GrpcProxy) -> None:
     with h2c_channel(proxy) as ch:
         four_kinds(ch)
     wait_for(lambda: any(e.get("protocol") == "HTTP/2" and e.get("route") == "echo"
-                         for e in proxy.events("access")), what="an HTTP/2 access log line")
+                         for e in proxy.p.events("access")), what="an HTTP/2 access log line")
 
 
-def test_four_call_kinds_over_tls_to_a_tls_replica(proxy: ProxyProcess) -> None:
+def test_four_call_kinds_over_tls_to_a_tls_replica(proxy: GrpcProxy) -> None:
     with tls_channel(proxy) as ch:
         four_kinds(ch)  # TLS edge (ALPN h2) -> h2c replica
     with tls_channel(proxy, "secure.test") as ch:
         four_kinds(ch)  # TLS edge -> TLS replica (gateway.scheme=h2, ALPN h2)
 
 
-def test_deadline_reaches_the_replica_and_the_client(proxy: ProxyProcess,
+def test_deadline_reaches_the_replica_and_the_client(proxy: GrpcProxy,
                                                      backend: GrpcBackend) -> None:
     backend.state.cancelled.clear()
     with h2c_channel(proxy) as ch, pytest.raises(grpc.RpcError) as err:
@@ -119,7 +127,7 @@ def test_deadline_reaches_the_replica_and_the_client(proxy: ProxyProcess,
     wait_for(backend.state.cancelled.is_set, 5, what="the replica's call to be cancelled")
 
 
-def test_cancellation_reaches_the_replica(proxy: ProxyProcess, backend: GrpcBackend) -> None:
+def test_cancellation_reaches_the_replica(proxy: GrpcProxy, backend: GrpcBackend) -> None:
     backend.state.cancelled.clear()
     backend.state.sleeping.clear()
     with h2c_channel(proxy) as ch:
@@ -129,7 +137,7 @@ def test_cancellation_reaches_the_replica(proxy: ProxyProcess, backend: GrpcBack
         wait_for(backend.state.cancelled.is_set, 5, what="the replica's call to be cancelled")
 
 
-def test_replica_status_passes_unchanged(proxy: ProxyProcess) -> None:
+def test_replica_status_passes_unchanged(proxy: GrpcProxy) -> None:
     with h2c_channel(proxy) as ch, pytest.raises(grpc.RpcError) as err:
         method(ch, "unary_unary", "Fail")(b"NOT_FOUND", timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -141,7 +149,7 @@ def test_replica_status_passes_unchanged(proxy: ProxyProcess) -> None:
     ("/down.Svc/Method", grpc.StatusCode.UNAVAILABLE, "replica of route 'down'"),  # 502
     ("/private.Svc/Method", grpc.StatusCode.UNAUTHENTICATED, "token"),  # 401 invalid_token
 ])
-def test_refusals_are_grpc_statuses(proxy: ProxyProcess, path: str,
+def test_refusals_are_grpc_statuses(proxy: GrpcProxy, path: str,
                                     code: grpc.StatusCode, says: str) -> None:
     with h2c_channel(proxy) as ch, pytest.raises(grpc.RpcError) as err:
         ch.unary_unary(path, request_serializer=lambda b: b,
@@ -153,7 +161,7 @@ def test_refusals_are_grpc_statuses(proxy: ProxyProcess, path: str,
     assert says in (err.value.details() or "").lower(), err.value.details()
 
 
-def test_rate_limited_is_resource_exhausted(proxy: ProxyProcess) -> None:
+def test_rate_limited_is_resource_exhausted(proxy: GrpcProxy) -> None:
     with h2c_channel(proxy) as ch:
         call = ch.unary_unary("/limited.Svc/Unary", request_serializer=lambda b: b,
                               response_deserializer=lambda b: b)
