@@ -47,6 +47,7 @@ from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import UpstreamError
+from edgeproxy.upstream_h2 import GracefulH2Connection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _EMPTY_BODY = frozenset((204, 304))
@@ -132,7 +133,7 @@ class H2Connection(asyncio.Protocol):
         self.peer: str | None = None
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
         self.draining = False

@@ -15,7 +15,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -42,6 +42,24 @@ _events = get_logger("upstream_h2")
 # Never sent in HTTP/2 (RFC 9113 8.2.2); the pipeline already removed the other hop-by-hop ones.
 _DROP = frozenset((b"host", b"connection", b"keep-alive", b"proxy-connection",
                    b"transfer-encoding", b"upgrade", b"te"))
+
+
+class GracefulH2Connection(h2.connection.H2Connection):
+    """h2's connection, except that a GOAWAY with NO_ERROR does not close it at once.
+
+    h2 moves its state machine to CLOSED on any GOAWAY and then refuses every later frame, so
+    the streams the peer promised to finish (those up to last_stream_id, RFC 9113 6.8) would
+    break. Here a graceful GOAWAY only reports `ConnectionTerminated`; the owner stops opening
+    streams and closes once the open ones are done."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
+        if frame.error_code:  # an error: the connection is over, as h2 has it
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class UpstreamReset(UpstreamError):
@@ -105,7 +123,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         config = h2.config.H2Configuration(client_side=True, header_encoding=None,
                                            validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=config)
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway = False

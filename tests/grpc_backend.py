@@ -77,14 +77,15 @@ def _handlers(state: _State) -> grpc.GenericRpcHandler:
 class GrpcBackend:
     """A running gRPC server on 127.0.0.1: `port`, and `state` for what it saw."""
 
-    def __init__(self, port: int, state: _State) -> None:
+    def __init__(self, port: int, state: _State, server: grpc.Server) -> None:
         self.port = port
         self.state = state
+        self.server = server
 
 
 @contextmanager
 def grpc_backend(credentials: grpc.ServerCredentials | None = None,
-                 max_message: int = 64 * 1024 * 1024) -> Iterator[GrpcBackend]:
+                 max_message: int = 64 * 1024 * 1024, port: int = 0) -> Iterator[GrpcBackend]:
     """Serve the Echo service in this process (threads) until the block ends."""
     state = _State()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[
@@ -92,12 +93,12 @@ def grpc_backend(credentials: grpc.ServerCredentials | None = None,
         ("grpc.max_send_message_length", max_message)])
     server.add_generic_rpc_handlers((_handlers(state),))
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
     try:
-        yield GrpcBackend(port, state)
+        yield GrpcBackend(port, state, server)
     finally:
         server.stop(0).wait()
 

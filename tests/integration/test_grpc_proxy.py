@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -173,3 +174,21 @@ def test_rate_limited_is_resource_exhausted(proxy: GrpcProxy) -> None:
             call(b"x", timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "rate limit" in (err.value.details() or "")
+
+
+def test_goaway_lets_calls_finish_and_new_ones_use_a_new_connection(
+        tmp_path: Path) -> None:
+    with grpc_backend() as old:
+        routes = write_routes(tmp_path / "routes.toml", {
+            "echo": {"path": "/test.Echo", "upstreams": [f"h2c://127.0.0.1:{old.port}"]}})
+        with run_proxy(tmp_path, docker="false", routes_file=str(routes), h2c="true") as p, \
+                grpc.insecure_channel(f"127.0.0.1:{p.port}") as ch:
+            assert method(ch, "unary_unary", "Unary")(b"warm", timeout=10) == b"warm"
+            in_flight = method(ch, "unary_unary", "Sleep").future(b"1", timeout=20)
+            wait_for(old.state.sleeping.is_set, 5, what="the call to reach the replica")
+            old.server.stop(grace=10)  # GOAWAY: no new streams; the sleeping call may finish
+            # A new server on the same port (gRPC sets SO_REUSEPORT) takes new connections.
+            with grpc_backend(port=old.port) as new:
+                assert in_flight.result(timeout=10) == b"slept"
+                assert method(ch, "unary_unary", "Unary")(b"after", timeout=10) == b"after"
+                assert new.state.calls == 1
