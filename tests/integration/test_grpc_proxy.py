@@ -184,11 +184,13 @@ def test_goaway_lets_calls_finish_and_new_ones_use_a_new_connection(
         with run_proxy(tmp_path, docker="false", routes_file=str(routes), h2c="true") as p, \
                 grpc.insecure_channel(f"127.0.0.1:{p.port}") as ch:
             assert method(ch, "unary_unary", "Unary")(b"warm", timeout=10) == b"warm"
-            in_flight = method(ch, "unary_unary", "Sleep").future(b"1", timeout=20)
+            in_flight = method(ch, "unary_unary", "Sleep").future(b"2", timeout=20)
             wait_for(old.state.sleeping.is_set, 5, what="the call to reach the replica")
             old.server.stop(grace=10)  # GOAWAY: no new streams; the sleeping call may finish
             # A new server on the same port (gRPC sets SO_REUSEPORT) takes new connections.
             with grpc_backend(port=old.port) as new:
-                assert in_flight.result(timeout=10) == b"slept"
+                # While the old connection still carries the sleeping call:
                 assert method(ch, "unary_unary", "Unary")(b"after", timeout=10) == b"after"
                 assert new.state.calls == 1
+                assert not in_flight.done()
+                assert in_flight.result(timeout=10) == b"slept"
