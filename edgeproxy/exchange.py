@@ -118,6 +118,8 @@ class Exchange:
     extra_headers: dict[str, str] | None = None
     # The route's response-header rules, applied once to whatever answer the client gets.
     rules: HeaderRules | None = None
+    # gRPC calls: the grpc-status the client got (the replica's, or the proxy's refusal's).
+    grpc_status: int | None = None
 
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Add headers that every answer to this request will carry."""

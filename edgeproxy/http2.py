@@ -597,6 +597,7 @@ class H2Stream:
             if self.grpc:
                 # gRPC clients read errors from trailers: HTTP 200, trailers-only.
                 status = grpc_status_of(refusal)
+                ex.grpc_status = status
                 hdrs["content-type"] = "application/grpc"
                 hdrs["grpc-status"] = str(status)
                 hdrs["grpc-message"] = quote(refusal.message, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
@@ -652,6 +653,8 @@ class H2Stream:
         if not gzip and resp.content_length is not None:
             pairs.append((b"content-length", b"%d" % resp.content_length))
         bodiless = self.method == "HEAD" or status in _EMPTY_BODY
+        if self.grpc:  # trailers-only answers carry grpc-status in the head
+            ex.grpc_status = _grpc_status(resp.raw_headers)
         whole = None if gzip or bodiless else resp.complete_body()
         trailers = resp.trailers
         try:
@@ -687,6 +690,8 @@ class H2Stream:
                     await self._write(tail)
                     sent += len(tail)
             trailers = resp.trailers
+            if self.grpc:
+                ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
             self._queue(b"", end=True,
                         trailers=[(n.lower(), v) for n, v in trailers] if trailers else None)
         except UpstreamError as exc:
@@ -715,6 +720,13 @@ class H2Stream:
         stays off, so a client never gets here; refuse if one tries anyway."""
         self.refuse(Refusal(400, "bad_websocket_handshake",
                             "WebSockets are served over HTTP/1.1 only"), ex)
+
+
+def _grpc_status(pairs: h.RawHeaders) -> int | None:
+    for name, value in pairs:
+        if name.lower() == b"grpc-status" and value.isdigit():
+            return int(value)
+    return None
 
 
 def _finish(headers: CIMultiDict[str], ex: Exchange) -> None:

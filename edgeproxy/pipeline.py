@@ -231,6 +231,7 @@ class Proxy(Generic[R]):
                     duration_ms=round(elapsed * 1000, 3), request_id=ex.rid,
                     client=ex.client, error=ex.error, retries=ex.retries,
                     protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
+                    grpc_status=ex.grpc_status,  # edgeproxy-h2
                 )
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:

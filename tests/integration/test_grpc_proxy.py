@@ -143,6 +143,9 @@ def test_replica_status_passes_unchanged(proxy: GrpcProxy) -> None:
         method(ch, "unary_unary", "Fail")(b"NOT_FOUND", timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert err.value.details() == "failed as asked"
+    # The access log names the gRPC status the client got (5: NOT_FOUND).
+    wait_for(lambda: any(e.get("grpc_status") == 5 and e.get("path") == "/test.Echo/Fail"
+                         for e in proxy.p.events("access")), what="grpc_status in the log")
 
 
 @pytest.mark.parametrize(("path", "code", "says"), [
