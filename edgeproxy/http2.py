@@ -30,6 +30,7 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 from aiohttp import web
+from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy import headers as h
@@ -334,10 +335,13 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         self.draining = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR,
-                                     last_stream_id=self.h2.highest_inbound_stream_id)
+        # Written by hand: h2's close_connection() would also close its state machine, and
+        # the streams still open could not be answered (RFC 9113 6.8 says they may be).
+        frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id,
+                            error_code=h2.errors.ErrorCodes.NO_ERROR)
         self.flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
 
@@ -759,10 +763,12 @@ class _Chooser(asyncio.Protocol):
     (the HTTP/2 connection preface, else HTTP/1.1). The chosen protocol then owns the transport."""
 
     def __init__(self, http1: Callable[[], asyncio.Protocol],
-                 http2: Callable[[], H2Connection], tls: bool) -> None:
+                 http2: Callable[[], H2Connection], tls: bool, first_byte_timeout: float) -> None:
         self._http1 = http1
         self._http2 = http2
         self._tls = tls
+        self._timeout = first_byte_timeout
+        self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._first = b""
 
@@ -772,6 +778,10 @@ class _Chooser(asyncio.Protocol):
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
             self._hand_over(self._http2() if alpn == "h2" else self._http1())
+        elif self._timeout > 0:
+            # Until the first bytes say which protocol, neither one's own timers run: a
+            # connection that sends nothing is cut here (slowloris), as aiohttp's would be.
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, transport.close)
 
     def data_received(self, data: bytes) -> None:
         first = self._first + data
@@ -788,8 +798,13 @@ class _Chooser(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _hand_over(self, protocol: asyncio.Protocol, first: bytes = b"") -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         transport = self._transport
         assert transport is not None  # noqa: S101 - only called while connected
         transport.set_protocol(protocol)
@@ -814,7 +829,7 @@ class H2Front:
 
     def chooser(self, http1: Callable[[], asyncio.Protocol], tls: bool) -> _Chooser:
         """The protocol that picks HTTP/1.1 or HTTP/2 for a new connection."""
-        return _Chooser(http1, lambda: self.protocol(tls), tls)
+        return _Chooser(http1, lambda: self.protocol(tls), tls, self.limits.header_timeout)
 
     async def shutdown(self, grace: float) -> None:
         """GOAWAY to every connection; wait up to `grace` seconds for open streams, then cut."""

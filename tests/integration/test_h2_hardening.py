@@ -3,12 +3,14 @@ EDGEPROXY_H2_* setting and answered with GOAWAY, and the proxy keeps serving oth
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 from hpack import Encoder
 
 from tests.h2_raw import (
@@ -198,3 +200,43 @@ def test_a_client_that_does_not_read_pauses_the_replica(
         finally:
             replica.stop.set()
             c.close()
+
+
+def test_silent_and_idle_connections_are_closed_and_sigterm_drains(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("h2-lifecycle")
+    with run_backend("h2-lifecycle") as backend:
+        routes = write_routes(tmp / "routes.toml", {"app": {"path": "/",
+                                                            "upstreams": [backend]}})
+        with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true",
+                       header_timeout="1s", h2_idle_timeout="1s", drain_timeout="10s") as p:
+            # Nothing sent at all: neither protocol has started, the connection still ends.
+            silent = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+            started = time.monotonic()
+            assert silent.recv(1) == b""
+            assert time.monotonic() - started < 5
+            silent.close()
+            # An HTTP/2 connection whose streams are done gets GOAWAY after the idle timeout.
+            idle = RawH2(p.port)
+            idle.headers(1, "/ready")
+            assert idle.until(HEADERS) is not None
+            goaway = idle.until(GOAWAY)
+            assert goaway is not None and goaway.error_code == 0
+            assert idle.closed()
+            idle.close()
+            # SIGTERM: a stream in flight is answered, then the connection goes.
+            busy = RawH2(p.port)
+            busy.headers(1, "/slow?s=1.5")
+            assert busy.until(SETTINGS) is not None
+            wait_for(lambda: "/slow" in requests.get(backend + "/__seen", timeout=2).text,
+                     what="the request to reach the replica")
+            p.proc.send_signal(signal.SIGTERM)
+            frame = busy.read_frame()
+            kinds = []
+            while frame is not None:
+                kinds.append(frame.type)
+                frame = busy.read_frame()
+            busy.close()
+            assert GOAWAY in kinds and HEADERS in kinds and DATA in kinds, kinds
+            assert kinds.index(GOAWAY) < kinds.index(HEADERS)  # told first, answered after
+            assert p.proc.wait(15) == 0
