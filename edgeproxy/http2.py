@@ -13,6 +13,7 @@ bombs (max header list size), SETTINGS/PING floods and too many concurrent strea
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import ssl
@@ -140,8 +141,9 @@ class H2Connection(asyncio.Protocol):
         self.draining = False
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._resets: list[float] = []
-        self._controls: list[float] = []
+        # Times of recent client resets and control frames, for the per-second limits.
+        self._resets: collections.deque[float] = collections.deque()
+        self._controls: collections.deque[float] = collections.deque()
         self._idle: asyncio.TimerHandle | None = None
         self._seen_request = False
 
@@ -270,7 +272,7 @@ class H2Connection(asyncio.Protocol):
             resets = self._resets
             resets.append(now)
             while resets and resets[0] < now - 1.0:
-                resets.pop(0)
+                resets.popleft()
             if len(resets) > self.limits.max_resets:
                 self._abuse("rapid_reset", f"more than {self.limits.max_resets} RST_STREAM "
                             "frames in one second")
@@ -282,7 +284,7 @@ class H2Connection(asyncio.Protocol):
         controls = self._controls
         controls.append(now)
         while controls and controls[0] < now - 1.0:
-            controls.pop(0)
+            controls.popleft()
         if len(controls) > self.limits.max_control_frames:
             self._abuse("control_flood", f"more than {self.limits.max_control_frames} PING or "
                         "SETTINGS frames in one second")
