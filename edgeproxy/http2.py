@@ -49,7 +49,7 @@ from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import UpstreamError
-from edgeproxy.upstream_h2 import GracefulH2Connection
+from edgeproxy.upstream_h2 import GracefulH2Connection, UpstreamReset
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _EMPTY_BODY = frozenset((204, 304))
@@ -704,8 +704,9 @@ class H2Stream:
             # Headers are out: reset the stream so the client never takes a truncated body
             # (or a gRPC call without its status) for a whole one.
             ex.error = "upstream_aborted: " + exc.code
-            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR
-                       if exc.code != "upstream_reset" else h2.errors.ErrorCodes.CANCEL)
+            # The replica's own RST_STREAM code reaches the client (CANCEL stays CANCEL).
+            self.reset(_error_code(exc.error_code) if isinstance(exc, UpstreamReset)
+                       else h2.errors.ErrorCodes.INTERNAL_ERROR)
         except ConnectionResetError:
             ex.error = "client_aborted"
         ex.bytes = sent
@@ -726,6 +727,13 @@ class H2Stream:
         stays off, so a client never gets here; refuse if one tries anyway."""
         self.refuse(Refusal(400, "bad_websocket_handshake",
                             "WebSockets are served over HTTP/1.1 only"), ex)
+
+
+def _error_code(code: int) -> h2.errors.ErrorCodes:
+    try:
+        return h2.errors.ErrorCodes(code)
+    except ValueError:  # a code h2 does not know: still an error, not NO_ERROR
+        return h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
 def _grpc_status(pairs: h.RawHeaders) -> int | None:

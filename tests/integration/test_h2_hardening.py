@@ -9,6 +9,10 @@ import threading
 import time
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import pytest
 import requests
 from hpack import Encoder
@@ -19,6 +23,7 @@ from tests.h2_raw import (
     GOAWAY,
     HEADERS,
     PROTOCOL_ERROR,
+    RST_STREAM,
     SETTINGS,
     RawH2,
 )
@@ -240,3 +245,50 @@ def test_silent_and_idle_connections_are_closed_and_sigterm_drains(
             assert GOAWAY in kinds and HEADERS in kinds and DATA in kinds, kinds
             assert kinds.index(GOAWAY) < kinds.index(HEADERS)  # told first, answered after
             assert p.proc.wait(15) == 0
+
+
+class _ResettingReplica:
+    """An h2c replica (h2 itself, server side) that answers a head and some data, then resets
+    the stream with CANCEL."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    h2c.send_headers(event.stream_id, [(":status", "200")])
+                    h2c.send_data(event.stream_id, b"partial")
+                    conn.sendall(h2c.data_to_send())
+                    time.sleep(0.3)  # the head and data reach the client before the reset
+                    h2c.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+            conn.sendall(h2c.data_to_send())
+
+
+def test_a_replica_reset_reaches_the_client_with_its_code(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("h2-reset")
+    replica = _ResettingReplica()
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true") as p:
+        c = RawH2(p.port)
+        try:
+            c.headers(1, "/x")
+            frame = c.until(RST_STREAM)
+            assert frame is not None and frame.stream_id == 1
+            assert frame.error_code == 8  # CANCEL, as the replica said
+        finally:
+            c.close()
