@@ -3,9 +3,11 @@ libraries), sent over a plain socket, and the server's frames read back one by o
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hpack import Encoder
@@ -51,13 +53,28 @@ class RawH2:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.encoder = Encoder()
         self._buf = b""
+        self._batch: list[bytes] | None = None
         settings = SettingsFrame(0)
         if window is not None:
             settings.settings[SettingsFrame.INITIAL_WINDOW_SIZE] = window
         self.send(PREFACE + settings.serialize())
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
+            self.sock.sendall(data)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Send every frame of the block in one write: a server that reads them all before it
+        closes ends with FIN, not with a reset that could discard its GOAWAY on our side."""
+        self._batch = []
+        try:
+            yield
+            self.sock.sendall(b"".join(self._batch))
+        finally:
+            self._batch = None
 
     def headers(self, stream_id: int, path: str = "/", end_stream: bool = True,
                 extra: list[tuple[str, str]] | None = None, authority: str = "test") -> None:

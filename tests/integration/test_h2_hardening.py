@@ -74,9 +74,10 @@ def test_settings_announce_the_limits(proxy: ProxyProcess) -> None:
 def test_rapid_reset_gets_goaway(proxy: ProxyProcess) -> None:
     c = RawH2(proxy.port)
     try:
-        for i in range(40):  # open and cancel at once, CVE-2023-44487
-            c.headers(1 + 2 * i, "/slow?seconds=5", end_stream=False)
-            c.rst(1 + 2 * i)
+        with c.batch():
+            for i in range(40):  # open and cancel at once, CVE-2023-44487
+                c.headers(1 + 2 * i, "/slow?seconds=5", end_stream=False)
+                c.rst(1 + 2 * i)
         assert goaway_code(c) == ENHANCE_YOUR_CALM
         assert c.closed()
     finally:
@@ -121,8 +122,9 @@ def test_hpack_bomb_is_refused(proxy: ProxyProcess) -> None:
 def test_control_frame_floods_get_goaway(proxy: ProxyProcess, flood: str) -> None:
     c = RawH2(proxy.port)
     try:
-        for _ in range(200):
-            c.ping() if flood == "ping" else c.empty_settings()
+        with c.batch():
+            for _ in range(200):
+                c.ping() if flood == "ping" else c.empty_settings()
         assert goaway_code(c) == ENHANCE_YOUR_CALM
     finally:
         c.close()
@@ -132,9 +134,10 @@ def test_control_frame_floods_get_goaway(proxy: ProxyProcess, flood: str) -> Non
 def test_streams_over_the_limit_are_refused(proxy: ProxyProcess) -> None:
     c = RawH2(proxy.port)
     try:
-        for i in range(8):  # bodies never finished: 8 streams stay open
-            c.headers(1 + 2 * i, "/echo", end_stream=False)
-        c.headers(17, "/echo", end_stream=False)  # one over SETTINGS_MAX_CONCURRENT_STREAMS
+        with c.batch():
+            for i in range(8):  # bodies never finished: 8 streams stay open
+                c.headers(1 + 2 * i, "/echo", end_stream=False)
+            c.headers(17, "/echo", end_stream=False)  # one over SETTINGS_MAX_CONCURRENT_STREAMS
         frame = c.until(GOAWAY)
         assert frame is not None, "the proxy closed without a GOAWAY"
         # h2 treats it as a connection error (RFC 9113 5.1.2 allows it); the last stream the
