@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target
 from edgeproxy.pipeline import Proxy
+from edgeproxy.providers.docker import DiscoveryStatus
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
@@ -47,8 +49,23 @@ def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, An
 def policies_json(r: Route) -> dict[str, Any]:
     """A route's policies as shown by /routes and /explain."""
     out: dict[str, Any] = {}
+    ip = r.spec.ip
+    if ip is not None:  # checked first, then auth, then the rate limit
+        out["ip"] = {"allow": [str(n) for n in ip.allow], "deny": [str(n) for n in ip.deny]}
     auth = r.spec.auth
-    if auth is not None:
+    if auth is not None and auth.basic is not None:
+        b = auth.basic
+        # Never the hashes: user names and where they come from are enough to debug.
+        out["auth"] = {"type": "basic", "users": [u for u, _ in b.users],
+                       "users_file": b.users_file, "realm": b.realm or r.name,
+                       "keep_authorization": b.keep_authorization}
+    elif auth is not None and auth.forward is not None:
+        f = auth.forward
+        out["auth"] = {"type": "forward", "url": f.url,
+                       "response_headers": list(f.response_headers),
+                       "request_headers": None if f.request_headers is None
+                       else list(f.request_headers), "timeout_s": f.timeout}
+    elif auth is not None:
         out["auth"] = {"type": "jwt", "scopes": list(auth.scopes), "audience": auth.audience}
     if r.spec.tls is not None:
         out["tls"] = {"certificates": r.spec.tls, "redirect": r.spec.tls_redirect,
@@ -57,6 +74,19 @@ def policies_json(r: Route) -> dict[str, Any]:
     if rl is not None:
         out["ratelimit"] = {"limit": rl.limit, "period_s": rl.period, "burst": rl.burst,
                             "key": rl.key}
+    return out
+
+
+def access_checks(r: Route) -> list[str]:
+    """The checks a request to this route passes, in the order the proxy runs them."""
+    spec = r.spec
+    out = []
+    if spec.ip is not None:
+        out.append("ip")
+    if spec.auth is not None:
+        out.append("auth:" + spec.auth.kind)
+    if spec.ratelimit is not None:
+        out.append("ratelimit")
     return out
 
 
@@ -132,13 +162,19 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy[Any]) -> web.Application:
-    """The admin aiohttp application."""
+def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
+                   discovery: Callable[[], DiscoveryStatus] | None = None) -> web.Application:
+    """The admin aiohttp application; `discovery` reads the Docker provider's status."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({
-            "status": "ok",
+        # Discovery on and failing: 503, so the image's HEALTHCHECK turns unhealthy.
+        status = discovery() if discovery is not None and watcher.settings.docker else None
+        failing = status is not None and status.state == "failing"
+        return web.json_response(status=503 if failing else 200, data={
+            "status": "failing" if failing else "ok",
+            "reason": f"Docker discovery fails: {status.error}" if failing and status else None,
+            "discovery": status.as_json() if status is not None else None,
             "version": __version__,
             "uptime_s": round(time.time() - started, 1),
             "docker": _docker_state(watcher),
@@ -228,6 +264,7 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> 
         matched_prefix=decision.prefix,
         forwarded_path=decision.target,
         replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
+        checks=access_checks(route),
     )
     if not route.pool:
         out.update(status=503, decision="route has no healthy replica: 503 with Retry-After")

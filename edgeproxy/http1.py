@@ -128,8 +128,9 @@ class Http1Request:
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> web.StreamResponse:
         ex.status = answer.status
-        resp = web.Response(status=answer.status, body=answer.body or None,
-                            headers=answer.headers, content_type=answer.content_type)
+        resp = web.Response(status=answer.status, reason=answer.reason,
+                            body=answer.body or None, headers=answer.headers,
+                            content_type=answer.content_type)
         resp.headers["X-Request-ID"] = ex.rid
         _finish(resp.headers, ex)
         return resp

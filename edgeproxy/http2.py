@@ -59,16 +59,17 @@ _events = get_logger("http2")
 # README's error table has the same column.
 GRPC_BY_STATUS = {
     400: 3,  # INVALID_ARGUMENT: bad_path, bad_target, bad_request, bad_rewrite, bad_host, ...
-    401: 16,  # UNAUTHENTICATED: invalid_token
-    403: 7,  # PERMISSION_DENIED: insufficient_scope
+    401: 16,  # UNAUTHENTICATED: invalid_token, invalid_credentials
+    403: 7,  # PERMISSION_DENIED: insufficient_scope, ip_forbidden
     404: 12,  # UNIMPLEMENTED: no_route (as a gRPC server answers an unknown method)
     408: 4,  # DEADLINE_EXCEEDED: request_timeout, client_timeout
     413: 8,  # RESOURCE_EXHAUSTED: body_too_large
+    414: 8,  # RESOURCE_EXHAUSTED: uri_too_long
     429: 8,  # RESOURCE_EXHAUSTED: rate_limited
     431: 8,  # RESOURCE_EXHAUSTED: header_too_large
     500: 13,  # INTERNAL: internal_error
     502: 14,  # UNAVAILABLE: upstream_unreachable, upstream_error, upstream_tls_error
-    503: 14,  # UNAVAILABLE: no_replica, auth_unavailable, ratelimit_unavailable
+    503: 14,  # UNAVAILABLE: no_replica, auth_unavailable, auth_busy, ratelimit_unavailable
     504: 4,  # DEADLINE_EXCEEDED: upstream_timeout
 }
 

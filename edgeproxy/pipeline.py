@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+import aiohttp
 import structlog
 from multidict import CIMultiDict
 
@@ -25,7 +26,9 @@ from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, 
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
+from edgeproxy.policies.access import Access, AccessContext, Grant
+from edgeproxy.policies.auth import JwtConfig, JwtVerifier
+from edgeproxy.policies.basic import BasicVerifier
 from edgeproxy.policies.ratelimit import (
     InMemoryLimiter,
     Limiter,
@@ -141,6 +144,8 @@ class Proxy(Generic[R]):
         metrics: Metrics | None = None,
         verifier: JwtVerifier | None = None,
         limiter: Limiter | None = None,
+        session: aiohttp.ClientSession | None = None,
+        basic: BasicVerifier | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
@@ -149,6 +154,11 @@ class Proxy(Generic[R]):
         if not self.metrics.count_in_flight:
             self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.verifier = verifier or JwtVerifier(JwtConfig())
+        # The forward-auth session is the front's (one ClientSession per process); a proxy
+        # without one (unit tests) has no forward auth.
+        self.access = Access(self.verifier,
+                             basic or BasicVerifier(on_hash=self.metrics.bcrypt_checks.inc),
+                             session, self.metrics, settings.read_timeout)
         self.limiter: Limiter = limiter or LocalLimiter()
         self.edge = Edge(redirect_port=settings.tls_redirect_port)
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
@@ -187,9 +197,10 @@ class Proxy(Generic[R]):
                 "acme": self._acme.status() if self._acme is not None else []}
 
     def close(self) -> None:
-        """Close pooled connections to replicas."""
+        """Close pooled connections to replicas and stop the bcrypt threads."""
         self._pool.close()
         self._h2.close()  # edgeproxy-h2
+        self.access.basic.close()
 
     # --- the pipeline ------------------------------------------------------------------------
 
@@ -229,7 +240,9 @@ class Proxy(Generic[R]):
                     "access", method=view.method, path=view.target, status=ex.status,
                     route=ex.route, upstream=ex.upstream, bytes=ex.bytes,
                     duration_ms=round(elapsed * 1000, 3), request_id=ex.rid,
-                    client=ex.client, error=ex.error, retries=ex.retries,
+                    # Refused before routing (404, 400): the client is still worth a line.
+                    client=ex.client or h.client_address(view.peer, view.headers, self._trusted),
+                    error=ex.error, retries=ex.retries,
                     protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
                     grpc_status=ex.grpc_status,  # edgeproxy-h2
                 )
@@ -254,14 +267,22 @@ class Proxy(Generic[R]):
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, view.headers, self._trusted)
         ex.client = client
-        identity: Identity | None = None
+        # Access checks in the documented order: IP lists, then auth, then the rate limit.
+        if spec.ip is not None and not spec.ip.allows(client):
+            return front.refuse(self.access.ip_refused(route, client, ex), ex)
+        grant: Grant | None = None
         if spec.auth is not None:
-            checked = await self._authenticate(route, view, ex)
+            checked = await self.access.authenticate(
+                route, spec.auth, view,
+                AccessContext(client, peer, trusted_peer, view.secure, plan.origin_target,
+                              plan.authority), ex)
             if isinstance(checked, Refusal):
                 return front.refuse(checked, ex)
-            identity = checked
+            if isinstance(checked, LocalAnswer):
+                return front.answer(checked, ex)
+            grant = checked
         if spec.ratelimit is not None:
-            refused = await self._rate_limit(route, spec.ratelimit, client, identity, view, ex)
+            refused = await self._rate_limit(route, spec.ratelimit, client, grant, view, ex)
             if refused is not None:
                 return front.refuse(refused, ex)
         upstream = self.balancer.pick(route)
@@ -277,15 +298,15 @@ class Proxy(Generic[R]):
                 f"request body of {length} bytes exceeds the limit of {limit}",
                 {"Connection": "close"}), ex)
         auth: tuple[str, str] | None = None
-        if identity is not None:
-            auth = (identity.subject, " ".join(identity.scopes))
+        if grant is not None and grant.subject is not None:
+            auth = (grant.subject, " ".join(grant.scopes))
             if _CONTROL.search(auth[0]) or _CONTROL.search(auth[1]):
                 # A signed token can still carry CR/LF in sub or scope: never a header.
                 return front.refuse(Refusal(
                     401, "invalid_token", "the token's sub or scope holds control characters",
                     {"WWW-Authenticate": 'Bearer error="invalid_token"'}), ex)
         hop = h.HopInfo(peer, client, "https" if view.secure else "http", ex.rid, trusted_peer)
-        raw_headers = view.raw_headers
+        raw_headers = view.raw_headers if grant is None else grant.edit(view.raw_headers)
         if plan.authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
                            (b"Host", plan.authority.encode()))
@@ -357,7 +378,7 @@ class Proxy(Generic[R]):
                     connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout)
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
-                endpoint, head.serialize(method, target, upstream.address, chunked), method,
+                endpoint, head.parts(method, target, upstream.address, chunked), method,
                 body.stream() if body is not None else None, chunked,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
                 idempotent=method in IDEMPOTENT)
@@ -368,30 +389,11 @@ class Proxy(Generic[R]):
 
     # --- policies ----------------------------------------------------------------------------
 
-    async def _authenticate(self, route: Route, view: RequestView,
-                            ex: Exchange) -> Identity | Refusal:
-        """The JWT identity of the request, or the refusal to answer with."""
-        auth = route.spec.auth
-        assert auth is not None  # noqa: S101 - the caller checks
-        try:
-            authorization = view.headers.get("Authorization")
-            identity = self.verifier.cached(authorization, auth.audience, auth.scopes)
-            if identity is None:
-                identity = await self.verifier.verify(
-                    authorization, audience=auth.audience, scopes=auth.scopes)
-            return identity
-        except AuthFailure as exc:
-            ex.error = "auth:" + exc.cause
-            self.metrics.auth_failures.labels(route.name, exc.cause).inc()
-            challenge = exc.www_authenticate()
-            return Refusal(exc.status, exc.error or "auth_unavailable", exc.description,
-                           {"WWW-Authenticate": challenge} if challenge else None)
-
     async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
-                          identity: Identity | None, view: RequestView,
+                          grant: Grant | None, view: RequestView,
                           ex: Exchange) -> Refusal | None:
         """Take a token; the refusal to answer with, or None to go on."""
-        key = client_key(spec, ip=client, subject=identity.subject if identity else None,
+        key = client_key(spec, ip=client, subject=grant.subject if grant else None,
                          headers=view.headers)
         limiter = self.limiter
         if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine per request

@@ -274,8 +274,12 @@ OPTIONS: tuple[Option, ...] = (
            "a request head must arrive within this long, else 408 and close (0 = off)"),
     Option("ws_max_message", "4m", parse_size,
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
-    Option("max_header_size", "16k", parse_size,
-           "largest request line or header line -> 431 (aiohttp's limit per line)"),
+    Option("max_header_size", "32k", _positive_size,
+           "largest request head (request line and all headers) -> 431 (nginx's 4 x 8k)"),
+    Option("max_headers", "100", _positive_int, "most header lines in a request head -> 431 (Envoy)"),
+    Option("max_uri_size", "8k", _positive_size, "longest request target -> 414 (nginx's 8k)"),
+    Option("keepalive_timeout", "75s", _positive(parse_duration),
+           "how long an idle client connection is kept between requests (nginx's 75s)"),
     Option("max_response_header_size", "64k", _positive_size,
            "largest response head a replica may send (status line, headers, 1xx heads, "
            "trailers) -> 502"),
@@ -368,7 +372,10 @@ class Settings:
     max_body_size: int = 10 * 1024**2
     header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
-    max_header_size: int = 16 * 1024
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_uri_size: int = 8 * 1024
+    keepalive_timeout: float = 75.0
     max_response_header_size: int = 64 * 1024
     max_response_headers: int = 100
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -416,7 +423,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[opt.attr] = opt.parse(raw)
         except ValueError as exc:
             raise SettingsError(opt.env, raw, str(exc)) from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.docker:
+        check_docker_host(env.get("DOCKER_HOST"))
+    return settings
+
+
+def check_docker_host(value: str | None) -> None:
+    """Raise SettingsError for a DOCKER_HOST the docker SDK cannot use: retrying won't fix it."""
+    if not value:
+        return  # the SDK's default, unix:///var/run/docker.sock
+    from docker.utils.utils import parse_host  # the SDK's own parser: what it refuses, fails
+
+    try:
+        parse_host(value, False, False)
+    except Exception:  # noqa: BLE001 - DockerException or ValueError, same meaning
+        raise SettingsError("DOCKER_HOST", value,
+                            "unix:///path/to/docker.sock, tcp://HOST:PORT or ssh://USER@HOST "
+                            "(or EDGEPROXY_DOCKER=false)") from None
 
 
 def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -555,7 +555,7 @@ def request_headers(method: str, target: str, scheme: str, default_host: str,
     authority = default_host.encode()
     pairs: list[tuple[bytes, bytes]] = []
     grpc = False
-    for line in head.lines.split(b"\r\n"):
+    for line in b"".join(head.pieces).split(b"\r\n"):
         if not line:
             continue
         name, _, value = line.partition(b":")

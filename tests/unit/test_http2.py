@@ -37,8 +37,9 @@ def test_grpc_status_of_refusals(refusal: Refusal, grpc: int) -> None:
 
 
 def test_request_headers_for_an_http2_replica() -> None:
-    head = UpstreamHead(b"Host: api.test\r\nContent-Type: application/grpc\r\n"
-                        b"Grpc-Timeout: 100m\r\nX-Forwarded-For: 10.0.0.1\r\n", True, False)
+    head = UpstreamHead([b"Host: api.test\r\nContent-Type: application/grpc\r\n",
+                         b"Grpc-Timeout", b": ", b"100m", b"\r\n",
+                         b"X-Forwarded-For: 10.0.0.1\r\n"], True, False)
     assert request_headers("POST", "/svc/M", "http", "10.0.0.5:50051", head) == [
         (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"api.test"),
         (b":path", b"/svc/M"), (b"content-type", b"application/grpc"),
@@ -46,7 +47,7 @@ def test_request_headers_for_an_http2_replica() -> None:
 
 
 def test_request_headers_without_host_use_the_replica_address() -> None:
-    head = UpstreamHead(b"Accept: */*\r\n", False, False)
+    head = UpstreamHead([b"Accept: */*\r\n"], False, False)
     assert request_headers("GET", "/", "https", "10.0.0.5:443", head)[:4] == [
         (b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"10.0.0.5:443"),
         (b":path", b"/")]

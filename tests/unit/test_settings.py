@@ -278,6 +278,34 @@ def test_cli_bad_setting_exits_2_with_one_line() -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("host", ["tcp://", "unix", "/var/run/docker.sock",
+                                  "tcp://proxy:port", "http//x"])
+def test_malformed_docker_host_is_a_setting_error(host: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        load_settings({"DOCKER_HOST": host})
+    assert str(exc.value) == (
+        f"DOCKER_HOST={host!r} is invalid: expected unix:///path/to/docker.sock, tcp://HOST:PORT "
+        "or ssh://USER@HOST (or EDGEPROXY_DOCKER=false)")
+    load_settings({"DOCKER_HOST": host, "EDGEPROXY_DOCKER": "false"})  # not used: not checked
+
+
+@pytest.mark.parametrize("host", ["", "unix:///run/docker.sock", "tcp://socket-proxy:2375",
+                                  "ssh://ops@docker-host"])
+def test_usable_docker_host(host: str) -> None:
+    assert load_settings({"DOCKER_HOST": host}).docker is True
+
+
+def test_cli_malformed_docker_host_exits_2_at_start() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeproxy"], env=_clean_env(DOCKER_HOST="tcp://"),
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "edgeproxy: DOCKER_HOST='tcp://' is invalid: expected unix:///path/to/docker.sock, "
+        "tcp://HOST:PORT or ssh://USER@HOST (or EDGEPROXY_DOCKER=false)"]
+
+
 def _edgeproxy_command() -> list[str]:
     script = Path(sys.executable).parent / "edgeproxy"
     return [str(script)] if script.exists() else [sys.executable, "-m", "edgeproxy"]
