@@ -21,6 +21,7 @@ from edgeproxy.paths import (
     split_target,
     strip_prefix,
 )
+from edgeproxy.requestcheck import check_request, host_problem
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import hsts_value, https_redirect_url
 
@@ -60,6 +61,9 @@ Decision = Plan | Refusal | LocalAnswer
 def decide(table: RouteTable, method: str, target: str, headers: Headers, secure: bool,
            edge: Edge) -> Decision:
     """Route the request, or answer it here (refusal, https redirect, CORS preflight, ACME)."""
+    refusal = check_request(headers)  # Host syntax, a repeated Authorization
+    if refusal is not None:
+        return refusal
     asked = target
     authority: str | None = None
     if not asked.startswith("/"):
@@ -69,6 +73,9 @@ def decide(table: RouteTable, method: str, target: str, headers: Headers, secure
             return Refusal(400, "bad_target", str(exc))
         if absolute is not None:  # http://host/path: its host replaces the Host header
             authority, asked = absolute
+            problem = host_problem(authority)
+            if problem is not None:
+                return Refusal(400, "bad_target", "request target: " + problem)
     raw_path, query = split_target(asked)
     challenge = edge.challenge is not None and raw_path.startswith(CHALLENGE_PREFIX)
     if challenge and edge.challenge is not None:

@@ -60,7 +60,7 @@ _events = get_logger("http2")
 GRPC_BY_STATUS = {
     400: 3,  # INVALID_ARGUMENT: bad_path, bad_target, bad_request, bad_rewrite, bad_host, ...
     401: 16,  # UNAUTHENTICATED: invalid_token, invalid_credentials
-    403: 7,  # PERMISSION_DENIED: insufficient_scope, ip_forbidden
+    403: 7,  # PERMISSION_DENIED: insufficient_scope, ip_forbidden, host_not_allowed
     404: 12,  # UNIMPLEMENTED: no_route (as a gRPC server answers an unknown method)
     408: 4,  # DEADLINE_EXCEEDED: request_timeout, client_timeout
     413: 8,  # RESOURCE_EXHAUSTED: body_too_large
@@ -68,6 +68,7 @@ GRPC_BY_STATUS = {
     429: 8,  # RESOURCE_EXHAUSTED: rate_limited
     431: 8,  # RESOURCE_EXHAUSTED: header_too_large
     500: 13,  # INTERNAL: internal_error
+    501: 12,  # UNIMPLEMENTED: unsupported_transfer_encoding (HTTP/1 only)
     502: 14,  # UNAVAILABLE: upstream_unreachable, upstream_error, upstream_tls_error
     503: 14,  # UNAVAILABLE: no_replica, auth_unavailable, auth_busy, ratelimit_unavailable
     504: 4,  # DEADLINE_EXCEEDED: upstream_timeout

@@ -152,6 +152,11 @@ class Route:
         object.__setattr__(self, "pool", pool)
         object.__setattr__(self, "sequence", weighted_sequence([u.weight for u in pool]))
 
+    def __reduce__(self) -> tuple[type[Route], tuple[str, str, RouteSpec, tuple[Upstream, ...]]]:
+        # Sent to the workers without the derived fields: each process rebuilds them and
+        # starts its own balancer counter (itertools.count stops pickling in Python 3.14).
+        return (Route, (self.name, self.source, self.spec, self.upstreams))
+
 
 def weighted_sequence(weights: list[int]) -> tuple[int, ...]:
     """nginx's smooth weighted round robin, unrolled: weights 5,1,1 -> a a b a c a a."""

@@ -19,7 +19,7 @@ import structlog
 from multidict import CIMultiDict
 
 from edgeproxy import headers as h
-from edgeproxy.acme import AcmeManager
+from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
 from edgeproxy.decide import Edge, decide
 from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
@@ -37,6 +37,7 @@ from edgeproxy.policies.ratelimit import (
     client_key,
     ratelimit_headers,
 )
+from edgeproxy.requestcheck import check_credentials, check_forwarded_host
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
@@ -170,7 +171,7 @@ class Proxy(Generic[R]):
         self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
                                      settings.read_timeout))
         self._certs: CertStore | None = None
-        self._acme: AcmeManager | None = None
+        self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
         self._trusted = settings.trusted_proxies
         self._log = fast_access_logger(settings.log_format,
@@ -183,7 +184,7 @@ class Proxy(Generic[R]):
         table: RouteTable = self._table()
         return table
 
-    def tls(self, store: CertStore, acme: AcmeManager) -> None:
+    def tls(self, store: CertStore, acme: ChallengeAnswers) -> None:
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
         self._acme = acme
@@ -204,8 +205,9 @@ class Proxy(Generic[R]):
 
     # --- the pipeline ------------------------------------------------------------------------
 
-    async def run(self, front: Front[R]) -> R:
-        """Answer one request through its front; log and count it."""
+    async def run(self, front: Front[R], early: Refusal | None = None) -> R:
+        """Answer one request through its front; log and count it. `early` is the front's
+        own refusal of the request (e.g. a framing the protocol does not allow)."""
         start = time.perf_counter()
         view = front.view
         ex = Exchange(h.request_id(view.headers))
@@ -214,6 +216,9 @@ class Proxy(Generic[R]):
         if metrics.count_in_flight:
             metrics.in_flight.inc()
         try:
+            if early is not None:
+                ex.error = early.code
+                return front.refuse(early, ex)
             return await self._serve(front, view, ex)
         except asyncio.CancelledError:
             ex.status = 499  # the client went away first (nginx's convention in the log)
@@ -267,6 +272,15 @@ class Proxy(Generic[R]):
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, view.headers, self._trusted)
         ex.client = client
+        # Credentials this route's policies read: sent twice, we would check one and the
+        # replica might read the other (Authorization is checked on every route, in decide).
+        rl_key = spec.ratelimit.key if spec.ratelimit is not None else ""
+        refusal = (check_credentials(view.headers, (rl_key[7:],))
+                   if rl_key.startswith("header:") else None) or (
+            check_forwarded_host(view.headers) if trusted_peer else None)
+        if refusal is not None:
+            ex.error = refusal.code
+            return front.refuse(refusal, ex)
         # Access checks in the documented order: IP lists, then auth, then the rate limit.
         if spec.ip is not None and not spec.ip.allows(client):
             return front.refuse(self.access.ip_refused(route, client, ex), ex)
