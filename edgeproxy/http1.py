@@ -17,13 +17,20 @@ from yarl import URL
 
 from edgeproxy import headers as h
 from edgeproxy.errors import error_response
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, add_vary, merge_headers
+from edgeproxy.exchange import (
+    Exchange,
+    LocalAnswer,
+    Refusal,
+    ReplicaResponse,
+    add_vary,
+    merge_headers,
+)
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.requestcheck import check_http1
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
-from edgeproxy.upstream import UpstreamError, UpstreamResponse
+from edgeproxy.upstream import UpstreamError
 
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _WRITE_WAIT = 64 * 1024  # unsent bytes past which a small answer waits for the client
@@ -139,7 +146,7 @@ class Http1Request:
         _finish(resp.headers, ex)
         return resp
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec,
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec,
                     ex: Exchange) -> web.StreamResponse:
         """Write the replica's answer to the client: one write when small and unchanged,
         else through aiohttp with header rules and compression, streaming the body."""

@@ -236,10 +236,10 @@ def parse_audience(value: str) -> str:
 
 
 def parse_scheme(value: str) -> str:
-    """How to reach the replicas: http or https."""
+    """How to reach the replicas: http, https, h2c (HTTP/2 cleartext) or h2 (HTTP/2 over TLS)."""
     v = value.strip().lower()
-    if v not in ("http", "https"):
-        raise ValueError("http or https")
+    if v not in ("http", "https", "h2c", "h2"):
+        raise ValueError("http, https, h2c or h2")
     return v
 
 
@@ -538,11 +538,11 @@ def build_routing(
         errors.append(LabelError(label_of(cors_keys[0]), written(cors_keys[0]),
                                  f"needs {label_of('cors.origins')} (e.g. https://app.example.com)"))
     scheme = values.get("scheme", "http")
-    if scheme != "https":
+    if scheme not in ("https", "h2"):  # the schemes over TLS
         for key in ("tls.verify", "tls.ca", "tls.server_name"):
             if key in values:
                 errors.append(LabelError(label_of(key), written(key),
-                                         f"needs {label_of('scheme')}=https"))
+                                         f"needs {label_of('scheme')}=https or h2"))
     edge_tls = values.get("tls")
     hosts = values.get("host", ())
     if edge_tls == "acme" and (not hosts or any(h.startswith("*.") for h in hosts)):

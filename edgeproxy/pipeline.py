@@ -22,7 +22,7 @@ from edgeproxy import headers as h
 from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
 from edgeproxy.decide import Edge, decide
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, RequestView
+from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
@@ -46,8 +46,8 @@ from edgeproxy.upstream import (
     ResponseLimits,
     UpstreamError,
     UpstreamPool,
-    UpstreamResponse,
 )
+from edgeproxy.upstream_h2 import H2_SCHEMES, H2Pool, H2Settings  # edgeproxy-h2
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -71,7 +71,7 @@ class Front(Protocol[R_co]):
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> R_co: ...
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec, ex: Exchange) -> R_co:
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec, ex: Exchange) -> R_co:
         """Write the replica's answer; raise UpstreamFailed only while no byte of it has
         reached the client (the pipeline may then try another replica)."""
 
@@ -167,6 +167,9 @@ class Proxy(Generic[R]):
             settings.connect_timeout, settings.read_timeout,
             limits=ResponseLimits(settings.max_response_header_size,
                                   settings.max_response_headers))
+        # edgeproxy-h2: replicas with gateway.scheme=h2c/h2 get multiplexed HTTP/2 connections.
+        self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
+                                     settings.read_timeout))
         self._certs: CertStore | None = None
         self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
@@ -197,6 +200,7 @@ class Proxy(Generic[R]):
     def close(self) -> None:
         """Close pooled connections to replicas and stop the bcrypt threads."""
         self._pool.close()
+        self._h2.close()  # edgeproxy-h2
         self.access.basic.close()
 
     # --- the pipeline ------------------------------------------------------------------------
@@ -245,6 +249,7 @@ class Proxy(Generic[R]):
                     client=ex.client or h.client_address(view.peer, view.headers, self._trusted),
                     error=ex.error, retries=ex.retries,
                     protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
+                    grpc_status=ex.grpc_status,  # edgeproxy-h2
                 )
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
@@ -372,11 +377,19 @@ class Proxy(Generic[R]):
                 balancer.release(current)
 
     async def _attempt(self, route: Route, upstream: Upstream, method: str, target: str,
-                       head: h.UpstreamHead, body: CountedBody | None) -> UpstreamResponse:
+                       head: h.UpstreamHead, body: CountedBody | None) -> ReplicaResponse:
         """One try against one replica: its answer's head, or UpstreamFailed."""
         spec = route.spec
         chunked = body is not None and not head.has_length
         try:
+            if upstream.scheme in H2_SCHEMES:  # edgeproxy-h2: HTTP/2 to the replica
+                tls = (self._h2.tls_context(spec.tls_verify, spec.tls_ca)
+                       if upstream.scheme == "h2" else None)
+                return await self._h2.request(
+                    Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
+                    method, target, upstream.address, head,
+                    body.stream() if body is not None else None,
+                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout)
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
                 endpoint, head.parts(method, target, upstream.address, chunked), method,

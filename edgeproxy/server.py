@@ -28,6 +28,7 @@ from edgeproxy.decide import Edge
 from edgeproxy.errors import error_response
 from edgeproxy.feed import TableFeed
 from edgeproxy.http1 import http1_handler, make_session
+from edgeproxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline import Proxy
@@ -512,9 +513,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     if admin_runner is not None:
         await admin_runner.setup()
         listeners.append((admin_runner, settings.admin_listen, None))
+    h2 = h2_front(proxy, settings)  # edgeproxy-h2
     try:
         if not stop.is_set():
-            await _listen(listeners, settings)
+            await _listen(listeners, settings, h2=(runner, h2))  # edgeproxy-h2
             if feed is not None:
                 feed.listening = True
                 feed.report_now()
@@ -531,7 +533,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         if control is not None:
             await control.close()
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
+        h2_drain = asyncio.ensure_future(h2.shutdown(settings.drain_timeout))  # edgeproxy-h2
         await runner.cleanup()
+        await h2_drain  # edgeproxy-h2
         if admin_runner is not None:
             await admin_runner.cleanup()
         await _cancel(tasks)
@@ -611,11 +615,19 @@ async def serve_control(settings: Settings, control_path: str, restarted: bool =
 
 
 async def _listen(listeners: list[tuple[web.BaseRunner, Address, ssl.SSLContext | None]],
-                  settings: Settings, reuse: bool = True) -> None:
+                  settings: Settings, reuse: bool = True,
+                  h2: tuple[web.BaseRunner, H2Front] | None = None) -> None:
     for r, addr, context in listeners:
+        reuse_port = (reuse and settings.workers > 1) or None
         try:
+            # edgeproxy-h2: the proxy runner's TLS listener (ALPN h2) and, with EDGEPROXY_H2C,
+            # its plain one serve HTTP/2 too.
+            if h2 is not None and r is h2[0] and (context is not None or settings.h2c):
+                await H2Site(r, addr.host, addr.port, h2[1], ssl_context=context, backlog=1024,
+                             reuse_port=reuse_port).start()
+                continue
             await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
-                              reuse_port=(reuse and settings.workers > 1) or None).start()
+                              reuse_port=reuse_port).start()
         except OSError as exc:
             raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
 

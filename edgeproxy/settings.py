@@ -338,6 +338,25 @@ OPTIONS: tuple[Option, ...] = (
            "extra tries on another replica when a connection fails (idempotent requests also "
            "after a reset)"),
     Option("retry_after", "5", _positive_int, "Retry-After seconds on 503 when a route has no replica"),
+    # --- edgeproxy-h2: HTTP/2 at the edge and to the replicas ---
+    Option("h2c", "false", parse_bool,
+           "accept HTTP/2 with prior knowledge (h2c, e.g. gRPC) on the plain listener"),
+    Option("h2_max_concurrent_streams", "128", _positive_int,
+           "SETTINGS_MAX_CONCURRENT_STREAMS at the edge (nginx's http2_max_concurrent_streams)"),
+    Option("h2_max_header_list_size", "60k", _positive_size,
+           "largest HTTP/2 request header list, and header block before decoding (Envoy's "
+           "max_request_headers_kb) -> GOAWAY"),
+    Option("h2_max_resets", "256", _positive_int,
+           "client RST_STREAMs per connection per second before GOAWAY (rapid reset, "
+           "CVE-2023-44487; 2x the streams, as nginx's fix)"),
+    Option("h2_max_control_frames", "1000", _positive_int,
+           "PING and SETTINGS frames per connection per second before GOAWAY (Envoy's "
+           "max_outbound_control_frames)"),
+    Option("h2_idle_timeout", "75s", parse_duration,
+           "close an HTTP/2 connection with no open stream after this long (nginx's "
+           "keepalive_timeout)"),
+    Option("h2_upstream_streams", "100", _positive_int,
+           "most concurrent streams per HTTP/2 connection to a replica (gateway.scheme=h2c/h2)"),
 )
 
 
@@ -402,6 +421,14 @@ class Settings:
     eject_time: float = 5.0
     retries: int = 2
     retry_after: int = 5
+    # edgeproxy-h2
+    h2c: bool = False
+    h2_max_concurrent_streams: int = 128
+    h2_max_header_list_size: int = 60 * 1024
+    h2_max_resets: int = 256
+    h2_max_control_frames: int = 1000
+    h2_idle_timeout: float = 75.0
+    h2_upstream_streams: int = 100
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose
-          apache2-utils)
+          apache2-utils nghttp2-client)
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg -s "$pkg" 2>/dev/null)" == *$'\nStatus: install ok installed\n'* ]] || missing+=("$pkg")
