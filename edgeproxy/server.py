@@ -24,6 +24,7 @@ from edgeproxy.policies.auth import JwtVerifier
 from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.providers.docker import DockerProvider
 from edgeproxy.providers.files import FileProvider
+from edgeproxy.providers.swarm import SwarmAwareWatcher, start_swarm
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
@@ -143,7 +144,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     for name in unknown_settings():
         log.warning("setting_unknown", variable=name)
 
-    watcher = Watcher(settings, quiet=worker != 0)
+    swarm_on = settings.docker and settings.swarm != "false"
+    watcher = (SwarmAwareWatcher if swarm_on else Watcher)(settings, quiet=worker != 0)
     session = make_session(settings)
     metrics = Metrics(lambda: watcher.table)
     verifier = JwtVerifier(jwt_config(settings))
@@ -198,6 +200,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         docker = DockerProvider(watcher, loop)
         docker.on_reconnect = metrics.docker_reconnects.inc
         docker.start()
+    swarm = start_swarm(watcher, loop, settings)
 
     # auto_decompress=False: a gzip request body goes upstream as the client sent it.
     server = ProxyServer(proxy.handle, access_log=None, handler_cancellation=True,
@@ -233,6 +236,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     finally:
         if docker is not None:
             docker.stop()
+        if swarm is not None:
+            swarm.stop()
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
         await runner.cleanup()
         await admin_runner.cleanup()
