@@ -67,14 +67,23 @@ OVERLAY_POOL = "10.234.0.0/16"
 DEADLINE = 60.0
 
 
-def docker(*args: str, stdin: bytes | None = None, timeout: float = 120.0) -> str:
-    """Run the docker client against the swarm daemon; its stdout, or EngineError."""
-    env = {**os.environ, "DOCKER_HOST": HOST}
+def _env(swarm: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_HOST", "DOCKER_CONTEXT")}
+    if swarm:
+        env["DOCKER_HOST"] = HOST
+    return env
+
+
+def docker(*args: str, stdin: bytes | None = None, timeout: float = 120.0,
+           swarm: bool = True) -> str:
+    """Run the docker client against the swarm daemon (or the main one); its stdout."""
+    env = _env(swarm)
+    where = f"DOCKER_HOST={HOST} " if swarm else ""
     proc = subprocess.run([engine.DOCKER, *args], input=stdin, capture_output=True,
                           timeout=timeout, check=False, env=env)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
-        raise engine.EngineError(f"DOCKER_HOST={HOST} docker {' '.join(args)}: {err}")
+        raise engine.EngineError(f"{where}docker {' '.join(args)}: {err}")
     return proc.stdout.decode()
 
 
@@ -164,9 +173,8 @@ def ensure_swarm() -> None:
 
 def image_id(tag: str, on_swarm: bool = True) -> str | None:
     """The image's id on the swarm daemon (or the main one), None when it is absent."""
-    run = docker if on_swarm else engine.docker
     try:
-        return run("image", "inspect", "--format", "{{.Id}}", tag).strip()
+        return docker("image", "inspect", "--format", "{{.Id}}", tag, swarm=on_swarm).strip()
     except engine.EngineError:
         return None
 
@@ -178,10 +186,9 @@ def copy_image(tag: str) -> None:
         raise engine.EngineError(f"image {tag} is not on the main daemon to copy")
     if image_id(tag) == main_id:
         return
-    env = {**os.environ, "DOCKER_HOST": HOST}
-    save = subprocess.Popen([engine.DOCKER, "save", tag], stdout=subprocess.PIPE)
+    save = subprocess.Popen([engine.DOCKER, "save", tag], stdout=subprocess.PIPE, env=_env(False))
     try:
-        subprocess.run([engine.DOCKER, "load", "--quiet"], stdin=save.stdout, env=env,
+        subprocess.run([engine.DOCKER, "load", "--quiet"], stdin=save.stdout, env=_env(True),
                        check=True, capture_output=True, timeout=300)
     finally:
         assert save.stdout is not None
