@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +41,8 @@ SERVICE_LABEL = "com.docker.swarm.service.id"
 _COMING = frozenset(("new", "pending", "assigned", "accepted", "preparing", "ready", "starting"))
 _ALIVE = frozenset(("starting", "running"))
 _RELOAD_SIGNALS = frozenset(("1", "10", "12", "SIGHUP", "SIGUSR1", "SIGUSR2"))
+_FAST_POLL = 0.1  # seconds between polls for _FAST_WINDOW after a task container's event
+_FAST_WINDOW = 2.0
 
 
 class SwarmModeError(RuntimeError):
@@ -416,6 +419,7 @@ class SwarmProvider:
         self._services_stale = True
         self._services: dict[str, Service] = {}
         self._last: list[Container] | None = None
+        self._fast_until = 0.0
         self._apis: list[Any] = []
         self._threads: list[threading.Thread] = []
         self._log = get_logger("swarm")
@@ -487,7 +491,11 @@ class SwarmProvider:
                         self._log.info("swarm_resynced", observations=len(self._last or ()))
                         failing = False
                     backoff = 0.25
-                    self._wake.wait(self._settings.swarm_poll)
+                    # After a task container's event its task's state follows within a few
+                    # hundred ms (starting -> running): poll fast for a moment to catch it.
+                    fast = time.monotonic() < self._fast_until
+                    self._wake.wait(min(_FAST_POLL, self._settings.swarm_poll) if fast
+                                    else self._settings.swarm_poll)
                     self._wake.clear()
                     # A burst of events wakes us once: a short pause lets it settle.
                     self._stop.wait(0.05)
@@ -582,6 +590,7 @@ class SwarmProvider:
             # rather than at the next poll.
             self._post(functools.partial(self._sink.stopping, task))
         if action in ("start", "die", "destroy") or action.startswith("health_status"):
+            self._fast_until = time.monotonic() + _FAST_WINDOW
             self._wake.set()
 
 

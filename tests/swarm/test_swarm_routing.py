@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import Proxy, parse_time, running_tasks, service, sw, task_address
-
 from helpers import wait_for
+from swarm_fixtures import Proxy, parse_time, running_tasks, service, sw, task_address
 
 
 def hostnames(proxy: Proxy, path: str, n: int) -> Counter[str]:
