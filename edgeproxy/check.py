@@ -383,6 +383,15 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
             found.items.append(f"{paths[index]}: service {name}: note: {kind} {label}={raw!r} "
                                f"not checked: it needs {', '.join(missing)} from the environment")
     latest = max(index for _, index in ours.values())
+    endpoint = f"{prefix}.swarm.endpoint"
+    if section == "deploy.labels" and endpoint in values:
+        # A Swarm provider's key, not a label the core parses (edgeproxy/providers/swarm.py).
+        value = values.pop(endpoint)
+        if value.strip().lower() not in ("vip", "tasks") and endpoint not in unresolved:
+            found.items.append(_problem(paths[ours[endpoint][1]], name,
+                                        f"{kind} {endpoint}={value!r}", "vip or tasks",
+                                        f"{endpoint} expects vip or tasks, e.g. {endpoint}=vip"))
+            return False
     try:
         result = parse_labels(values, prefix)
     except LabelsInvalid as exc:
@@ -404,6 +413,13 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
                                            _fix(err, key, given, prefix)))
         return not errors
     if not isinstance(result, Routing):
+        return False
+    port = f"{prefix}.port"
+    if section == "deploy.labels" and port not in ours:
+        found.items.append(_problem(
+            paths[latest], name, f"{kind} {port}", "missing: Swarm does no port detection, so "
+            "the service is skipped without it",
+            f"add {port} under deploy.labels, e.g. {port}=8080 (the port the service listens on)"))
         return False
     if not unresolved:
         found.claims.append(_Claim(name, section, result.spec, latest))
@@ -470,6 +486,15 @@ def run_check(paths: list[str], *, label_prefix: str = "gateway", out: TextIO = 
         results = [_check_section(name, section, service.sections[section], paths, label_prefix,
                                   found) for section in _SECTIONS]
         routed += any(results)
+        deploy = {k: v for k, v in service.sections["deploy.labels"].items()
+                  if k.startswith(label_prefix + ".")}
+        if deploy and not any(k.startswith(label_prefix + ".") for k in service.sections["labels"]):
+            found.items.append(
+                f"{paths[max(i for _, i in deploy.values())]}: service {name}: note: "
+                f"{label_prefix}.* labels only under deploy.labels: they are Swarm service labels, "
+                "read in Swarm mode (docker stack deploy) only; plain `docker compose up` never "
+                "puts them on containers, so there the proxy sees none (for compose, put them "
+                "under labels:)")
     found.items += _conflicts(found.claims, paths)
     problems = [item for item in found.items if isinstance(item, _Problem)]
 
