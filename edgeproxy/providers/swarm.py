@@ -420,6 +420,7 @@ class SwarmProvider:
         self._services: dict[str, Service] = {}
         self._last: list[Container] | None = None
         self._fast_until = 0.0
+        self._events_api: Any = None
         self._apis: list[Any] = []
         self._threads: list[threading.Thread] = []
         self._log = get_logger("swarm")
@@ -504,6 +505,12 @@ class SwarmProvider:
                     return
                 self.reconnects += 1
                 reason = f"{type(exc).__name__}: {exc}"[:300]
+                # The event stream may hang on the same dead peer (a socket proxy killed
+                # without a RST): close it so that it reconnects too.
+                events_api = self._events_api
+                if events_api is not None:
+                    with contextlib.suppress(Exception):
+                        events_api.close()
                 if not failing:
                     self._log.warning("swarm_disconnected", reason=reason, retry_in_s=backoff)
                     self._post(functools.partial(self._sink.connected, SOURCE, False, reason))
@@ -555,7 +562,7 @@ class SwarmProvider:
         while not self._stop.is_set():
             api = None
             try:
-                api = self._connect()
+                self._events_api = api = self._connect()
                 events = api.events(decode=True, filters={"type": ["service", "container"]})
                 self._services_stale = True  # whatever we missed while not following
                 self._wake.set()
