@@ -431,11 +431,13 @@ class SwarmProvider:
         self.on_containers: Callable[[Mapping[str, str]], None] | None = None
 
     def start(self) -> None:
-        """Start the poller and the event follower."""
-        for target, name in ((self._poll_loop, "swarm-poll"), (self._event_loop, "swarm-events")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        """Start the poller; it starts the event follower once the daemon is a manager."""
+        self._spawn(self._poll_loop, "swarm-poll")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def stop(self) -> None:
         """Ask both threads to end; closing the clients unblocks their reads."""
@@ -486,6 +488,8 @@ class SwarmProvider:
                                    if self.role == "worker" else "the daemon is not in a Swarm")
                     return
                 self._services_stale = True
+                if len(self._threads) == 1:  # no event stream on a daemon without Swarm
+                    self._spawn(self._event_loop, "swarm-events")
                 while not self._stop.is_set():
                     self.poll_once(api)
                     if failing:

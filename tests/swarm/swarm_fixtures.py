@@ -13,9 +13,11 @@ serves them with --iptables=false).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -42,11 +44,25 @@ def sw(*args: str, timeout: float = 120.0) -> str:
     return swarm_engine.docker(*args, timeout=timeout)
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(swarm_engine.SOCKET))
+
+
 def api(path: str) -> Any:
     """GET the swarm daemon's API (what the proxy sees)."""
-    out = subprocess.run(["curl", "-sf", "--unix-socket", str(swarm_engine.SOCKET),
-                          f"http://docker{path}"], capture_output=True, check=True, timeout=30)
-    return json.loads(out.stdout)
+    conn = _UnixConnection("docker")
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise AssertionError(f"GET {path} on the swarm daemon: {resp.status} {body[:300]!r}")
+    return json.loads(body)
 
 
 def cleanup() -> None:
