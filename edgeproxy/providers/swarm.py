@@ -421,6 +421,7 @@ class SwarmProvider:
         self._last: list[Container] | None = None
         self._fast_until = 0.0
         self._events_api: Any = None
+        self._following = False
         self._apis: list[Any] = []
         self._threads: list[threading.Thread] = []
         self._log = get_logger("swarm")
@@ -488,7 +489,8 @@ class SwarmProvider:
                                    if self.role == "worker" else "the daemon is not in a Swarm")
                     return
                 self._services_stale = True
-                if len(self._threads) == 1:  # no event stream on a daemon without Swarm
+                if not self._following:  # no event stream on a daemon without Swarm
+                    self._following = True
                     self._spawn(self._event_loop, "swarm-events")
                 while not self._stop.is_set():
                     self.poll_once(api)

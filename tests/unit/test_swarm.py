@@ -347,3 +347,36 @@ def test_a_kill_of_a_task_container_drains_its_task(watcher: SwarmAwareWatcher,
     watcher.stopping(api["Status"]["ContainerStatus"]["ContainerID"])  # Docker's kill event
     route = next(r for r in watcher.build().routes if r.name == "cap_api")
     assert [u.state for u in route.upstreams] == ["draining"] and route.pool == ()
+
+
+def test_auto_on_a_daemon_outside_a_swarm_stops_after_one_info_call() -> None:
+    plain = FakeApi({"Swarm": {"LocalNodeState": "inactive", "ControlAvailable": False}})
+    sink = Recorder()
+    p = SwarmProvider(sink, run_now, Settings(swarm="auto"), client_factory=lambda: plain)
+    p.start()
+    p._threads[0].join(timeout=5)
+    assert not p._threads[0].is_alive() and not p._following  # no event stream either
+    assert plain.calls == {"info": 1} and sink.snapshots == []
+
+
+def test_on_a_manager_the_provider_polls_and_follows_events() -> None:
+    manager = FakeApi()
+    streams: list[int] = []
+
+    def events(decode: bool, filters: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        assert filters == {"type": ["service", "container"]}
+        streams.append(1)
+        yield from ()
+
+    manager.events = events  # type: ignore[attr-defined]
+    sink = Recorder()
+    p = SwarmProvider(sink, run_now, Settings(swarm="true", swarm_poll=0.05),
+                      client_factory=lambda: manager)
+    p.start()
+    try:
+        wait = __import__("helpers").wait_for
+        wait(lambda: streams and manager.calls.get("tasks", 0) >= 3, timeout=5,
+             what="polls and an event stream")
+    finally:
+        p.stop()
+    assert len(sink.snapshots) == 1 and sink.states == [True]
