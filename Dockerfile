@@ -67,7 +67,9 @@ ENV PATH=/opt/edgeproxy/bin:$PATH \
 USER 10001:10001
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
-# No curl in slim images: ask the admin listener with Python, wherever it listens.
+# No curl in slim images: ask the admin listener with Python, wherever it listens.  /healthz
+# answers 503 (urlopen raises: exit 1) while Docker discovery is on and failing, e.g. without
+# the socket's group: the container turns unhealthy instead of looking fine routing nothing.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; h, _, p = os.environ.get('EDGEPROXY_ADMIN_LISTEN', '127.0.0.1:8081').rpartition(':'); h = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '[::]': '[::1]'}.get(h, h); urllib.request.urlopen(f'http://{h}:{p}/healthz', timeout=2)"]
 ENTRYPOINT ["edgeproxy"]

@@ -44,12 +44,10 @@ from josepy.jwk import JWKRSA
 
 from edgeproxy import __version__
 from edgeproxy.logs import get_logger
+from edgeproxy.paths import CHALLENGE_PREFIX, challenge_token
 from edgeproxy.tls import CertError, CertInfo, CertStore, parse_certificate
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
-
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # base64url, RFC 8555 section 8.3
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
 _ACCOUNT_DOES_NOT_EXIST = "urn:ietf:params:acme:error:accountDoesNotExist"
@@ -70,14 +68,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def challenge_token(path: str) -> str | None:
-    """The token of an HTTP-01 request path, or None if `path` is not a challenge path."""
-    if not path.startswith(CHALLENGE_PREFIX):
-        return None
-    token = path[len(CHALLENGE_PREFIX):]
-    return token if _TOKEN.fullmatch(token) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +203,7 @@ class AcmeManager:
         """The key authorization for GET /.well-known/acme-challenge/<token>, or None (-> 404).
 
         Tokens placed by another replica are read from the shared state directory."""
-        if not _TOKEN.fullmatch(token):
+        if challenge_token(CHALLENGE_PREFIX + token) is None:
             return None
         answer = self._challenges.get(token)
         if answer is not None:

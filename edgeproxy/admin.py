@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -11,11 +13,14 @@ from yarl import URL
 
 from edgeproxy import __version__
 from edgeproxy.balancer import Balancer
-from edgeproxy.forward import Proxy
+from edgeproxy.decide import decide
+from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import request_host
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
-from edgeproxy.paths import PathError, normalize_path, split_target, strip_prefix
+from edgeproxy.paths import PathError, normalize_path, split_target
+from edgeproxy.pipeline import Proxy
+from edgeproxy.providers.docker import DiscoveryStatus
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
@@ -129,13 +134,19 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
-    """The admin aiohttp application."""
+def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
+                   discovery: Callable[[], DiscoveryStatus] | None = None) -> web.Application:
+    """The admin aiohttp application; `discovery` reads the Docker provider's status."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({
-            "status": "ok",
+        # Discovery on and failing: 503, so the image's HEALTHCHECK turns unhealthy.
+        status = discovery() if discovery is not None and watcher.settings.docker else None
+        failing = status is not None and status.state == "failing"
+        return web.json_response(status=503 if failing else 200, data={
+            "status": "failing" if failing else "ok",
+            "reason": f"Docker discovery fails: {status.error}" if failing and status else None,
+            "discovery": status.as_json() if status is not None else None,
             "version": __version__,
             "uptime_s": round(time.time() - started, 1),
             "docker": _docker_state(watcher),
@@ -181,8 +192,9 @@ def make_admin_app(watcher: Watcher, proxy: Proxy) -> web.Application:
     return app
 
 
-async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.Response:
-    """What the proxy would do with a request, without sending it anywhere."""
+async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> web.Response:
+    """What the proxy would do with a request, without sending it anywhere: the same `decide`
+    as the request pipeline, so the two cannot disagree."""
     url_text = request.query.get("url", "")
     method = request.query.get("method", "GET").upper()
     headers = CIMultiDict(
@@ -198,26 +210,31 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy) -> web.R
                                   "such as http://api.example.com/orders/7"}, status=400)
     if "Host" not in headers:
         headers["Host"] = url.raw_authority
-    raw_path, query = split_target(url.raw_path_qs)
+    target = url.raw_path_qs
     out: dict[str, Any] = {"method": method, "url": url_text, "host": request_host(headers)}
-    try:
-        path = normalize_path(raw_path)
-    except PathError as exc:
-        out.update(status=400, decision=f"refused: {exc}")
+    with contextlib.suppress(PathError):
+        out["path"] = normalize_path(split_target(target)[0])
+    table = watcher.table
+    decision = decide(table, method, target, headers, url.scheme == "https", proxy.edge)
+    if isinstance(decision, Refusal):
+        if decision.code == "no_route":
+            out.update(status=404, decision="no route matches this host and path",
+                       routes_considered=len(table.routes))
+        else:
+            out.update(status=decision.status, decision=f"refused: {decision.message}")
         return web.json_response(out)
-    out["path"] = path
-    found = watcher.table.match(out["host"], path)
-    if found is None:
-        out.update(status=404, decision="no route matches this host and path",
-                   routes_considered=len(watcher.table.routes))
+    if isinstance(decision, LocalAnswer):
+        what = {308: "redirected to https", 204: "CORS preflight answered by the proxy",
+                200: "answered by the proxy (ACME challenge)"}.get(decision.status, "answered")
+        out.update(status=decision.status, decision=what,
+                   location=decision.headers.get("Location"))
         return web.json_response(out)
-    route, prefix = found
-    fwd = strip_prefix(path, prefix) if route.spec.strip_prefix else path
+    route = decision.route
     candidates = [u for u in route.pool if not proxy.balancer.is_ejected(u)]
     out.update(
         route=route_json(route, proxy.balancer),
-        matched_prefix=prefix,
-        forwarded_path=fwd + ("?" + query if query else ""),
+        matched_prefix=decision.prefix,
+        forwarded_path=decision.target,
         replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
     )
     if not route.pool:

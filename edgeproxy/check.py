@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -144,6 +145,59 @@ class _Service:
     # section -> label -> (value as compose passes it to Docker, index of the file it came from)
     sections: dict[str, dict[str, tuple[str, int]]] = field(
         default_factory=lambda: {s: {} for s in _SECTIONS})
+    networks: dict[str, None] = field(default_factory=dict)  # keys as written, in order
+    network_mode: str | None = None
+
+
+@dataclass(slots=True)
+class _Network:
+    """A top-level `networks:` entry: the name Compose gives it on containers."""
+
+    name: str | None = None  # `name:`
+    external: bool = False
+
+
+@dataclass(slots=True)
+class _Top:
+    """What the files say beyond services: the project's name and its networks."""
+
+    name: str | None = None
+    networks: dict[str, _Network] = field(default_factory=dict)
+    has_services: bool = False
+
+
+def _merge_top(top: _Top, doc: dict[object, object]) -> None:
+    name = doc.get("name")
+    if isinstance(name, str | int) and not isinstance(name, bool):
+        top.name = str(name)
+    nets = doc.get("networks")
+    if not isinstance(nets, dict):
+        return
+    for key, spec in nets.items():
+        net = top.networks.setdefault(str(key), _Network())
+        if not isinstance(spec, dict):
+            continue
+        if isinstance(spec.get("name"), str):
+            net.name = spec["name"]
+        external = spec.get("external")
+        if isinstance(external, dict):  # the old form: external: {name: x}
+            net.external = True
+            if isinstance(external.get("name"), str):
+                net.name = external["name"]
+        elif isinstance(external, bool):
+            net.external = external
+
+
+def _merge_networks(service: _Service, spec: dict[object, object]) -> None:
+    mode = spec.get("network_mode")
+    if isinstance(mode, str):
+        service.network_mode = mode
+    nets = spec.get("networks")
+    if isinstance(nets, _Reset | _Override):
+        service.networks.clear()
+        nets = nets.value if isinstance(nets, _Override) else None
+    if isinstance(nets, list | dict):  # a list of keys, or keys with per-network options
+        service.networks.update(dict.fromkeys(str(n) for n in nets))
 
 
 def _label_value(value: object) -> str | None:
@@ -182,17 +236,19 @@ def _label_dict(value: object) -> dict[str, str] | str:
     return "must be a mapping (key: value) or a list of key=value strings"
 
 
-def _merge(services: dict[str, _Service], doc: object, index: int, path: str,
+def _merge(services: dict[str, _Service], top: _Top, doc: object, index: int, path: str,
            problems: list[_Problem | str]) -> None:
     if doc is None:
         return
     if not isinstance(doc, dict):
         raise _InputError(f"{path}: not a compose file: the top level must be a mapping")
+    _merge_top(top, doc)
     body = doc.get("services")
     if body is None:
         return
     if not isinstance(body, dict):
         raise _InputError(f"{path}: not a compose file: services must be a mapping")
+    top.has_services = True
     for key, spec in body.items():
         name = str(key)
         if isinstance(spec, _Reset):
@@ -208,6 +264,7 @@ def _merge(services: dict[str, _Service], doc: object, index: int, path: str,
             problems.append(_problem(path, name, "", "must be a mapping",
                                      "write the service as a mapping with image, labels, ..."))
             continue
+        _merge_networks(service, spec)
         deploy = spec.get("deploy")
         if isinstance(deploy, _Reset):
             service.sections["deploy.labels"].clear()
@@ -346,7 +403,9 @@ def _fix(err: LabelError, key: str, value: str | None, prefix: str) -> str:
         other = needs.group(1)
         return f"add {other}={_EXAMPLES.get(other[len(prefix) + 1:], '...')}, or remove {label}"
     if _accepts(key, value):  # fine alone, wrong with the service's other labels
-        return f"change {label}: it {err.reason}"
+        # "it must not be longer ..." reads; "it browsers refuse ..." does not.
+        predicate = err.reason.split(" ", 1)[0] in ("must", "keys", "is", "cannot")
+        return f"change {label}: {'it ' if predicate else ''}{err.reason}"
     example = f", e.g. {label}={_EXAMPLES[key]}" if key in _EXAMPLES else ""
     return f"{label} expects {_expectation(key) or err.reason}{example}"
 
@@ -359,13 +418,22 @@ class _Findings:
     claims: list[_Claim] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """A label set that routes its service: the network it asks for, if known here."""
+
+    network: str | None
+    network_known: bool  # False: the label needs a variable from the environment
+    file: int  # the last file that shaped the labels
+
+
 def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], paths: list[str],
-                   prefix: str, found: _Findings) -> bool:
-    """Check one label set of one service; True when it routes the service."""
+                   prefix: str, found: _Findings) -> _Routed | None:
+    """Check one label set of one service; what it asks for when it routes the service."""
     dotted = prefix + "."
     ours = {k: v for k, v in labels.items() if k.startswith(dotted)}
     if not ours:
-        return False
+        return None
     kind = "label" if section == "labels" else section
     values: dict[str, str] = {}
     unresolved: set[str] = set()
@@ -391,7 +459,7 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
             found.items.append(_problem(paths[ours[endpoint][1]], name,
                                         f"{kind} {endpoint}={value!r}", "vip or tasks",
                                         f"{endpoint} expects vip or tasks, e.g. {endpoint}=vip"))
-            return False
+            return None
     try:
         result = parse_labels(values, prefix)
     except LabelsInvalid as exc:
@@ -411,19 +479,100 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
             reason = "unknown key" if key not in KEYS else err.reason
             found.items.append(_problem(paths[index], name, subject, reason,
                                            _fix(err, key, given, prefix)))
-        return not errors
+        return None if errors else _Routed(None, False, latest)
     if not isinstance(result, Routing):
-        return False
+        return None
     port = f"{prefix}.port"
     if section == "deploy.labels" and port not in ours:
         found.items.append(_problem(
             paths[latest], name, f"{kind} {port}", "missing: Swarm does no port detection, so "
             "the service is skipped without it",
             f"add {port} under deploy.labels, e.g. {port}=8080 (the port the service listens on)"))
-        return False
+        return None
     if not unresolved:
         found.claims.append(_Claim(name, section, result.spec, latest))
-    return True
+    return _Routed(result.network, f"{dotted}network" not in unresolved, latest)
+
+
+# --- networks, as Compose names them on containers ------------------------------------------------
+
+def project_name(flag: str | None, declared: str | None, first_file: str) -> str:
+    """The Compose project name: -p, else COMPOSE_PROJECT_NAME, else `name:`, else the folder.
+
+    The folder's name is normalised as Compose does: lower case, only a-z 0-9 _ -."""
+    if flag:
+        return flag
+    env = os.environ.get("COMPOSE_PROJECT_NAME")
+    if env:
+        return env
+    if declared:
+        return declared
+    folder = os.path.basename(os.path.dirname(os.path.abspath(first_file)))
+    return re.sub(r"[^-_a-z0-9]", "", folder.lower()).lstrip("-_")
+
+
+def _network_names(service: _Service, top: _Top, project: str) -> dict[str, str]:
+    """The service's networks: key as written -> name on its containers."""
+    out: dict[str, str] = {}
+    for key in service.networks or {"default": None}:
+        net = top.networks.get(key)
+        if net is not None and net.name:
+            out[key] = net.name
+        elif net is not None and net.external:
+            out[key] = key
+        else:
+            out[key] = f"{project}_{key}"
+    return out
+
+
+def _network_problem(name: str, service: _Service, routed: _Routed, top: _Top, project: str,
+                     file: str, prefix: str) -> _Problem | None:
+    """Why the proxy would find no network to reach the service's containers on, if it would."""
+    label = f"{prefix}.network"
+    mode = service.network_mode
+    if mode in ("host", "none"):
+        return _problem(file, name, "", f"network_mode: {mode} leaves its containers no address "
+                        "on a network the proxy can reach; the proxy skips it",
+                        "remove network_mode and put the service on a network the proxy shares")
+    if mode is not None:
+        return None  # service:/container:/bridge: decided outside this file
+    names = _network_names(service, top, project)
+    wanted = routed.network
+    if wanted is not None:
+        if not routed.network_known or wanted in names.values() \
+                or f"{project}_{wanted}" in names.values():
+            return None
+        subject = f"label {label}={wanted!r}"
+        if wanted in names:
+            return _problem(file, name, subject, f"network {wanted!r} is named {names[wanted]!r} "
+                            "on the containers (by its name: or external: in the file)",
+                            f"write {label}={names[wanted]}")
+        return _problem(file, name, subject, f"the service is not on network {wanted!r} "
+                        f"(its networks: {', '.join(names)})",
+                        f"add {wanted} to the service's networks, or write {label}= one of "
+                        f"{', '.join(names)}")
+    default = os.environ.get("EDGEPROXY_NETWORK")
+    if len(names) > 1 and not (default and default in names.values()):
+        return _problem(file, name, "", f"on several networks ({', '.join(names)}) and no "
+                        f"{label} label: the proxy skips it",
+                        f"add {label}= the one the proxy shares with it, e.g. "
+                        f"{label}={next(iter(names))}")
+    return None
+
+
+def _deploy_only(name: str, service: _Service, paths: list[str], prefix: str) -> str | None:
+    """A warning for gateway labels only under deploy.labels: plain Compose drops those."""
+    dotted = prefix + "."
+    plain = service.sections["labels"]
+    swarm_only = f"{dotted}swarm.endpoint"  # a Swarm provider key: never one for containers
+    missing = [(k, i) for k, (v, i) in service.sections["deploy.labels"].items()
+               if k.startswith(dotted) and k != swarm_only and plain.get(k, ("", -1))[0] != v]
+    if not missing:
+        return None
+    file = paths[max(i for _, i in missing)]
+    return (f"{file}: service {name}: warning: deploy.labels {', '.join(k for k, _ in missing)} "
+            "are not put on containers by `docker compose up` (only `docker stack deploy` reads "
+            "deploy.labels, for Swarm services)\n  fix: give them under labels: as well")
 
 
 def _conflicts(claims: list[_Claim], paths: list[str]) -> Iterator[_Problem]:
@@ -451,13 +600,18 @@ def _conflicts(claims: list[_Claim], paths: list[str]) -> Iterator[_Problem]:
 
 # --- the command ----------------------------------------------------------------------------------
 
-def run_check(paths: list[str], *, label_prefix: str = "gateway", out: TextIO = sys.stdout) -> int:
+def run_check(paths: list[str], *, label_prefix: str = "gateway", project: str | None = None,
+              out: TextIO | None = None) -> int:
     """Check the gateway labels of the compose files `paths`, merged like `docker compose -f ...`.
 
-    Prints a header naming the files, one line per problem (`FILE: service NAME: label L='V':
-    why`) each followed by a `  fix: ...` line, and a summary line. Returns 0 when there are no
-    problems, 1 when there are, 2 when a file can't be read or isn't YAML (one line per file).
+    The files are read as the proxy will see their containers: network names carry the project
+    prefix (`project`, else as Compose picks it), a service on several networks needs a network
+    label, and deploy.labels are not on containers (a warning). Prints a header naming the
+    files, one line per problem (`FILE: service NAME: label L='V': why`) each followed by a
+    `  fix: ...` line, and a summary line. Returns 0 when there are no problems, 1 when there
+    are, 2 when a file can't be read, isn't YAML or has no services (one line per file).
     """
+    out = out if out is not None else sys.stdout
     if not paths:
         print("edgeproxy check: no compose files given", file=out)
         return 2
@@ -470,31 +624,43 @@ def run_check(paths: list[str], *, label_prefix: str = "gateway", out: TextIO = 
             print(exc, file=out)
             failed = True
     services: dict[str, _Service] = {}
+    top = _Top()
     found = _Findings()
     if not failed:
         try:
             for index, (path, doc) in enumerate(docs):
-                _merge(services, doc, index, path, found.items)
+                _merge(services, top, doc, index, path, found.items)
         except _InputError as exc:
             print(exc, file=out)
             failed = True
+    if not failed and not services:
+        # `ok: 0 routed` would pass a file that routes nothing: most likely not the right file.
+        print(f"{', '.join(paths)}: not a compose file: no services "
+              f"({'an empty services: mapping' if top.has_services else 'no services: key'})",
+              file=out)
+        failed = True
     if failed:
         return 2
 
+    name_of_project = project_name(project, top.name, paths[0])
     routed = 0
     for name, service in services.items():
-        results = [_check_section(name, section, service.sections[section], paths, label_prefix,
-                                  found) for section in _SECTIONS]
-        routed += any(results)
-        deploy = {k: v for k, v in service.sections["deploy.labels"].items()
-                  if k.startswith(label_prefix + ".")}
-        if deploy and not any(k.startswith(label_prefix + ".") for k in service.sections["labels"]):
-            found.items.append(
-                f"{paths[max(i for _, i in deploy.values())]}: service {name}: note: "
-                f"{label_prefix}.* labels only under deploy.labels: they are Swarm service labels, "
-                "read in Swarm mode (docker stack deploy) only; plain `docker compose up` never "
-                "puts them on containers, so there the proxy sees none (for compose, put them "
-                "under labels:)")
+        plain = _check_section(name, "labels", service.sections["labels"], paths, label_prefix,
+                               found)
+        swarm = _check_section(name, "deploy.labels", service.sections["deploy.labels"], paths,
+                               label_prefix, found)
+        if swarm is not None or service.sections["deploy.labels"]:
+            warning = _deploy_only(name, service, paths, label_prefix)
+            if warning is not None:
+                found.items.append(warning)
+        if plain is None:
+            continue
+        problem = _network_problem(name, service, plain, top, name_of_project,
+                                   paths[plain.file], label_prefix)
+        if problem is not None:
+            found.items.append(problem)
+            continue
+        routed += 1
     found.items += _conflicts(found.claims, paths)
     problems = [item for item in found.items if isinstance(item, _Problem)]
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate gateway.* labels in compose files, offline "
                            "(exit 1 on problems)")
     check.add_argument("files", nargs="+", metavar="compose.yml")
+    check.add_argument("-p", "--project-name", default=None, metavar="NAME",
+                       help="the Compose project name, which prefixes network names (default: "
+                       "COMPOSE_PROJECT_NAME, else the file's name:, else its folder's name)")
     explain = sub.add_parser("explain", help="ask the running proxy which route, policies and "
                              "replica a request would get, without sending it")
     explain.add_argument("url", help="e.g. http://api.example.com/orders/7")
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgeproxy.check import run_check
 
         prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
-        return run_check(list(args.files), label_prefix=prefix)
+        return run_check(list(args.files), label_prefix=prefix, project=args.project_name)
     if args.command == "explain":
         return _explain(args)
     try:

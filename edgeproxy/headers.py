@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import NamedTuple
 
-from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.settings import IPNetwork
@@ -125,36 +124,42 @@ def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
 
 @dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs more
 class UpstreamHead:
-    """The request headers for a replica, serialised once as `Name: value\\r\\n` lines.
+    """The request headers for a replica as pieces of `Name: value\r\n` lines.
 
+    The pieces are the client's own header bytes where they pass unchanged, so a large head
+    is not copied until the moment it is written (and that copy is dropped once written).
     The request line, a Host for clients that sent none, and chunked framing depend on the
-    try (target, replica, body) and are added by `serialize`."""
+    try (target, replica, body) and are added by `parts`."""
 
-    lines: bytes
+    pieces: list[bytes]
     has_host: bool
     has_length: bool
 
     @classmethod
     def of(cls, headers: CIMultiDict[str]) -> UpstreamHead:
         """From a multidict (after header rules rewrote it)."""
-        return cls("".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
-            "utf-8", "surrogateescape"), "Host" in headers, "Content-Length" in headers)
+        return cls(["".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
+            "utf-8", "surrogateescape")], "Host" in headers, "Content-Length" in headers)
 
-    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
-        """The whole head for one try: request line, headers, framing, blank line."""
+    def parts(self, method: str, target: str, host: str, chunked: bool) -> list[bytes]:
+        """The whole head for one try, in pieces: request line, headers, framing, blank line."""
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
-                 self.lines]
+                 *self.pieces]
         if not self.has_host:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
             parts.append(b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape"))
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return parts
+
+    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
+        """The whole head for one try as one bytes object."""
+        return b"".join(self.parts(method, target, host, chunked))
 
 
 def upstream_head(raw: RawHeaders, hop: HopInfo,
                   auth: tuple[str, str] | None = None) -> UpstreamHead:
-    """Headers to send upstream, serialised straight from the client's header bytes (see
+    """Headers to send upstream, straight from the client's header bytes (see
     `upstream_pairs`); `auth` is the (subject, scopes) pair for X-Auth-Subject and
     X-Auth-Scopes, already checked for control characters."""
     pairs, has_host, has_length = upstream_pairs(raw, hop)
@@ -165,7 +170,7 @@ def upstream_head(raw: RawHeaders, hop: HopInfo,
         subject, scopes = auth
         parts.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
             "utf-8", "surrogateescape"))
-    return UpstreamHead(b"".join(parts), has_host, has_length)
+    return UpstreamHead(parts, has_host, has_length)
 
 
 def upstream_request_headers(raw: RawHeaders, hop: HopInfo) -> CIMultiDict[str]:
@@ -250,7 +255,6 @@ def downstream_from_raw(raw: RawHeaders) -> CIMultiDict[str]:
 
 
 _REPLACED = frozenset((b"x-request-id",))  # the replica's is replaced by ours
-_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 _date: tuple[int, bytes] = (0, b"")
 
 
@@ -268,7 +272,8 @@ def response_head(version: tuple[int, int], status: int, reason: str, raw: RawHe
     """The client's response head for a body of `length` bytes, straight from the replica's
     header bytes: the headers `downstream_pairs` keeps plus X-Request-ID and `extra`
     (which replace the replica's headers of those names), framed as aiohttp frames a Response
-    (Content-Length, Date, Server and Content-Type when missing, Connection for keep-alive).
+    (Content-Length, Date and Content-Type when missing, Connection for keep-alive), except
+    that no Server header of ours is added: the replica's passes through, else there is none.
 
     The replica's values pass through as bytes: llhttp refused CR, LF and NUL in them."""
     ours = frozenset(k.lower().encode() for k in extra) if extra else frozenset()
@@ -288,8 +293,6 @@ def response_head(version: tuple[int, int], status: int, reason: str, raw: RawHe
         parts.append(b"Content-Type: application/octet-stream\r\n")
     if b"date" not in present:
         parts.extend((b"Date: ", _http_date(), b"\r\n"))
-    if b"server" not in present:
-        parts.append(_SERVER_LINE)
     if b"connection" not in present:
         if keep_alive:
             if version == (1, 0):

@@ -155,3 +155,15 @@ def strip_prefix(path: str, prefix: str) -> str:
         return path
     rest = path[len(prefix):]
     return rest if rest.startswith("/") else "/" + rest
+
+
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_CHALLENGE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # base64url, RFC 8555 section 8.3
+
+
+def challenge_token(path: str) -> str | None:
+    """The token of an ACME HTTP-01 request path, or None if `path` is not a challenge path."""
+    if not path.startswith(CHALLENGE_PREFIX):
+        return None
+    token = path[len(CHALLENGE_PREFIX):]
+    return token if _CHALLENGE_TOKEN.fullmatch(token) else None

@@ -203,6 +203,13 @@ def _workers(text: str) -> int:
     return int(value)
 
 
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("a size of at least 1 byte, such as 64k")
+    return value
+
+
 def _positive_int(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()) or int(text) < 1:
         raise ValueError("a whole number of at least 1")
@@ -271,8 +278,17 @@ OPTIONS: tuple[Option, ...] = (
            "a request head must arrive within this long, else 408 and close (0 = off)"),
     Option("ws_max_message", "4m", parse_size,
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
-    Option("max_header_size", "16k", parse_size,
-           "largest request line or header line -> 431 (aiohttp's limit per line)"),
+    Option("max_header_size", "32k", _positive_size,
+           "largest request head (request line and all headers) -> 431 (nginx's 4 x 8k)"),
+    Option("max_headers", "100", _positive_int, "most header lines in a request head -> 431 (Envoy)"),
+    Option("max_uri_size", "8k", _positive_size, "longest request target -> 414 (nginx's 8k)"),
+    Option("keepalive_timeout", "75s", _positive(parse_duration),
+           "how long an idle client connection is kept between requests (nginx's 75s)"),
+    Option("max_response_header_size", "64k", _positive_size,
+           "largest response head a replica may send (status line, headers, 1xx heads, "
+           "trailers) -> 502"),
+    Option("max_response_headers", "100", _positive_int,
+           "most header lines in a replica's response head (Envoy's max_headers_count) -> 502"),
     Option("trusted_proxies", "", parse_networks,
            "CIDRs whose X-Forwarded-* headers are trusted (default: none)"),
     Option("jwt_secret", "", _optional_secret, "HMAC secret for gateway.auth=jwt (HS256/384/512)"),
@@ -343,7 +359,12 @@ class Settings:
     max_body_size: int = 10 * 1024**2
     header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
-    max_header_size: int = 16 * 1024
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_uri_size: int = 8 * 1024
+    keepalive_timeout: float = 75.0
+    max_response_header_size: int = 64 * 1024
+    max_response_headers: int = 100
     trusted_proxies: tuple[IPNetwork, ...] = ()
     jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
@@ -381,7 +402,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[opt.attr] = opt.parse(raw)
         except ValueError as exc:
             raise SettingsError(opt.env, raw, str(exc)) from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.docker:
+        check_docker_host(env.get("DOCKER_HOST"))
+    return settings
+
+
+def check_docker_host(value: str | None) -> None:
+    """Raise SettingsError for a DOCKER_HOST the docker SDK cannot use: retrying won't fix it."""
+    if not value:
+        return  # the SDK's default, unix:///var/run/docker.sock
+    from docker.utils.utils import parse_host  # the SDK's own parser: what it refuses, fails
+
+    try:
+        parse_host(value, False, False)
+    except Exception:  # noqa: BLE001 - DockerException or ValueError, same meaning
+        raise SettingsError("DOCKER_HOST", value,
+                            "unix:///path/to/docker.sock, tcp://HOST:PORT or ssh://USER@HOST "
+                            "(or EDGEPROXY_DOCKER=false)") from None
 
 
 def unknown_settings(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -15,11 +15,25 @@ PrefixMap = dict[str, Route]
 
 @dataclass(frozen=True, slots=True)
 class FileRoute:
-    """A route declared in the routes file: a spec and fixed upstream URLs."""
+    """A route declared in the routes file: a spec and fixed upstream URLs.
+
+    With `errors`, the route is invalid as the file now says it: a route that was valid before
+    keeps its last good spec and upstreams (and is served); one that never was has none."""
 
     name: str
     spec: RouteSpec
     upstreams: tuple[Upstream, ...]
+    errors: tuple[LabelError, ...] = ()
+
+    @classmethod
+    def invalid(cls, name: str, errors: tuple[LabelError, ...]) -> FileRoute:
+        """A route with no good version to serve: it claims no host or path."""
+        return cls(name, RouteSpec(hosts=(), paths=()), (), errors)
+
+    @property
+    def serving(self) -> bool:
+        """False for a route that has no valid version at all."""
+        return bool(self.upstreams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +105,7 @@ def pick_network(c: Container, wanted: str | None, default: str | None) -> tuple
     """(network, address) to reach a running container on; raise ValueError why not."""
     nets = dict(c.networks)
     if wanted is not None:
-        if wanted not in nets:
-            raise ValueError(f"not attached to network {wanted!r} (attached: {_names(nets)})")
-        name = wanted
+        name = _network_named(c, wanted, nets)
     elif default is not None and default in nets:
         name = default
     elif len(nets) == 1:
@@ -109,6 +121,22 @@ def pick_network(c: Container, wanted: str | None, default: str | None) -> tuple
     if not address:
         raise ValueError(f"no IP address on network {name!r} (host or none network mode?)")
     return name, address
+
+
+COMPOSE_PROJECT = "com.docker.compose.project"
+
+
+def _network_named(c: Container, wanted: str, nets: Mapping[str, str]) -> str:
+    """The attached network `wanted` names: as written, else Compose's `<project>_<wanted>`.
+
+    A compose file says `networks: [frontend]` and Compose creates `<project>_frontend`; the
+    label is written beside the first, so the container's project label supplies the prefix."""
+    if wanted in nets:
+        return wanted
+    project = c.labels.get(COMPOSE_PROJECT)
+    if project and f"{project}_{wanted}" in nets:
+        return f"{project}_{wanted}"
+    raise ValueError(f"not attached to network {wanted!r} (attached: {_names(nets)})")
 
 
 def _names(nets: Mapping[str, str]) -> str:
@@ -150,6 +178,16 @@ def build_table(
     groups: dict[RouteSpec, _Group] = {}
     file_groups: list[_Group] = []
     for fr in file_routes:
+        if fr.errors:
+            # Shown in /containers beside the containers' label errors.
+            why = "; ".join(f"{e.label}={e.value!r}: {e.reason}" for e in fr.errors)
+            decisions.append(Decision(
+                f"routes file: {fr.name}", fr.serving,
+                (f"invalid, serving its last good version: {why}" if fr.serving
+                 else f"invalid, not routed: {why}"),
+                route=fr.name if fr.serving else None, errors=fr.errors))
+            if not fr.serving:
+                continue
         file_groups.append(_Group(fr.spec, "file", (0, 0.0, 0, fr.name), fr.name,
                                   list(fr.upstreams), []))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 import weakref
@@ -21,9 +22,33 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict
 
+from edgeproxy.logs import get_logger
+
 _HIGH_WATER = 512 * 1024  # pause reading the replica when this much body waits for the client
 _LOW_WATER = 64 * 1024
 _IDLE_PER_HOST = 256
+# Defaults of EDGEPROXY_MAX_RESPONSE_HEADER_SIZE / EDGEPROXY_MAX_RESPONSE_HEADERS.
+DEFAULT_MAX_HEAD = 64 * 1024
+DEFAULT_MAX_HEADERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseLimits:
+    """What a replica's answer may hold before it is refused (502 upstream_error).
+
+    `head`: bytes of the whole response head, interim (1xx) heads included, and of trailers.
+    `headers`: header lines in it (interim heads and trailers count too)."""
+
+    head: int = DEFAULT_MAX_HEAD
+    headers: int = DEFAULT_MAX_HEADERS
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the answer breaks a rule llhttp does not check."""
+
+
+class _Overrun(Exception):
+    """Raised inside a parser callback: bytes after the end of the answer (not parsed on)."""
 
 
 class UpstreamError(Exception):
@@ -72,10 +97,16 @@ class Endpoint:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection to a replica, carrying one request at a time."""
+    """One connection to a replica, carrying one request at a time.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    An answer ends where its own framing says. Any byte after that end (in the same read, or
+    later while the connection sits idle) is never parsed into the answer: the connection is
+    discarded instead, so a replica's extra bytes cannot become the next client's answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 limits: ResponseLimits = ResponseLimits()) -> None:
         self.loop = loop
+        self.limits = limits
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -86,6 +117,10 @@ class _Connection(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = None
         self._parser_spent = False
         self._reset_response()
+        # No request yet: a byte now is nobody's answer.
+        self.expecting = False
+        # False once anything makes the connection unfit for another request.
+        self.reusable = True
 
     # --- per-response state --------------------------------------------------------------
 
@@ -96,9 +131,16 @@ class _Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
         self._parser_spent = head
         self.head_request = head
+        self.expecting = True  # an answer is due: bytes are parsed until its end
         self.status = 0
         self.reason = ""
+        self._reason_parts: list[bytes] = []
         self._header_list: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # of heads so far (interim ones too), counted as parsed
+        self._fed_in_head = 0  # bytes fed while no final head is complete
+        self._header_count = 0
+        self._silent_bytes = 0  # bytes fed since the last body byte (trailers, extensions)
+        self._body_seen = 0
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
         self.body: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -116,20 +158,46 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.expecting:
+            # The answer is over (or no request was sent): whatever this is, it is no one's
+            # answer, and the next request must not read it as its own.
+            self.discard("bytes from the replica after the end of its answer")
+            return
         self.received_any = True
         self.last_activity = self.loop.time()
+        body_before = self._body_seen
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"malformed response from the replica: {exc}", False))
-            if self.transport is not None:
-                self.transport.abort()
+            if self.complete:  # _Overrun, or llhttp refusing what follows a whole answer
+                # The answer was whole before these bytes; deliver it as framed.
+                self.discard("bytes from the replica after the end of its answer")
+                return
+            cause = exc.__context__
+            detail = str(cause) if isinstance(cause, _Refused) else str(exc)
+            self._fail(UpstreamError(f"malformed response from the replica: {detail}", False))
+            self.discard(detail)
+            return
+        if self.status == 0:
+            self._fed_in_head += len(data)  # llhttp holds an unfinished header line for us
+            if self._fed_in_head > self.limits.head:
+                self._refuse(f"response head over {self.limits.head} bytes")
+        elif not self.complete:
+            # Chunk extensions and trailers arrive with no body byte; cap them like a head.
+            if self._body_seen == body_before:
+                self._silent_bytes += len(data)
+                if self._silent_bytes > self.limits.head:
+                    self._refuse(f"chunk framing or trailers over {self.limits.head} bytes")
+            else:
+                self._silent_bytes = 0
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.reusable = False
+        self.expecting = False
         self.disarm()
         if self.headers_done.done() and not self.complete and self._read_until_close():
             self.complete = True  # a body delimited by the end of the connection
@@ -151,29 +219,58 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks --------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second message after our answer's end: never parsed
+            raise _Overrun()
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_list.append((name, value))
+        self._header_count += 1
+        if self._header_count > self.limits.headers:
+            raise _Refused(f"more than {self.limits.headers} header lines")
+        self._head_bytes += len(name) + len(value) + 4  # trailers count with the head
+        if self._head_bytes > self.limits.head:
+            raise _Refused(f"response head over {self.limits.head} bytes")
+        if self.status == 0:  # a trailer is not forwarded, and never a header of the answer
+            self._header_list.append((name, value))
 
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        # llhttp hands the reason over in pieces when it spans two reads.
+        self._reason_parts.append(status)
+        self._head_bytes += len(status)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # noqa: S101 - set before any byte can arrive
+        self._head_bytes += 17  # status line and blank line: a flood of empty 1xx counts too
+        if self._head_bytes > self.limits.head:
+            raise _Refused(f"response head over {self.limits.head} bytes")
         status = parser.get_status_code()
+        reason = b"".join(self._reason_parts)
+        self._reason_parts = []
+        if status == 101:
+            # The pool never asks for an upgrade (WebSockets go through aiohttp): a switch
+            # would hand the rest of the connection to a protocol we would parse as HTTP.
+            raise _Refused("101 Switching Protocols to a request that asked for no upgrade")
         if 100 <= status < 200:  # 103 Early Hints and friends: not forwarded, keep reading
             self._header_list = []
             return
+        _check_final_head(status, parser.get_http_version(), reason, self._header_list)
+        self.reason = reason.decode("latin-1")
         self.status = status
         self.keep_alive = parser.should_keep_alive()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
         if self.head_request:
+            # llhttp cannot be told this answer has no body: anything after the head is extra.
             self.complete = True
+            self.expecting = False
 
     def on_body(self, body: bytes) -> None:
-        if self.head_request or self.status == 0:
+        if self.complete:  # body bytes after a HEAD answer's head
+            raise _Overrun()
+        if self.status == 0:
             return
+        self._body_seen += len(body)
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._paused_reading and self.transport:
@@ -185,6 +282,7 @@ class _Connection(asyncio.Protocol):
         if self.status == 0:  # the end of a 1xx
             return
         self.complete = True
+        self.expecting = False
         self._wake_body()
 
     # --- inactivity watchdog: a set membership per request; one sweeper per loop checks ------
@@ -215,6 +313,25 @@ class _Connection(asyncio.Protocol):
     def _read_until_close(self) -> bool:
         names = {n.lower() for n, _ in self._header_list}
         return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def discard(self, reason: str) -> None:
+        """Never reuse this connection; close it now (what was parsed stays deliverable)."""
+        self.reusable = False
+        self.expecting = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            # debug: replicas that send 408 on an idle keep-alive connection are common.
+            _events.debug("upstream_connection_discarded", reason=reason,
+                          replica=transport.get_extra_info("peername"))
+            transport.abort()
+
+    def _refuse(self, detail: str) -> None:
+        self._fail(UpstreamError(f"malformed response from the replica: {detail}", False))
+        self.discard(detail)
+
+    def failure(self) -> BaseException | None:
+        """Why the answer cannot be finished (None while it can, or is)."""
+        return None if self.complete else self._exc
 
     def _wake_body(self) -> None:
         w = self._body_waiter
@@ -264,6 +381,27 @@ class _Connection(asyncio.Protocol):
             self._body_waiter = self.loop.create_future()
             await self._body_waiter
             self._body_waiter = None
+
+
+_events = get_logger("upstream")
+_REASON_OK = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # RFC 9112 reason-phrase
+
+
+def _check_final_head(status: int, version: str, reason: bytes,
+                      headers: list[tuple[bytes, bytes]]) -> None:
+    """Refuse what llhttp lets through but a client must never be handed (raises _Refused)."""
+    if status < 100:
+        raise _Refused(f"status {status:03d}; expected 100-999")
+    if version not in ("1.1", "1.0"):
+        raise _Refused(f"HTTP/{version} in the status line; expected HTTP/1.1 or HTTP/1.0")
+    if not _REASON_OK.fullmatch(reason):
+        raise _Refused("control characters in the reason phrase")
+    codings = [v for n, v in headers if len(n) == 17 and n.lower() == b"transfer-encoding"]
+    # As nginx: one Transfer-Encoding, exactly chunked. Any other coding would be read to the
+    # connection's end and handed on without its coding; a list hides what the replica meant.
+    if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+        raise _Refused("Transfer-Encoding " + repr(b", ".join(codings).decode("latin-1"))
+                       + "; expected exactly chunked")
 
 
 _SWEEP_INTERVAL = 0.1
@@ -329,6 +467,10 @@ class UpstreamResponse:
         """The response headers as a multidict (built on demand)."""
         return self._conn.response_headers()
 
+    def failure(self) -> BaseException | None:
+        """The error that already ended this answer early (a truncated body), else None."""
+        return self._conn.failure()
+
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived (small responses), else None."""
         conn = self._conn
@@ -356,10 +498,14 @@ class UpstreamResponse:
         self._released = True
         conn = self._conn
         conn.disarm()
-        if self._reusable and conn.complete and conn.keep_alive and not conn.closed:
+        if (self._reusable and conn.reusable and conn.complete and conn.keep_alive
+                and not conn.closed):
             self._pool.put(self._endpoint, conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        else:
+            conn.reusable = False
+            conn.expecting = False
+            if conn.transport is not None:
+                conn.transport.close()
 
 
 class UpstreamPool:
@@ -368,21 +514,23 @@ class UpstreamPool:
     # 4 s: below the shortest common server keep-alive (Node.js closes idle sockets after 5 s),
     # so a pooled connection is never reused just as the replica closes it.
     def __init__(self, connect_timeout: float, read_timeout: float,
-                 idle_timeout: float = 4.0) -> None:
+                 idle_timeout: float = 4.0, limits: ResponseLimits = ResponseLimits()) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
+        self.limits = limits
         self._idle: dict[Endpoint, list[_Connection]] = {}
 
     def put(self, endpoint: Endpoint, conn: _Connection) -> None:
         """Return a clean connection for reuse."""
         idle = self._idle.setdefault(endpoint, [])
         now = time.monotonic()
-        while idle and (now - idle[0].idle_since > self.idle_timeout or idle[0].closed):
+        while idle and (now - idle[0].idle_since > self.idle_timeout or idle[0].closed
+                        or not idle[0].reusable):
             old = idle.pop(0)  # the oldest sit at the bottom: close them instead of keeping
             if old.transport is not None:
                 old.transport.close()
-        if len(idle) >= _IDLE_PER_HOST:
+        if len(idle) >= _IDLE_PER_HOST or not conn.reusable:
             if conn.transport is not None:
                 conn.transport.close()
             return
@@ -398,7 +546,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             transport = conn.transport
-            if conn.closed or transport is None or transport.is_closing():
+            if conn.closed or not conn.reusable or transport is None or transport.is_closing():
                 continue
             if now - conn.idle_since > self.idle_timeout:
                 transport.close()
@@ -411,7 +559,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(limit_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), endpoint.host, endpoint.port,
+                    lambda: _Connection(loop, self.limits), endpoint.host, endpoint.port,
                     ssl=endpoint.tls,
                     server_hostname=(endpoint.server_name or endpoint.host) if endpoint.tls
                     else None)
@@ -426,7 +574,7 @@ class UpstreamPool:
     async def request(
         self,
         endpoint: Endpoint,
-        head: bytes,
+        head: bytes | list[bytes],
         method: str,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
@@ -435,7 +583,8 @@ class UpstreamPool:
         read_timeout: float | None = None,
         idempotent: bool = False,
     ) -> UpstreamResponse:
-        """Send one request (head already serialised) and wait for the response head."""
+        """Send one request (its head serialised, or in pieces joined only to be written) and
+        wait for the response head."""
         ct = connect_timeout or self.connect_timeout
         rt = read_timeout or self.read_timeout
         conn = self._take(endpoint)
@@ -454,12 +603,15 @@ class UpstreamPool:
             conn = await self._connect(endpoint, ct)
         return await self._send(endpoint, conn, head, method, body, chunked, rt)
 
-    async def _send(self, endpoint: Endpoint, conn: _Connection, head: bytes, method: str,
+    async def _send(self, endpoint: Endpoint, conn: _Connection, head: bytes | list[bytes],
+                    method: str,
                     body: AsyncIterator[bytes] | None, chunked: bool,
                     read_timeout: float) -> UpstreamResponse:
         conn._reset_response(head=method == "HEAD")
         try:
-            await conn.write(head)
+            # Joined here and dropped once written: a slow request body (the replica waits
+            # for it) must not keep a second copy of a large head alive.
+            await conn.write(head if isinstance(head, bytes) else b"".join(head))
         except ConnectionError as exc:
             if conn.transport is not None:
                 conn.transport.abort()

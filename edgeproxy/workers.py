@@ -39,7 +39,8 @@ def run_worker(settings: Settings, index: int) -> int:
     try:
         runner(serve(settings, worker=index))
     except ListenError as exc:
-        print(f"edgeproxy: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"edgeproxy: {exc}\n")  # one write: print() makes two, and workers race
+        sys.stderr.flush()
         return EXIT_LISTEN_FAILED
     except KeyboardInterrupt:
         return 0

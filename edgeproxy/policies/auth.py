@@ -466,8 +466,8 @@ class JwtVerifier:
             cfg = self.config
             if cfg.secret is None and not cfg.public_keys and cfg.jwks_url is None:
                 # Nothing configured is fine until a route asks for gateway.auth=jwt; the
-                # server logs an error for each such route then.
-                self._log.info("jwt_auth_unavailable", reason=self._problem)
+                # server logs route_auth_unavailable (an error) for each such route then.
+                self._log.debug("jwt_auth_unavailable", reason=self._problem)
             else:
                 self._log.error("jwt_auth_unavailable", reason=self._problem)
             return

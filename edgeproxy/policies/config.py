@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from edgeproxy.policies.auth import JwtConfig, split_pem
-from edgeproxy.policies.ratelimit import Limiter, LocalLimiter, RedisLimiter
+from edgeproxy.policies.ratelimit import Limiter, LocalLimiter
 from edgeproxy.policies.shared import SharedLimiter, shared_table
 from edgeproxy.settings import Settings, SettingsError
 
@@ -34,6 +34,8 @@ def make_limiter(settings: Settings) -> Limiter:
     if settings.ratelimit_backend == "redis":
         failure: Literal["open", "closed"] = (
             "closed" if settings.ratelimit_failure == "closed" else "open")
+        from edgeproxy.policies.redis_limiter import RedisLimiter  # loads redis: only when used
+
         return RedisLimiter(settings.redis_url, failure)
     table = shared_table()
     if table is not None:  # several workers: one budget for all of them

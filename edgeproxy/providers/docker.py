@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import docker
 import docker.errors
@@ -96,6 +98,55 @@ def container_from_inspect(item: Mapping[str, Any]) -> Container:
 Post = Callable[[Callable[[], None]], None]
 
 
+# --- discovery status: what /healthz reports and the log explains ----------------------------------
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+WARN_EVERY = 60.0  # seconds between repeated docker_unreachable warnings while it keeps failing
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryStatus:
+    """The Docker provider's connection: `failing` makes /healthz answer 503 with the reason."""
+
+    state: Literal["connecting", "connected", "failing"] = "connecting"
+    error: str | None = None  # the last failure, as the SDK reported it
+    hint: str | None = None  # what the operator can do about it
+    since: float = 0.0  # time.time() when this state began
+    failures: int = 0  # failed attempts in a row
+
+    def as_json(self) -> dict[str, Any]:
+        """The status as /healthz shows it."""
+        return {"state": self.state, "error": self.error, "hint": self.hint,
+                "since": self.since or None, "failures": self.failures}
+
+
+def docker_hint(error: str, docker_host: str | None) -> str:
+    """What to do about a failure to reach Docker, from the SDK's error text."""
+    host = docker_host or DEFAULT_DOCKER_HOST
+    if host.startswith("unix://"):
+        path = host[len("unix://"):] or "/var/run/docker.sock"
+        if "Permission denied" in error or "PermissionError" in error:
+            return (f"this user (uid {os.getuid()}) may not open {path}: give the proxy the "
+                    "socket's group (compose: group_add: [\"${DOCKER_GID}\"] with DOCKER_GID="
+                    f"$(stat -c %g {path}); docker run --group-add), or set DOCKER_HOST to a "
+                    "socket proxy (e.g. tcp://socket-proxy:2375)")
+        if "No such file" in error or "FileNotFoundError" in error:
+            return (f"no Docker socket at {path}: mount it (-v /var/run/docker.sock:{path}:ro), "
+                    "or set DOCKER_HOST to a socket proxy (e.g. tcp://socket-proxy:2375)")
+        if "Connection refused" in error or "ConnectionRefusedError" in error:
+            return (f"nothing listens on {path}: is the Docker daemon (or the socket proxy "
+                    "behind it) running?")
+    elif "Connection refused" in error or "Name or service not known" in error \
+            or "Temporary failure in name resolution" in error:
+        return (f"DOCKER_HOST={host} does not answer: is the socket proxy running, on a network "
+                "the proxy shares, and does it allow CONTAINERS and EVENTS?")
+    elif "403" in error or "Forbidden" in error:
+        return (f"DOCKER_HOST={host} refuses the request: a socket proxy must allow CONTAINERS "
+                "and EVENTS (and INFO/VERSION for the API version)")
+    return (f"check that Docker answers at DOCKER_HOST={host} (docker -H {host} ps), or set "
+            "EDGEPROXY_DOCKER=false to serve the routes file only")
+
+
 class _DaemonPool:
     """A few daemon threads for blocking inspects: unlike ThreadPoolExecutor's workers, they
     never hold up process exit behind a slow Docker call (a drain must end on time)."""
@@ -128,8 +179,12 @@ class DockerProvider:
     """Runs the blocking docker SDK in a thread and posts observations to the watcher."""
 
     def __init__(self, watcher: Watcher, loop: asyncio.AbstractEventLoop,
-                 client_factory: Callable[[], Any] | None = None) -> None:
+                 client_factory: Callable[[], Any] | None = None, *, quiet: bool = False) -> None:
         self._watcher = watcher
+        # Every worker runs a provider: one of them (quiet=False) explains failures.
+        self._quiet = quiet
+        self.status = DiscoveryStatus(since=time.time())
+        self._warned_at = -WARN_EVERY
         self._loop = loop
         self._factory = client_factory or (lambda: docker.from_env(timeout=10).api)
         self._stop = threading.Event()
@@ -199,14 +254,37 @@ class DockerProvider:
     def _connected(self, count: int, first: bool) -> None:
         was = self._watcher.docker_connected
         self._watcher.docker_connected = True
+        before, now = self.status, time.time()
+        self.status = DiscoveryStatus("connected", since=now)
         event = "docker_connected" if first else "docker_resynced"
-        self._log.info(event, containers=count, previously_connected=was)
+        (self._log.debug if self._quiet else self._log.info)(
+            event, containers=count, previously_connected=was)
+        if before.state == "failing" and not self._quiet:
+            self._log.info("docker_recovered", failures=before.failures,
+                           down_s=round(now - before.since, 1))
 
     def _disconnected(self, reason: str, backoff: float) -> None:
-        if self._watcher.docker_connected is not False:
-            self._log.warning("docker_disconnected", reason=reason, retry_in_s=backoff)
+        before = self.status
+        failing = before.state == "failing"
+        host = os.environ.get("DOCKER_HOST")
+        self.status = DiscoveryStatus("failing", reason, docker_hint(reason, host),
+                                      before.since if failing else time.time(),
+                                      before.failures + 1)
+        fields = {"reason": reason, "hint": self.status.hint, "docker_host":
+                  host or DEFAULT_DOCKER_HOST, "failures": self.status.failures,
+                  "retry_in_s": backoff}
+        now = time.monotonic()
+        if self._quiet:
+            self._log.debug("docker_unreachable", **fields)
+        elif self._watcher.docker_connected is not False:  # was connected, or first attempt
+            self._warned_at = now
+            self._log.warning("docker_disconnected", **fields)
+        elif now - self._warned_at >= WARN_EVERY:
+            # First failure, then once a minute until it works: loud enough, never a flood.
+            self._warned_at = now
+            self._log.warning("docker_unreachable", **fields)
         else:
-            self._log.debug("docker_unreachable", reason=reason, retry_in_s=backoff)
+            self._log.debug("docker_unreachable", **fields)
         self._watcher.docker_connected = False
 
     def _follow(self, api: Any, events: Iterator[Mapping[str, Any]]) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from yarl import URL
 
@@ -17,6 +18,7 @@ from edgeproxy.model import Upstream
 from edgeproxy.table import FileRoute
 from edgeproxy.watcher import Watcher
 
+T = TypeVar("T")
 _CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
 
 
@@ -69,6 +71,17 @@ def parse_upstream(url_text: str) -> Upstream:
 
 def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
     """A parsed TOML document -> FileRoutes; raise RoutesFileError listing every problem."""
+    out, invalid = parse_routes_each(doc)
+    if invalid:
+        raise RoutesFileError(str(LabelsInvalid([e for errs in invalid.values() for e in errs])))
+    return out
+
+
+def parse_routes_each(doc: Mapping[str, Any]) -> tuple[list[FileRoute], dict[str, list[LabelError]]]:
+    """A parsed TOML document -> (valid FileRoutes, invalid route name -> its problems).
+
+    As for labels, one bad route costs that route only; RoutesFileError only for a file whose
+    shape is wrong (unknown top-level keys, `routes` not a table)."""
     unknown = set(doc) - {"routes"}
     if unknown:
         raise RoutesFileError(f"unknown top-level keys {sorted(unknown)}; expected [routes.NAME]")
@@ -76,8 +89,9 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
     if not isinstance(routes, dict):
         raise RoutesFileError("'routes' must be a table of [routes.NAME] tables")
     out: list[FileRoute] = []
-    errors: list[LabelError] = []
+    invalid: dict[str, list[LabelError]] = {}
     for name, table in sorted(routes.items()):
+        errors = invalid.setdefault(name, [])
         if not isinstance(table, dict):
             errors.append(LabelError(f"routes.{name}", str(table), "must be a table"))
             continue
@@ -128,14 +142,22 @@ def parse_routes(doc: Mapping[str, Any]) -> list[FileRoute]:
         except LabelsInvalid as exc:
             errors.extend(exc.errors)
             continue
-        out.append(FileRoute(name, routing.spec, tuple(upstreams)))
-    if errors:
-        raise RoutesFileError(str(LabelsInvalid(errors)))
-    return out
+        if not errors:
+            out.append(FileRoute(name, routing.spec, tuple(upstreams)))
+    return out, {name: errs for name, errs in invalid.items() if errs}
 
 
 def load_routes_file(path: Path) -> list[FileRoute]:
-    """Read and parse the routes file."""
+    """Read and parse the routes file; raise RoutesFileError for any problem in it."""
+    return _load(path, parse_routes)
+
+
+def load_routes_each(path: Path) -> tuple[list[FileRoute], dict[str, list[LabelError]]]:
+    """Read the routes file: (valid routes, invalid route name -> its problems)."""
+    return _load(path, parse_routes_each)
+
+
+def _load(path: Path, parse: Callable[[Mapping[str, Any]], T]) -> T:
     try:
         with path.open("rb") as f:
             doc = tomllib.load(f)
@@ -146,7 +168,7 @@ def load_routes_file(path: Path) -> list[FileRoute]:
     except UnicodeDecodeError:
         raise RoutesFileError(f"{path} is not UTF-8 text") from None
     try:
-        return parse_routes(doc)
+        return parse(doc)
     except RoutesFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bad file keeps the previous routes, always
@@ -156,12 +178,16 @@ def load_routes_file(path: Path) -> list[FileRoute]:
 class FileProvider:
     """Polls the routes file's metadata and reloads it when it changes."""
 
-    def __init__(self, watcher: Watcher, path: Path, interval: float) -> None:
+    def __init__(self, watcher: Watcher, path: Path, interval: float, *,
+                 quiet: bool = False) -> None:
         self._watcher = watcher
         self._path = path
         self._interval = interval
         self._log = get_logger("routes_file")
+        # Every worker reads the file; one of them (quiet=False) reports on it.
+        self._quiet = quiet
         self._seen: tuple[int, int, int] | None = None
+        self._last_good: dict[str, FileRoute] = {}  # by name: what a route that turns invalid keeps
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -177,13 +203,32 @@ class FileProvider:
             return
         self._seen = stamp
         try:
-            routes = load_routes_file(self._path)
+            routes, invalid = load_routes_each(self._path)
         except RoutesFileError as exc:
-            self._log.error("routes_file_invalid", path=str(self._path), error=str(exc),
-                            kept_previous=True)
+            self._say("error", "routes_file_invalid", path=str(self._path), error=str(exc),
+                      kept_previous=True)
             return
-        self._watcher.set_file_routes(routes)
-        self._log.info("routes_file_loaded", path=str(self._path), routes=len(routes))
+        good = {r.name: r for r in routes}
+        for name, errors in invalid.items():
+            last = self._last_good.get(name)
+            reason = str(LabelsInvalid(errors))
+            if last is not None:
+                # A typo in a reload must not take a working route down: keep the last version.
+                good[name] = dataclasses.replace(last, errors=tuple(errors))
+                self._say("error", "routes_file_route_invalid", path=str(self._path), route=name,
+                          error=reason, kept_previous=True)
+            else:
+                good[name] = FileRoute.invalid(name, tuple(errors))
+                self._say("error", "routes_file_route_invalid", path=str(self._path), route=name,
+                          error=reason, kept_previous=False)
+        self._last_good = {r.name: r for r in routes} | {
+            n: self._last_good[n] for n in invalid if n in self._last_good}
+        self._watcher.set_file_routes([good[n] for n in sorted(good)])
+        self._say("info", "routes_file_loaded", path=str(self._path), routes=len(routes),
+                  invalid=sorted(invalid) or None)
+
+    def _say(self, level: str, event: str, **fields: Any) -> None:
+        getattr(self._log, "debug" if self._quiet else level)(event, **fields)
 
     async def run(self) -> None:
         """Reload on change until cancelled."""

@@ -6,9 +6,11 @@ No container registry is reachable in CI, so everything is made here:
   the root filesystem cached in /var/cache/edgeproxy: seconds once cached, nothing at all
   while the image exists);
 * the wheels on the host by ``scripts/make-wheelhouse.sh`` (the build containers do not trust
-  this machine's package-index certificate), then ``--build-arg PIP_NO_INDEX=1``;
-* the proxy from the real ``Dockerfile``, whoami from ``examples/whoami/Dockerfile``, and Redis
-  from ``tests/e2e/redis.Dockerfile`` (Debian's redis-server) instead of ``redis:7-alpine``.
+  this machine's package-index certificate);
+* the proxy and whoami by ``compose build``, the way the README's "Building offline or pinned"
+  tells a user: ``PYTHON_IMAGE`` and ``PIP_NO_INDEX=1`` in the environment, which
+  ``compose.example.yml`` hands to the Dockerfiles as build arguments; Redis from
+  ``tests/e2e/redis.Dockerfile`` (Debian's redis-server) instead of ``redis:7-alpine``.
 
 ``compose.example.yml`` is used as it is, plus ``tests/e2e/compose.override.yml``, which only
 swaps the image names; the ports (127.0.0.1 and free ones) and the socket's group come from the
@@ -47,12 +49,14 @@ BASE_IMAGE = os.environ.get("EDGEPROXY_E2E_BASE_IMAGE", "edgeproxy-base/python:b
 CACHE = Path(os.environ.get("EDGEPROXY_BASE_CACHE", "/var/cache/edgeproxy"))
 COMPOSE = shlex.split(os.environ.get("EDGEPROXY_E2E_COMPOSE", "docker-compose"))
 COMPOSE_FILES = (ROOT / "compose.example.yml", ROOT / "tests" / "e2e" / "compose.override.yml")
+COMPOSE_ARGS = tuple(a for f in COMPOSE_FILES for a in ("-f", str(f)))
 WHOAMI = ROOT / "examples" / "whoami"
-IMAGES = {  # tag -> (build context, Dockerfile, build args); the tags are the override's
-    "edgeproxy-e2e/proxy:latest": (ROOT, ROOT / "Dockerfile", {"PYTHON_IMAGE": BASE_IMAGE}),
-    "edgeproxy-e2e/whoami:latest": (WHOAMI, WHOAMI / "Dockerfile", {"PYTHON_IMAGE": BASE_IMAGE}),
+# Built by `compose build` (service -> the override's tag), from the environment only:
+COMPOSE_BUILT = {"proxy": "edgeproxy-e2e/proxy:latest", "hello": "edgeproxy-e2e/whoami:latest"}
+BUILD_ENV = {"PYTHON_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1"}  # README: "Building offline or pinned"
+IMAGES = {  # tag -> (build context, Dockerfile, build args): the test's own Redis image
     "edgeproxy-e2e/redis:latest": (ROOT / "tests" / "e2e", ROOT / "tests" / "e2e" / "redis.Dockerfile",
-                                   {"BASE_IMAGE": BASE_IMAGE}),
+                                   {"BASE_IMAGE": BASE_IMAGE, "PIP_NO_INDEX": "1"}),
 }
 WHEELHOUSES = {  # name -> (build context, requirements file; None: edgeproxy's setup.cfg)
     "edgeproxy": (ROOT, None),
@@ -114,18 +118,34 @@ def images() -> dict[str, float]:
         _sync(wheelhouse, context / ".cache" / "wheelhouse")
     timings["wheelhouse"] = time.monotonic() - start
 
+    for service, tag in COMPOSE_BUILT.items():  # api shares hello's image
+        start = time.monotonic()
+        old = _image_id(tag)
+        run(*COMPOSE, *COMPOSE_ARGS, "build", "--force-rm", service,
+            env={**compose_env(), **BUILD_ENV})
+        _forget(tag, old)
+        timings[f"compose build {service}"] = time.monotonic() - start
     for tag, (context, dockerfile, args) in IMAGES.items():
         start = time.monotonic()
         old = _image_id(tag)
-        build_args = [f"--build-arg={k}={v}" for k, v in {**args, "PIP_NO_INDEX": "1"}.items()]
+        build_args = [f"--build-arg={k}={v}" for k, v in args.items()]
         run("docker", "build", "--quiet", "--force-rm", "--tag", tag, "--file", dockerfile,
             *build_args, context)
-        if old and old != _image_id(tag):
-            with contextlib.suppress(engine.EngineError):  # the previous build, now untagged
-                engine.docker("image", "rm", old)
+        _forget(tag, old)
         timings[f"build {tag}"] = time.monotonic() - start
     print("e2e timings:", ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()), file=sys.stderr)
     return timings
+
+
+def _forget(tag: str, old: str | None) -> None:
+    if old and old != _image_id(tag):
+        with contextlib.suppress(engine.EngineError):  # the previous build, now untagged
+            engine.docker("image", "rm", old)
+
+
+def compose_env() -> dict[str, str]:
+    """What compose.example.yml needs from the environment for any command (DOCKER_GID)."""
+    return {**os.environ, "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid)}
 
 
 def _image_id(tag: str) -> str | None:
@@ -162,14 +182,13 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ,
+        return {**compose_env(),
                 "PROXY_HTTP_PORT": f"127.0.0.1:{self.http_port}",
-                "PROXY_ADMIN_PORT": str(self.admin_port),
-                "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid)}
+                "PROXY_ADMIN_PORT": str(self.admin_port)}
 
     def compose(self, *args: str, timeout: float = 180) -> str:
-        files = [a for f in COMPOSE_FILES for a in ("-f", str(f))]
-        return run(*COMPOSE, "-p", self.project, *files, *args, timeout=timeout, env=self.env)
+        return run(*COMPOSE, "-p", self.project, *COMPOSE_ARGS, *args, timeout=timeout,
+                   env=self.env)
 
     def containers(self, service: str, *, all_states: bool = False) -> list[str]:
         """Names of the service's containers, from Docker itself."""

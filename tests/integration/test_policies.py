@@ -154,7 +154,8 @@ def test_auth_route_without_keys_answers_503_others_unaffected(backend: str,
         assert r.status_code == 503
         assert "not configured" in r.json()["error"]["message"]
         assert requests.get(p.url("/open/x"), timeout=5).status_code == 200
-        assert p.events("jwt_auth_unavailable")
+        [event] = p.events("route_auth_unavailable")
+        assert event["route"] == "secure" and event["level"] == "error", event
         assert p.admin("/healthz")["jwt"]["configured"] is False
 
 

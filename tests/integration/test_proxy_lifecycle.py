@@ -133,9 +133,7 @@ def test_edited_routes_file_is_served_within_two_seconds(
 
 @pytest.mark.parametrize("text", [
     "this is [not toml",
-    '[routes.bad]\npath = "/bad"\nupstreams = ["ftp://127.0.0.1:1"]\n',
-    '[routes.bad]\npath = "no-slash"\nupstreams = ["http://127.0.0.1:1"]\n',
-    '[routes.bad]\npath = "/bad"\nupstream = ["http://127.0.0.1:1"]\n',
+    'route = "not a table"\n[routes.bad]\npath = "/bad"\nupstreams = ["http://127.0.0.1:1"]\n',
 ])
 def test_invalid_routes_file_keeps_the_previous_routes(
     reloading: tuple[ProxyProcess, Path], backends: tuple[str, str], text: str
@@ -152,3 +150,54 @@ def test_invalid_routes_file_keeps_the_previous_routes(
     write_routes(routes, {"one": {"path": "/one", "upstreams": [backends[0]]},
                           "two": {"path": "/two", "upstreams": [backends[1]]}})
     wait_for(lambda: name_at(proxy, "/two") == "two", timeout=2, what="recovery")
+
+
+def containers(proxy: ProxyProcess) -> dict[str, Any]:
+    return {c["container"]: c for c in proxy.admin("/containers")["containers"]}
+
+
+@pytest.mark.parametrize(("bad", "label"), [
+    ({"path": "/bad", "upstreams": ["ftp://127.0.0.1:1"]}, "routes.bad.upstreams"),
+    ({"path": "no-slash", "upstreams": ["http://127.0.0.1:1"]}, "routes.bad.path"),
+    ({"path": "/bad", "upstream": ["http://127.0.0.1:1"]}, "routes.bad.upstream"),
+])
+def test_an_invalid_route_is_skipped_and_the_others_are_served(
+    reloading: tuple[ProxyProcess, Path], backends: tuple[str, str], bad: dict[str, Any],
+    label: str,
+) -> None:
+    proxy, routes = reloading
+    write_routes(routes, {"one": {"path": "/one", "upstreams": [backends[0]]},
+                          "bad": bad,
+                          "two": {"path": "/two", "upstreams": [backends[1]]}})
+    wait_for(lambda: name_at(proxy, "/two") == "two", timeout=3, what="the valid new route")
+    assert name_at(proxy, "/one") == "one"
+    assert set(proxy.routes()) == {"one", "two"}
+    shown = containers(proxy)["routes file: bad"]
+    assert shown["routed"] is False and shown["reason"].startswith("invalid, not routed: "), shown
+    assert label in [e["label"] for e in shown["errors"]], shown
+    [event] = [e for e in proxy.events("routes_file_route_invalid") if e["route"] == "bad"][-1:]
+    assert event["level"] == "error" and event["kept_previous"] is False, event
+
+
+def test_a_route_that_turns_invalid_keeps_its_last_good_version(
+    reloading: tuple[ProxyProcess, Path], backends: tuple[str, str]
+) -> None:
+    proxy, routes = reloading
+    write_routes(routes, {"one": {"path": "/one", "upstreams": [backends[0]],
+                                  "strip_prefix": "maybe"},
+                          "two": {"path": "/two", "upstreams": [backends[1]]}})
+    wait_for(lambda: name_at(proxy, "/two") == "two", timeout=3, what="the valid new route")
+    assert name_at(proxy, "/one/x") == "one"  # the last good version, still served
+    shown = containers(proxy)["routes file: one"]
+    assert shown["routed"] is True and shown["route"] == "one", shown
+    assert shown["reason"].startswith("invalid, serving its last good version: "
+                                      "routes.one.strip_prefix='maybe'"), shown
+    event = wait_for(lambda: [e for e in proxy.events("routes_file_route_invalid")
+                              if e["route"] == "one"], 3, what="the event")[-1]
+    assert event["kept_previous"] is True and "strip_prefix" in event["error"], event
+    # Fixed: the new version, and nothing left in /containers.
+    write_routes(routes, {"one": {"path": "/uno", "upstreams": [backends[0]]},
+                          "two": {"path": "/two", "upstreams": [backends[1]]}})
+    wait_for(lambda: name_at(proxy, "/uno") == "one", timeout=3, what="the fixed route")
+    assert name_at(proxy, "/one") == 404
+    assert "routes file: one" not in containers(proxy)

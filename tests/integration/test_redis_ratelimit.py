@@ -10,7 +10,8 @@ import pytest
 from helpers import free_port
 from redis_fixtures import RedisServer
 
-from edgeproxy.policies.ratelimit import RateDecision, RateLimitSpec, RedisLimiter
+from edgeproxy.policies.ratelimit import RateDecision, RateLimitSpec
+from edgeproxy.policies.redis_limiter import RedisLimiter
 
 
 def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:

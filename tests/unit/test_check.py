@@ -23,11 +23,15 @@ def check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Check:
     """Write {name: yaml} into a temporary folder, run the check there, return (rc, lines)."""
     monkeypatch.chdir(tmp_path)
 
-    def run(files: dict[str, str], *names: str, prefix: str = "gateway") -> tuple[int, list[str]]:
+    monkeypatch.delenv("COMPOSE_PROJECT_NAME", raising=False)
+    monkeypatch.delenv("EDGEPROXY_NETWORK", raising=False)
+
+    def run(files: dict[str, str], *names: str, prefix: str = "gateway",
+            project: str | None = None) -> tuple[int, list[str]]:
         for name, text in files.items():
             (tmp_path / name).write_text(textwrap.dedent(text))
         out = io.StringIO()
-        rc = run_check(list(names or files), label_prefix=prefix, out=out)
+        rc = run_check(list(names or files), label_prefix=prefix, project=project, out=out)
         return rc, out.getvalue().splitlines()
 
     return run
@@ -58,9 +62,12 @@ def test_services_without_gateway_labels_and_disabled_ones_are_fine(check: Check
 
 
 def test_empty_file_and_file_without_services(check: Check) -> None:
+    # `ok: 0 routed` would pass a file that routes nothing.
     rc, lines = check({"empty.yml": "", "volumes.yml": "volumes: {data: {}}\n"})
-    assert (rc, lines) == (0, ["checking empty.yml, volumes.yml (merged in this order)",
-                               "ok: 0 service(s) routed, 0 not routed"])
+    assert (rc, lines) == (2, ["empty.yml, volumes.yml: not a compose file: no services "
+                               "(no services: key)"])
+    assert check({"compose.yml": "services: {}\n"}) == (
+        2, ["compose.yml: not a compose file: no services (an empty services: mapping)"])
 
 
 def test_yaml_bools_and_ints_become_the_strings_compose_passes(check: Check) -> None:
@@ -220,6 +227,17 @@ def test_combinations_of_labels(check: Check) -> None:
     ])
 
 
+def test_fix_for_a_combination_reads_as_a_sentence(check: Check) -> None:
+    rc, lines = check({"compose.yml": """
+        services:
+          a:
+            labels: {gateway.path: /a, gateway.cors.origins: "*", gateway.cors.credentials: true}
+    """})
+    assert rc == 1
+    assert lines[2] == ("  fix: change gateway.cors.credentials: browsers refuse credentials "
+                        "with gateway.cors.origins=*: list the allowed origins instead"), lines
+
+
 def test_list_form(check: Check) -> None:
     rc, lines = check({"compose.yml": """
         services:
@@ -255,8 +273,177 @@ def test_deploy_labels_are_checked_and_named(check: Check) -> None:
         PORT_FIX,
         "compose.yml: service api: deploy.labels gateway.lb='fastest': round_robin or least_conn",
         "  fix: gateway.lb expects round_robin or least_conn, e.g. gateway.lb=least_conn",
+        DEPLOY_WARNING.format("gateway.lb"),
+        DEPLOY_FIX,
         "2 problem(s) in 1 service(s)",
     ])
+
+
+DEPLOY_WARNING = ("compose.yml: service api: warning: deploy.labels {} are not put on containers "
+                  "by `docker compose up` (only `docker stack deploy` reads deploy.labels, for "
+                  "Swarm services)")
+DEPLOY_FIX = "  fix: give them under labels: as well"
+
+
+def test_gateway_labels_only_under_deploy_are_a_warning(check: Check) -> None:
+    rc, lines = check({"compose.yml": """
+        services:
+          api:
+            deploy:
+              labels: [gateway.path=/api, gateway.port=8080]
+    """})
+    assert (rc, lines) == (0, [
+        "checking compose.yml",
+        DEPLOY_WARNING.format("gateway.path, gateway.port"),
+        DEPLOY_FIX,
+        "ok: 0 service(s) routed, 1 not routed",  # not by plain Compose
+    ])
+
+
+# --- networks, as Compose names them on the containers ---------------------------------------------
+
+TWO_NETWORKS = """
+    services:
+      api:
+        labels: {gateway.path: /api, gateway.network: NET}
+        networks: [frontend, backend]
+    networks:
+      frontend:
+      backend:
+"""
+
+
+@pytest.mark.parametrize("net", ["frontend", "shop_frontend"])
+def test_network_label_as_written_in_the_file_or_prefixed(check: Check, net: str) -> None:
+    # Compose names the network shop_frontend; the proxy accepts both spellings.
+    rc, lines = check({"compose.yml": TWO_NETWORKS.replace("NET", net)}, project="shop")
+    assert (rc, lines) == (0, ["checking compose.yml", "ok: 1 service(s) routed, 0 not routed"])
+
+
+def test_network_label_naming_no_network_of_the_service(check: Check) -> None:
+    rc, lines = check({"compose.yml": TWO_NETWORKS.replace("NET", "other_frontend")},
+                      project="shop")
+    assert (rc, lines) == (1, [
+        "checking compose.yml",
+        "compose.yml: service api: label gateway.network='other_frontend': the service is not on "
+        "network 'other_frontend' (its networks: frontend, backend)",
+        "  fix: add other_frontend to the service's networks, or write gateway.network= one of "
+        "frontend, backend",
+        "1 problem(s) in 1 service(s)",
+    ])
+
+
+def test_several_networks_and_no_label_is_skipped(check: Check) -> None:
+    # The issue's case: `ok: 3 routed`, then all three skipped at runtime.
+    rc, lines = check({"compose.yml": """
+        services:
+          api:
+            labels: {gateway.path: /api}
+            networks: [frontend, backend]
+          web:
+            labels: {gateway.path: /web}
+            networks: {frontend: {}}
+    """}, project="shop")
+    assert (rc, lines) == (1, [
+        "checking compose.yml",
+        "compose.yml: service api: on several networks (frontend, backend) and no gateway.network "
+        "label: the proxy skips it",
+        "  fix: add gateway.network= the one the proxy shares with it, e.g. "
+        "gateway.network=frontend",
+        "1 problem(s) in 1 service(s)",
+    ])
+
+
+def test_several_networks_and_edgeproxy_network(check: Check,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPROXY_NETWORK", "shop_backend")
+    rc, _ = check({"compose.yml": TWO_NETWORKS.replace("    gateway.network: NET", "")
+                   .replace(", gateway.network: NET", "")}, project="shop")
+    assert rc == 0
+
+
+@pytest.mark.parametrize(
+    ("networks", "label", "real"),
+    [
+        ("frontend: {name: edge}", "frontend", "edge"),
+        ("frontend: {external: true, name: edge}", "frontend", "edge"),
+        ("frontend: {external: {name: edge}}", "frontend", "edge"),
+    ],
+)
+def test_named_and_external_networks_keep_their_name(check: Check, networks: str, label: str,
+                                                     real: str) -> None:
+    text = f"""
+        services:
+          api:
+            labels: {{gateway.path: /api, gateway.network: {label}}}
+            networks: [frontend, backend]
+        networks:
+          {networks}
+          backend:
+    """
+    rc, lines = check({"compose.yml": text}, project="shop")
+    assert (rc, lines) == (1, [
+        "checking compose.yml",
+        f"compose.yml: service api: label gateway.network='{label}': network '{label}' is named "
+        f"'{real}' on the containers (by its name: or external: in the file)",
+        f"  fix: write gateway.network={real}",
+        "1 problem(s) in 1 service(s)",
+    ])
+    rc, lines = check({"compose.yml": text.replace(f"gateway.network: {label}",
+                                                   f"gateway.network: {real}")}, project="shop")
+    assert rc == 0, lines
+
+
+def test_external_network_without_name_is_used_as_written(check: Check) -> None:
+    rc, lines = check({"compose.yml": """
+        services:
+          api:
+            labels: {gateway.path: /api, gateway.network: proxy}
+            networks: [proxy, backend]
+        networks:
+          proxy: {external: true}
+          backend:
+    """}, project="shop")
+    assert rc == 0, lines
+
+
+def test_project_name_from_the_file_then_the_flag(check: Check) -> None:
+    text = TWO_NETWORKS.replace("NET", "shop_frontend") + "    name: shop\n"
+    assert check({"compose.yml": text})[0] == 0  # name: shop
+    rc, lines = check({"compose.yml": text}, project="other")  # -p other
+    assert rc == 1 and "not on network 'shop_frontend'" in lines[1], lines
+
+
+def test_project_name_from_the_folder_as_compose_normalises_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMPOSE_PROJECT_NAME", raising=False)
+    folder = tmp_path / "My Shop.v2"
+    folder.mkdir()
+    (folder / "compose.yml").write_text(textwrap.dedent(
+        TWO_NETWORKS.replace("NET", "myshopv2_frontend")))
+    assert run_check([str(folder / "compose.yml")], out=io.StringIO()) == 0
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", "elsewhere")
+    assert run_check([str(folder / "compose.yml")], out=io.StringIO()) == 1
+
+
+def test_network_mode_host_is_skipped(check: Check) -> None:
+    rc, lines = check({"compose.yml": """
+        services:
+          api:
+            labels: {gateway.path: /api}
+            network_mode: host
+    """})
+    assert rc == 1 and "network_mode: host leaves its containers no address" in lines[1], lines
+
+
+def test_cli_project_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeproxy.cli import main
+
+    (tmp_path / "compose.yml").write_text(textwrap.dedent(
+        TWO_NETWORKS.replace("NET", "shop_frontend")))
+    assert main(["check", "-p", "shop", str(tmp_path / "compose.yml")]) == 0
+    assert main(["check", "--project-name", "other", str(tmp_path / "compose.yml")]) == 1
+    assert "ok: 1 service(s) routed" in capsys.readouterr().out
 
 
 def test_malformed_labels_section(check: Check) -> None:
@@ -333,7 +520,7 @@ def test_no_conflict_for_identical_settings_or_other_hosts(check: Check) -> None
           other:
             labels: {gateway.path: /api, gateway.host: api.example.com, gateway.lb: least_conn}
           swarm:
-            labels: {gateway.path: /s}
+            labels: {gateway.path: /s, gateway.port: 80}
             deploy:
               labels: {gateway.path: /s, gateway.port: 80}
     """})
@@ -557,20 +744,6 @@ def test_no_files(check: Check) -> None:
 
 
 # --- Swarm: deploy.labels are service labels ---------------------------------------------------------
-
-def test_gateway_labels_only_under_deploy_get_a_note_that_compose_will_not_see_them(
-        check: Check) -> None:
-    rc, lines = check({"stack.yml": """
-        services:
-          api:
-            deploy:
-              labels: {gateway.path: /api, gateway.port: 8080}
-    """})
-    assert rc == 0
-    assert lines[1].startswith("stack.yml: service api: note: gateway.* labels only under "
-                               "deploy.labels: they are Swarm service labels")
-    assert "plain `docker compose up` never puts them on containers" in lines[1]
-
 
 def test_deploy_labels_without_a_port_are_skipped_in_swarm(check: Check) -> None:
     rc, lines = check({"stack.yml": """

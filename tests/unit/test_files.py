@@ -11,7 +11,13 @@ import pytest
 from edgeproxy.labels import known_keys_text
 from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec, Upstream
 from edgeproxy.policies.ratelimit import RATE_EXPECTED, RateLimitSpec
-from edgeproxy.providers.files import RoutesFileError, load_routes_file, parse_routes, parse_upstream
+from edgeproxy.providers.files import (
+    RoutesFileError,
+    load_routes_file,
+    parse_routes,
+    parse_routes_each,
+    parse_upstream,
+)
 from edgeproxy.table import FileRoute
 
 VALID = """\
@@ -423,3 +429,65 @@ def test_policy_errors_from_tables() -> None:
 def test_combination_errors_quote_the_file(options: str, message: str) -> None:
     doc = tomllib.loads('[routes.api]\npath = "/api"\nupstreams = ["http://10.0.0.5"]\n' + options + "\n")
     assert _error(doc) == message
+
+
+# --- one invalid route costs that route only ---------------------------------------------------
+
+class _Watcher:
+    def __init__(self) -> None:
+        self.routes: list[FileRoute] = []
+
+    def set_file_routes(self, routes: list[FileRoute]) -> None:
+        self.routes = list(routes)
+
+
+def _provider(path: Path) -> tuple[Any, _Watcher]:
+    from edgeproxy.providers.files import FileProvider
+
+    watcher = _Watcher()
+    return FileProvider(watcher, path, 1.0), watcher  # type: ignore[arg-type]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a new inode: the provider sees a change even within one mtime tick
+
+
+def test_parse_routes_each_separates_the_invalid_route() -> None:
+    good, invalid = parse_routes_each({"routes": {
+        "a": {"path": "/a", "upstreams": ["http://10.0.0.1"]},
+        "b": {"path": "/b", "upstreams": ["ftp://10.0.0.1"]},
+    }})
+    assert [r.name for r in good] == ["a"]
+    assert list(invalid) == ["b"] and invalid["b"][0].label == "routes.b.upstreams"
+
+
+def test_invalid_route_at_start_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    _write(path, VALID + '[routes.bad]\npath = "/bad"\nupstreams = []\n')
+    provider, watcher = _provider(path)
+    provider.load_once()
+    by_name = {r.name: r for r in watcher.routes}
+    assert sorted(by_name) == ["bad", "docs", "legacy"]
+    assert not by_name["legacy"].errors and by_name["legacy"].serving
+    assert by_name["bad"].errors[0].label == "routes.bad.upstreams"
+    assert not by_name["bad"].serving and by_name["bad"].spec.paths == ()
+
+
+def test_route_that_turns_invalid_keeps_its_last_good_version(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    _write(path, VALID)
+    provider, watcher = _provider(path)
+    provider.load_once()
+    legacy = next(r for r in watcher.routes if r.name == "legacy")
+    _write(path, VALID.replace("strip_prefix = true", 'strip_prefix = "maybe"'))
+    provider.load_once()
+    held = next(r for r in watcher.routes if r.name == "legacy")
+    assert (held.spec, held.upstreams) == (legacy.spec, legacy.upstreams)
+    assert held.errors[0].label == "routes.legacy.strip_prefix"
+    # Still invalid on the next reload: still the version before the first bad edit.
+    _write(path, VALID.replace("strip_prefix = true", 'strip_prefix = "perhaps"'))
+    provider.load_once()
+    held = next(r for r in watcher.routes if r.name == "legacy")
+    assert held.spec == legacy.spec and held.errors[0].value == "perhaps"

@@ -47,6 +47,7 @@ def test_defaults() -> None:
     assert s.routes_file is None
     assert s.routes_file_poll == 1.0
     assert s.max_body_size == 10 * 1024 * 1024
+    assert (s.max_response_header_size, s.max_response_headers) == (64 * 1024, 100)
     assert s.trusted_proxies == ()
     assert (s.log_level, s.log_format, s.access_log, s.retry_after) == ("info", "json", True, 5)
 
@@ -156,6 +157,8 @@ def test_cidr_lists(value: str, networks: tuple[str, ...]) -> None:
         ("EDGEPROXY_EJECT_TIME", "250ms", "eject_time", 0.25),
         ("EDGEPROXY_RETRIES", "0", "retries", 0),
         ("EDGEPROXY_RETRIES", "5", "retries", 5),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "32k", "max_response_header_size", 32768),
+        ("EDGEPROXY_MAX_RESPONSE_HEADERS", "200", "max_response_headers", 200),
     ],
 )
 def test_other_options(env: str, value: str, attr: str, expected: object) -> None:
@@ -214,6 +217,9 @@ WORKERS = "auto (one per core) or a whole number from 1 to 256"
         ("EDGEPROXY_EJECT_TIME", "0s", "a duration greater than zero, e.g. 5s"),
         ("EDGEPROXY_RETRIES", "-1", "a whole number of 0 or more"),
         ("EDGEPROXY_RETRIES", "two", "a whole number of 0 or more"),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "0", "a size of at least 1 byte, such as 64k"),
+        ("EDGEPROXY_MAX_RESPONSE_HEADER_SIZE", "big", SIZE),
+        ("EDGEPROXY_MAX_RESPONSE_HEADERS", "0", "a whole number of at least 1"),
     ],
 )
 def test_invalid_value(env: str, value: str, expected: str) -> None:
@@ -270,6 +276,34 @@ def test_cli_bad_setting_exits_2_with_one_line() -> None:
         "edgeproxy: EDGEPROXY_LISTEN='bad' is invalid: expected host:port, e.g. 0.0.0.0:8080 or [::]:8080"
     )
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("host", ["tcp://", "unix", "/var/run/docker.sock",
+                                  "tcp://proxy:port", "http//x"])
+def test_malformed_docker_host_is_a_setting_error(host: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        load_settings({"DOCKER_HOST": host})
+    assert str(exc.value) == (
+        f"DOCKER_HOST={host!r} is invalid: expected unix:///path/to/docker.sock, tcp://HOST:PORT "
+        "or ssh://USER@HOST (or EDGEPROXY_DOCKER=false)")
+    load_settings({"DOCKER_HOST": host, "EDGEPROXY_DOCKER": "false"})  # not used: not checked
+
+
+@pytest.mark.parametrize("host", ["", "unix:///run/docker.sock", "tcp://socket-proxy:2375",
+                                  "ssh://ops@docker-host"])
+def test_usable_docker_host(host: str) -> None:
+    assert load_settings({"DOCKER_HOST": host}).docker is True
+
+
+def test_cli_malformed_docker_host_exits_2_at_start() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeproxy"], env=_clean_env(DOCKER_HOST="tcp://"),
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "edgeproxy: DOCKER_HOST='tcp://' is invalid: expected unix:///path/to/docker.sock, "
+        "tcp://HOST:PORT or ssh://USER@HOST (or EDGEPROXY_DOCKER=false)"]
 
 
 def _edgeproxy_command() -> list[str]:

@@ -418,6 +418,41 @@ def test_unreachable_network(
     )
 
 
+SHOP_NETS = (("shop_backend", "10.1.0.2"), ("shop_frontend", "10.2.0.2"))
+PROJECT = "com.docker.compose.project"
+
+
+@pytest.mark.parametrize(
+    ("network", "labels", "networks", "host"),
+    [
+        # As written in the compose file: Compose prefixes it with the project's name.
+        ("frontend", {PROJECT: "shop"}, SHOP_NETS, "10.2.0.2"),
+        ("shop_frontend", {PROJECT: "shop"}, SHOP_NETS, "10.2.0.2"),
+        # A network really named "frontend" (name: or external:) wins over the prefixed one.
+        ("frontend", {PROJECT: "shop"}, (("frontend", "10.3.0.2"), ("shop_frontend", "10.2.0.2")),
+         "10.3.0.2"),
+    ],
+)
+def test_compose_short_network_name(
+    network: str, labels: dict[str, str], networks: tuple[tuple[str, str], ...], host: str
+) -> None:
+    c = container("svc", {"gateway.path": "/", "gateway.network": network, **labels},
+                  networks=networks)
+    [upstream] = only_route(build_table([c])).upstreams
+    assert upstream.host == host
+
+
+@pytest.mark.parametrize("labels", [{}, {PROJECT: "other"}, {PROJECT: ""}])
+def test_short_network_name_needs_the_containers_own_project(labels: dict[str, str]) -> None:
+    c = container("svc", {"gateway.path": "/", "gateway.network": "frontend", **labels},
+                  networks=SHOP_NETS)
+    table = build_table([c])
+    assert table.routes == ()
+    assert decision(table, "svc").reason == (
+        "no reachable network: not attached to network 'frontend' "
+        "(attached: shop_backend, shop_frontend)")
+
+
 def test_unreachable_replica_does_not_take_down_its_siblings() -> None:
     table = build_table([
         container("a", networks=(("app", "10.0.0.1"),)),
@@ -732,3 +767,19 @@ def test_tables_compare_by_routes() -> None:
     cs = [container("a", created=1), container("b", {"gateway.path": "/b"}, created=2)]
     assert build_table(cs) == build_table(list(reversed(cs)))
     assert build_table(cs) != build_table(cs[:1])
+
+
+def test_invalid_file_routes_are_decisions_and_a_held_one_is_served() -> None:
+    err = LabelError("routes.static.strip_prefix", "maybe", "true or false")
+    held = FileRoute("static", RouteSpec(paths=("/orders",)),
+                     (Upstream("http", "10.0.0.9", 80, "http://10.0.0.9"),), errors=(err,))
+    never = FileRoute.invalid("broken", (LabelError("routes.broken.path", "", "missing"),))
+    table = build_table([], [held, never])
+    assert [r.name for r in table.routes] == ["static"]
+    assert table.match("", "/orders/1") is not None
+    assert decision(table, "routes file: static") == Decision(
+        "routes file: static", True,
+        "invalid, serving its last good version: routes.static.strip_prefix='maybe': true or false",
+        route="static", errors=(err,))
+    assert decision(table, "routes file: broken").reason == (
+        "invalid, not routed: routes.broken.path='': missing")

@@ -1,0 +1,117 @@
+"""The protocol-neutral request the pipeline reads, the state one request carries through it,
+and the proxy's own answers (refusals and local replies) before a front turns them into bytes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from multidict import CIMultiDict
+
+from edgeproxy.headers import Headers, RawHeaders
+from edgeproxy.transform import HeaderRules
+
+
+class RequestView(Protocol):
+    """What every front (HTTP/1.1 on aiohttp, HTTP/2 on h2) tells the pipeline about a request.
+
+    `target` is the request target as the client sent it (origin or absolute form);
+    `raw_headers` are the client's header bytes (an HTTP/2 front puts `:authority` as Host)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def headers(self) -> Headers: ...
+
+    @property
+    def raw_headers(self) -> RawHeaders: ...
+
+    @property
+    def peer(self) -> str | None: ...
+
+    @property
+    def secure(self) -> bool: ...
+
+    @property
+    def protocol(self) -> str: ...
+
+    @property
+    def has_body(self) -> bool: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    def body(self) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(slots=True)
+class Refusal:
+    """The proxy's own error answer: the JSON error shape, with `code` from the README's table."""
+
+    status: int
+    code: str
+    message: str
+    headers: Mapping[str, str] | None = None
+    route: str | None = None  # the route it was refused on, for the access log
+
+
+@dataclass(slots=True)
+class LocalAnswer:
+    """An answer the proxy gives itself that is not an error: a redirect, a CORS preflight,
+    an ACME challenge."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    content_type: str | None = None
+    route: str | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The state of one request as it goes through the pipeline, read by the access log and
+    metrics at the end: one typed object instead of a dict."""
+
+    rid: str
+    status: int = 500  # set by the front as it answers
+    route: str | None = None
+    upstream: str | None = None
+    client: str | None = None
+    bytes: int = 0
+    error: str | None = None
+    retries: int = 0
+    # Headers of ours that every answer to this request carries (HSTS, CORS, RateLimit).
+    extra_headers: dict[str, str] | None = None
+    # The route's response-header rules, applied once to whatever answer the client gets.
+    rules: HeaderRules | None = None
+
+    def add_headers(self, headers: Mapping[str, str]) -> None:
+        """Add headers that every answer to this request will carry."""
+        if self.extra_headers is None:
+            self.extra_headers = dict(headers)
+        else:
+            self.extra_headers.update(headers)
+
+
+def merge_headers(headers: CIMultiDict[str], extra: Mapping[str, str]) -> None:
+    """Add our headers to an answer's; Vary is merged with the backend's, never replaced."""
+    for name, value in extra.items():
+        if name == "Vary":
+            for token in value.split(","):
+                add_vary(headers, token.strip())
+        else:
+            headers[name] = value
+
+
+def add_vary(headers: CIMultiDict[str], name: str) -> None:
+    """Add one token to Vary, keeping every token (and line) the backend sent."""
+    tokens = [t.strip() for v in headers.getall("Vary", ()) for t in v.split(",")
+              if t.strip()]
+    if "*" in tokens or name.lower() in {t.lower() for t in tokens}:
+        return
+    headers["Vary"] = ", ".join([*tokens, name])
