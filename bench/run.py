@@ -6,7 +6,12 @@ forwards /api/* to the backend and /sink/* to the sink over keep-alive upstream 
 sets X-Forwarded-For and writes an access log to a file.
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 50]
-                                  [--only plain,auth,stream] [--scale] [--out bench/results]
+                                  [--only plain,auth,stream,basic,forward] [--scale]
+                                  [--out bench/results]
+
+`basic` (basic auth, every request with the same good credentials: edgeproxy's cache and
+Caddy's basic_auth with one bcrypt entry) and `forward` (forward auth to the backend nginx's
+/auth, which answers 200 with Remote-User, copied to the replica) run edgeproxy and Caddy only.
 
 Nothing is installed: missing tools are named with the apt-get line that brings them, exit 2.
 Writes OUT/latest.json and, when matplotlib is importable, OUT/latest.png. The goals of the
@@ -48,7 +53,11 @@ BODY = "0123456789abcdefghij"  # the backend's 20-byte answer
 TOOLS = ("wrk", "nginx", "haproxy", "caddy", "taskset", "curl")
 APT_LINE = "apt-get install -y wrk nginx-light haproxy caddy"
 PROXIES = ("direct", "nginx", "haproxy", "caddy", "edgeproxy")
-SCENARIOS = ("plain", "auth", "stream")
+SCENARIOS = ("plain", "auth", "stream", "basic", "forward")
+# basic and forward run edgeproxy and Caddy only: nginx and HAProxy have no forward_auth twin.
+POLICY_SCENARIOS = ("basic", "forward")
+POLICY_PROXIES = ("caddy", "edgeproxy")
+BASIC_USER, BASIC_PASSWORD = "bench", "bench-password"
 # The policy keys the auth scenario puts on edgeproxy's route (see the issue).
 AUTH_KEYS = {"auth": "jwt", "ratelimit": "100000000/s"}
 JWT_SECRET = secrets.token_hex(32)  # per run; the token is minted from it
@@ -412,6 +421,7 @@ http {{
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location /api/files/ {{ alias {work}/files/; }}
+    location = /auth {{ add_header Remote-User bench; return 200 ""; }}
     location / {{ return 200 "{BODY}"; }}
   }}
 }}
@@ -498,13 +508,59 @@ def caddy_conf(work: Path, port: int, backend: int, sink: int) -> str:
 """
 
 
+def basic_entry(cost: int = 5) -> str:
+    """One bcrypt entry (htpasswd -B's default cost 5) for BASIC_USER, made with the bcrypt
+    package (edgeproxy's own dependency), so no htpasswd binary is needed."""
+    import bcrypt  # edgeproxy depends on it; imported here so --help works without it
+
+    return bcrypt.hashpw(BASIC_PASSWORD.encode(), bcrypt.gensalt(cost)).decode()
+
+
+def basic_header() -> dict[str, str]:
+    """The Authorization header every basic-auth request carries."""
+    token = base64.b64encode(f"{BASIC_USER}:{BASIC_PASSWORD}".encode()).decode()
+    return {"Authorization": "Basic " + token}
+
+
+def caddy_policy_conf(work: Path, port: int, backend: int, scenario: str, hashed: str) -> str:
+    """Caddy with basic_auth or forward_auth in front of /api/* (same backend, same access log)."""
+    if scenario == "basic":
+        policy = f"  basic_auth /api/* {{\n    {BASIC_USER} {hashed}\n  }}\n"
+    else:
+        policy = (f"  forward_auth /api/* 127.0.0.1:{backend} {{\n    uri /auth\n"
+                  f"    copy_headers Remote-User\n  }}\n")
+    return f"""{{
+  admin off
+  auto_https off
+}}
+
+:{port} {{
+  bind 127.0.0.1
+  log {{
+    output file {work}/caddy-{scenario}-access.log {{
+      roll_disabled
+    }}
+  }}
+{policy}  reverse_proxy /api/* 127.0.0.1:{backend}
+}}
+"""
+
+
+def policy_keys(scenario: str, backend: int, hashed: str) -> dict[str, str]:
+    """edgeproxy's routes-file keys for the same policy."""
+    if scenario == "basic":
+        return {"auth": "basic", "auth.users": f"{BASIC_USER}:{hashed}"}
+    return {"auth": "forward", "auth.url": f"http://127.0.0.1:{backend}/auth",
+            "auth.response_headers": "Remote-User"}
+
+
 def routes_toml(backend: int, sink: int, extra: dict[str, str] | None = None,
                 scale: int = 0) -> str:
     """edgeproxy's routes file: /api and /sink, optional policy keys, optional N more routes."""
     def value(v: str) -> str:
         return json.dumps(v)  # a JSON string is a valid TOML basic string
 
-    api_extra = "".join(f"{k} = {value(v)}\n" for k, v in (extra or {}).items())
+    api_extra = "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in (extra or {}).items())
     parts = [
         f'[routes.api]\npath = "/api"\nupstreams = ["http://127.0.0.1:{backend}"]\n{api_extra}',
         f'[routes.sink]\npath = "/sink"\nupstreams = ["http://127.0.0.1:{sink}"]\n',
@@ -844,6 +900,46 @@ def _auth_unsupported_reason(server: Server, with_token: tuple[int, bytes],
     return f"a request without a token got {without[0]} (auth not enforced)"
 
 
+def run_policy(procs: Processes, plan: Plan, proxy: str, scenario: str) -> Row:
+    """basic or forward auth in front of /api on edgeproxy or Caddy; every request passes (a
+    refusal would measure the error path, so the row is n/a when a probe is not let through)."""
+    work, port = plan.work, free_port()
+    hashed = basic_entry()
+    headers = basic_header() if scenario == "basic" else None
+    name = f"{proxy}-{scenario}"
+    log(f"[{proxy}] {scenario}: starting")
+    if proxy == "caddy":
+        conf = work / f"Caddyfile-{scenario}"
+        conf.write_text(caddy_policy_conf(work, port, plan.backend_port, scenario, hashed))
+        env = {"XDG_DATA_HOME": str(work / "caddy-data"), "XDG_CONFIG_HOME": str(work / "caddy-cfg"),
+               "HOME": str(work), "GOMAXPROCS": "1"}
+        server = procs.start(name, ["caddy", "run", "--config", str(conf), "--adapter",
+                                    "caddyfile"], core=PROXY_CORE,
+                             log_path=work / f"{name}.out", port=port, env=env)
+    else:
+        routes = work / f"routes-{scenario}.toml"
+        routes.write_text(routes_toml(plan.backend_port, plan.sink_port,
+                                      policy_keys(scenario, plan.backend_port, hashed)))
+        server = start_edgeproxy(plan, name, edgeproxy_env(plan, port, free_port(), routes), port)
+    try:
+        try:
+            wait_ready(server, check=lambda status, _: status in (200, 401, 404), deadline_s=20)
+            passed = http_get(port, "/api/hello", headers)
+            refused = http_get(port, "/api/hello") if scenario == "basic" else (401, b"")
+        except BenchError as exc:
+            return Row(proxy, scenario, note=f"n/a: did not start: {exc.summary()}")
+        if passed != (200, BODY.encode()) or refused[0] != 401:
+            reason = (f"a good request got {passed[0]}" if passed[0] != 200 else
+                      f"a request without credentials got {refused[0]} (auth not enforced)")
+            if proxy == "edgeproxy":
+                reason = _auth_unsupported_reason(server, passed, refused)
+            log(f"[{proxy}] {scenario}: n/a: {reason}")
+            return Row(proxy, scenario, note=f"n/a: {reason}")
+        return measure_wrk(plan, server, port, proxy, scenario, headers=headers)
+    finally:
+        procs.stop(server)
+
+
 def run_scale(procs: Processes, plan: Plan, n_routes: int) -> list[Row]:
     """RSS of one edgeproxy with n routes (and with none) after warm-up, and time to be ready."""
     rows = []
@@ -937,6 +1033,10 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
          caddy)
     goal("auth req per CPU-second x Caddy plain's", _per_cpu_ratio(auth, caddy), ">=", 0.8,
          auth, caddy)
+    for sc, target, label in (("basic", 0.9, "basic auth (cached) req/s x Caddy basic_auth"),
+                              ("forward", 1.0, "forward auth req/s x Caddy forward_auth")):
+        r, ref = find("edgeproxy", sc), find("caddy", sc)
+        goal(label, r.x_caddy if r else None, ">=", target, r, ref)
     for sc in ("download", "upload"):
         r, ref = find("edgeproxy", sc), find("nginx", sc)
         goal(f"{sc} MB/s x nginx", r.x_nginx if r else None, ">=", 0.5, r, ref)
@@ -1085,7 +1185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="wrk measurements per row; the fastest counts (for a shared machine)")
     p.add_argument("--only", default=",".join(SCENARIOS),
-                   help="comma-separated scenarios: plain, auth, stream (default: all)")
+                   help="comma-separated scenarios: plain, auth, stream, basic, forward "
+                        "(default: all; basic and forward run Caddy and edgeproxy only)")
     p.add_argument("--proxies", default=",".join(PROXIES),
                    help="comma-separated: direct, nginx, haproxy, caddy, edgeproxy (default: all)")
     p.add_argument("--nice", type=int, default=0,
@@ -1195,6 +1296,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(Row(proxy, "plain", note=f"failed: {exc.summary()}"))
             if proxy == "edgeproxy" and "auth" in args.only:
                 rows.append(run_auth(procs, plan))
+            for scenario in POLICY_SCENARIOS:
+                if scenario in args.only and proxy in POLICY_PROXIES:
+                    try:
+                        rows.append(run_policy(procs, plan, proxy, scenario))
+                    except BenchError as exc:
+                        log(f"[{proxy}] {scenario} failed: {exc}")
+                        rows.append(Row(proxy, scenario, note=f"failed: {exc.summary()}"))
         if args.scale:
             try:
                 rows += run_scale(procs, plan, args.scale_routes)

@@ -20,8 +20,8 @@ from prometheus_client import Metric
 
 from edgeproxy import __version__
 from edgeproxy import admin as admin_api  # the module, not names: admin may import us early
+from edgeproxy.dataview import DataPlaneView
 from edgeproxy.metrics import Metrics, multiprocess_dir
-from edgeproxy.pipeline import Proxy
 from edgeproxy.watcher import Watcher
 
 PUSH_INTERVAL = 1.0
@@ -134,7 +134,7 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def snapshot(watcher: Watcher, proxy: Proxy[Any], meter: RateMeter) -> dict[str, Any]:
+def snapshot(watcher: Watcher, proxy: DataPlaneView, meter: RateMeter) -> dict[str, Any]:
     """Everything the page shows, as one JSON document."""
     traffic = meter.traffic()
     known = 0.0 if meter.span > 0 else None  # not counted yet, but measured: 0 req/s
@@ -204,7 +204,7 @@ def _event(doc: Mapping[str, Any]) -> bytes:
     return b"data: " + body.encode() + b"\n\n"
 
 
-def add_dashboard(app: web.Application, watcher: Watcher, proxy: Proxy[Any]) -> None:
+def add_dashboard(app: web.Application, watcher: Watcher, proxy: DataPlaneView) -> None:
     """Register `GET /` (the page) and `GET /events` (snapshots as server-sent events)."""
     page = files("edgeproxy").joinpath(_PAGE_RESOURCE).read_text(encoding="utf-8")
     headers = page_headers(page)

@@ -70,6 +70,7 @@ class LocalAnswer:
     body: bytes = b""
     content_type: str | None = None
     route: str | None = None
+    reason: str | None = None  # a reason phrase other than the status's standard one
 
 
 @dataclass(slots=True)

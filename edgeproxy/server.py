@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import hdrs, web
@@ -17,35 +20,28 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from edgeproxy.acme import AcmeManager
+from edgeproxy.acme import ChallengeBook
 from edgeproxy.admin import make_admin_app
+from edgeproxy.control import ControlPlane, Publisher, acme_hosts, make_cert_store
+from edgeproxy.dataview import WorkerReports
+from edgeproxy.decide import Edge
 from edgeproxy.errors import error_response
-from edgeproxy.health import HealthMonitor
+from edgeproxy.feed import TableFeed
 from edgeproxy.http1 import http1_handler, make_session
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline import Proxy
-from edgeproxy.policies.auth import JwtVerifier
+from edgeproxy.policies.auth import JwtVerifier, jwt_config_problem
 from edgeproxy.policies.config import jwt_config, make_limiter
-from edgeproxy.providers.docker import DockerProvider
-from edgeproxy.providers.files import FileProvider
-from edgeproxy.providers.swarm import SwarmAwareWatcher, start_swarm
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
-from edgeproxy.watcher import Watcher
 
+__all__ = ["ListenError", "acme_hosts", "make_cert_store", "serve", "serve_control"]
 
-def make_cert_store(settings: Settings) -> CertStore:
-    """Certificates from the settings' files (raises CertError naming the bad file)."""
-    store = CertStore(settings.tls_certs_dir, settings.tls_cert, settings.tls_key)
-    store.load()
-    return store
-
-
-def acme_hosts(table: RouteTable) -> frozenset[str]:
-    """Hosts of every route with gateway.tls=acme: the certificates to keep."""
-    return frozenset(h for r in table.routes if r.spec.tls == "acme" for h in r.spec.hosts)
+ADMIN_WAIT_FOR_WORKERS = 30.0
+"""Seconds a first start holds the admin listener back until every worker listens: /healthz
+answering means traffic is served. After that the admin listener opens regardless."""
 
 
 async def _flush_logs(interval: float = 0.1) -> None:
@@ -388,11 +384,14 @@ class ProxyServer(web.Server):
         return handler
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: int = 0) -> None:
-    """Run the proxy until SIGTERM/SIGINT (or `stop` is set), then drain and return.
+async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: int = 0,
+                control_path: str | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (or `stop` is set), then drain and return.
 
-    Worker 0 also serves the admin listener and logs route lifecycle events; other workers
-    keep the same table quietly."""
+    Without `control_path` the control plane (discovery, health checks, ACME) and the admin
+    listener run in this process too: the single-process mode. With it, this worker holds the
+    data plane only and gets its table from the control plane over that Unix socket; it does
+    not listen before the first table arrived."""
     if settings.workers > 1:
         structlog.contextvars.bind_contextvars(worker=worker)
     log = get_logger("server")
@@ -401,117 +400,222 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    if worker == 0:  # start-up events once, not once per worker
+    if control_path is None:  # else the control plane warns, once
         for name in unknown_settings():
             log.warning("setting_unknown", variable=name)
 
-    swarm_on = settings.docker and settings.swarm != "false"
-    watcher = (SwarmAwareWatcher if swarm_on else Watcher)(settings, quiet=worker != 0)
+    control: ControlPlane | None = None
+    feed: TableFeed | None = None
+    table: Callable[[], RouteTable] = RouteTable  # an empty one until a source is set up
+    metrics = Metrics(lambda: table())
+    if control_path is None:
+        plane = control = ControlPlane(settings, metrics)
+
+        def control_table() -> RouteTable:
+            return plane.watcher.table
+
+        table = control_table
     session = make_session(settings)
-    metrics = Metrics(lambda: watcher.table)
     verifier = JwtVerifier(jwt_config(settings))
     limiter = make_limiter(settings)
     await verifier.start()
     await limiter.start()
-    proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: watcher.table, metrics=metrics,
-                                             verifier=verifier, limiter=limiter)
-    watcher.on_swap.append(lambda _: metrics.table_swaps.inc())
-    watcher.on_event_lag = metrics.docker_event_lag.observe
-    monitor = HealthMonitor(session, watcher.set_active_health)
-    watcher.on_swap.append(monitor.reconcile)
+    proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: table(), metrics=metrics,
+                                             verifier=verifier, limiter=limiter,
+                                             session=session)
     warned_auth: set[str] = set()
 
-    def warn_unprotectable(table: RouteTable) -> None:
+    def warn_unprotectable(new: RouteTable) -> None:
         problem = verifier.problem
-        if problem is None:
+        if problem is None or worker != 0:
             return
-        for r in table.routes:
-            if r.spec.auth is not None and r.name not in warned_auth:
+        for r in new.routes:
+            auth = r.spec.auth
+            if auth is not None and auth.kind == "jwt" and r.name not in warned_auth:
                 warned_auth.add(r.name)
                 log.error("route_auth_unavailable", route=r.name, answers=503, reason=problem)
 
-    watcher.on_swap.append(warn_unprotectable)
-    watcher.on_swap.append(
-        lambda table: proxy.balancer.forget({u.key for r in table.routes for u in r.upstreams}))
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(watcher.run(), name="watcher"),
-                                       asyncio.create_task(_flush_logs(), name="log-flush")]
-
+    on_table: list[Callable[[RouteTable], None]] = [
+        warn_unprotectable,
+        lambda new: proxy.balancer.forget({u.key for r in new.routes for u in r.upstreams})]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(_flush_logs(), name="log-flush")]
     store: CertStore | None = None
-    acme: AcmeManager | None = None
-    if settings.tls_listen is not None:
-        store = make_cert_store(settings)
-        acme = AcmeManager(
-            settings.acme_directory, settings.acme_email, settings.state_dir, store,
-            renew_before_days=settings.acme_renew_before / 86400,
-            verify_ssl=str(settings.acme_ca_bundle) if settings.acme_ca_bundle else True)
-        proxy.tls(store, acme)
-        manager = acme
-        watcher.on_swap.append(lambda table: manager.ensure_soon(acme_hosts(table)))
-        tasks.append(asyncio.create_task(store.watch(settings.tls_reload), name="certs"))
-        tasks.append(asyncio.create_task(acme.run(), name="acme"))
+    if control is not None:
+        control.watcher.on_swap.extend(on_table)
+        await control.start()
+        store = control.store
+        if store is not None and control.acme is not None:
+            proxy.tls(store, control.acme)
+    elif control_path is not None:
+        if settings.tls_listen is not None:
+            store = make_cert_store(settings)
+            book = ChallengeBook(settings.state_dir)
+            proxy.tls(store, book)
+            tasks.append(asyncio.create_task(store.watch(settings.tls_reload), name="certs"))
+        else:
+            book = None
 
-    files: FileProvider | None = None
-    if settings.routes_file is not None:
-        files = FileProvider(watcher, settings.routes_file, settings.routes_file_poll,
-                             quiet=worker != 0)
-        files.load_once()
-        watcher.rebuild_now()
-        tasks.append(asyncio.create_task(files.run(), name="routes-file"))
-    docker: DockerProvider | None = None
-    if settings.docker:
-        docker = DockerProvider(watcher, loop, quiet=worker != 0)
-        docker.on_reconnect = metrics.docker_reconnects.inc
-        docker.start()
-    swarm = start_swarm(watcher, loop, settings)
+        def status() -> dict[str, Any]:
+            now_m, now_w = time.monotonic(), time.time()
+            return {
+                "in_flight": proxy.in_flight,
+                "inflight": dict(proxy.balancer.inflight),
+                "ejected": {k: now_w + (until - now_m)
+                            for k, until in proxy.balancer.ejected.items() if until > now_m},
+                "jwks_error": verifier.jwks_error,
+                "ratelimit_healthy": limiter.healthy,
+                "ratelimit_error": limiter.last_error,
+            }
+
+        feed = TableFeed(control_path, worker, status, book, store)
+        feed.on_table.extend(on_table)
+        current = feed
+
+        def feed_table() -> RouteTable:
+            return current.table
+
+        table = feed_table
+        tasks.append(asyncio.create_task(feed.run(), name="feed"))
+        # Serve the current table before accepting anything: a restarted worker never answers
+        # 404 for a route the others serve.
+        waiter = asyncio.create_task(feed.first.wait())
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({waiter, stopper}, timeout=1.0,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            log.warning("control_waiting", path=control_path, pid=os.getpid())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
 
     handler = http1_handler(proxy, session, settings.ws_max_message)
     server = ProxyServer.from_settings(handler, settings)
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
-    admin_runner = web.AppRunner(make_admin_app(watcher, proxy, (lambda: docker.status)
-                                                if docker is not None else None),
-                                 access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    admin_runner: web.AppRunner | None = None
+    if control is not None:
+        admin_runner = web.AppRunner(make_admin_app(control.watcher, proxy,
+                                                    discovery=control.discovery),
+                                     access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    await admin_runner.setup()
     listeners: list[tuple[web.BaseRunner, Address, ssl.SSLContext | None]] = [
         (runner, settings.listen, None)]
     if store is not None and settings.tls_listen is not None:
         listeners.append((runner, settings.tls_listen, store.context()))
-    if worker == 0:
+    if admin_runner is not None:
+        await admin_runner.setup()
         listeners.append((admin_runner, settings.admin_listen, None))
     try:
-        for r, addr, context in listeners:
-            try:
-                await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
-                                  reuse_port=settings.workers > 1 or None).start()
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
-        (log.info if worker == 0 else log.debug)("listening", proxy=str(settings.listen),
-                 tls=str(settings.tls_listen) if settings.tls_listen else None,
-                 admin=str(settings.admin_listen) if worker == 0 else None,
-                 docker=settings.docker, routes_file=str(settings.routes_file or "") or None,
-                 workers=settings.workers)
-        await stop.wait()
+        if not stop.is_set():
+            await _listen(listeners, settings)
+            if feed is not None:
+                feed.listening = True
+                feed.report_now()
+            (log.info if worker == 0 else log.debug)(
+                "listening", proxy=str(settings.listen), pid=os.getpid(),
+                tls=str(settings.tls_listen) if settings.tls_listen else None,
+                admin=str(settings.admin_listen) if admin_runner is not None else None,
+                docker=settings.docker, routes_file=str(settings.routes_file or "") or None,
+                workers=settings.workers,
+                table=feed.generation if feed is not None else None)
+            await stop.wait()
         log.info("draining", in_flight=proxy.in_flight, timeout_s=settings.drain_timeout)
     finally:
-        if docker is not None:
-            docker.stop()
-        if swarm is not None:
-            swarm.stop()
+        if control is not None:
+            await control.close()
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
         await runner.cleanup()
-        await admin_runner.cleanup()
-        await monitor.close()
-        if acme is not None:
-            await acme.close()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await _cancel(tasks)
         proxy.close()
         flush_access_log()
         await session.close()
         await verifier.close()
         await limiter.close()
         log.info("stopped")
+
+
+async def serve_control(settings: Settings, control_path: str, restarted: bool = False,
+                        stop: asyncio.Event | None = None) -> None:
+    """Run the control plane of a multi-worker proxy: discovery, health checks, ACME, the
+    table publisher on `control_path` and the admin listener, until SIGTERM/SIGINT."""
+    structlog.contextvars.bind_contextvars(worker="control")
+    log = get_logger("server")
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    for name in unknown_settings():
+        log.warning("setting_unknown", variable=name)
+    control: ControlPlane | None = None
+
+    def live_table() -> RouteTable:
+        return control.watcher.table if control is not None else RouteTable()
+
+    def tls_status() -> dict[str, Any] | None:
+        if control is None or control.store is None:
+            return None
+        acme = control.acme
+        return {"certificates": [c.as_dict() for c in control.store.certificates()],
+                "acme": acme.status() if acme is not None else []}
+
+    metrics = Metrics(live_table)
+    reports = WorkerReports(metrics, jwt_config_problem(jwt_config(settings)), tls_status)
+    publisher = Publisher(control_path, reports)
+    control = ControlPlane(settings, metrics, publisher, restarted=restarted)
+    all_listening = asyncio.Event()
+    publisher.on_worker_listening = lambda _: (
+        all_listening.set() if len(publisher.listening_workers) >= settings.workers else None)
+    await publisher.start()
+    await control.start()
+    if control.store is not None:  # /explain decides as the workers do
+        reports.edge = Edge(control.store.covers, settings.tls_redirect_port,
+                            control.acme.challenge_response if control.acme else None)
+    admin_runner = web.AppRunner(make_admin_app(control.watcher, reports, reports,
+                                                discovery=control.discovery),
+                                 access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await admin_runner.setup()
+    try:
+        if not restarted:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ADMIN_WAIT_FOR_WORKERS):
+                    waiter = asyncio.create_task(all_listening.wait())
+                    stopper = asyncio.create_task(stop.wait())
+                    try:
+                        await asyncio.wait({waiter, stopper},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                        stopper.cancel()
+        if not stop.is_set():
+            await _listen([(admin_runner, settings.admin_listen, None)], settings, reuse=False)
+            log.info("control_listening", admin=str(settings.admin_listen),
+                     socket=control_path, workers=settings.workers, restarted=restarted,
+                     docker=settings.docker)
+            await stop.wait()
+    finally:
+        await admin_runner.cleanup()
+        await publisher.close()
+        await control.close()
+        flush_access_log()
+        log.info("control_stopped")
+
+
+async def _listen(listeners: list[tuple[web.BaseRunner, Address, ssl.SSLContext | None]],
+                  settings: Settings, reuse: bool = True) -> None:
+    for r, addr, context in listeners:
+        try:
+            await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
+                              reuse_port=(reuse and settings.workers > 1) or None).start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t

@@ -173,6 +173,23 @@ def _algorithms(text: str) -> tuple[str, ...]:
     return parse_algorithms(text)
 
 
+def parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
+    """'admin.internal, proxy:8081' -> ((name, port or None), ...), names lower-cased."""
+    from edgeproxy.requestcheck import HostError, parse_host
+
+    out: list[tuple[str, int | None]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(parse_host(part))
+        except HostError:
+            raise ValueError("comma-separated host names or addresses with an optional port, "
+                             "e.g. admin.internal,proxy:8081") from None
+    return tuple(out)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -234,6 +251,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "0.0.0.0:8080", parse_address, "address for proxied traffic"),
     Option("admin_listen", "127.0.0.1:8081", parse_address,
            "address for /healthz and /routes (keep it private)"),
+    Option("admin_hosts", "", parse_hosts,
+           "extra Host names the admin listener answers (DNS-rebinding guard), e.g. "
+           "admin.internal,proxy:8081"),
     Option("workers", "auto", _workers,
            "processes serving the listen port (SO_REUSEPORT); auto = one per core"),
     Option("tls_listen", "", _optional_address,
@@ -331,6 +351,7 @@ class Settings:
 
     listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
     admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
+    admin_hosts: tuple[tuple[str, int | None], ...] = ()
     workers: int = 1
     tls_listen: Address | None = None
     tls_certs_dir: Path | None = None

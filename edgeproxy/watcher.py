@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Container, Route, RouteSpec
@@ -27,8 +27,9 @@ class Watcher:
         self.table = RouteTable()
         self.swaps = 0
         self.last_swap = 0.0
-        self.docker_connected: bool | None = None if settings.docker else False
-        self._containers: dict[str, Container] = {}
+        # Per provider source: True/False once it has connected or failed, None before.
+        self.sources_connected: dict[str, bool | None] = {"docker": None} if settings.docker else {}
+        self._containers: dict[str, dict[str, Container]] = {}  # source -> id -> container
         self._stopping: dict[str, float] = {}  # container id -> when the stop/kill arrived
         self._file_routes: tuple[FileRoute, ...] = ()
         self._seen: dict[str, int] = {}
@@ -47,7 +48,29 @@ class Watcher:
         self._warned: set[tuple[str, str]] = set()
         self.changed = asyncio.Condition()
 
-    # --- provider inputs (called on the event loop) -----------------------------------------
+    # --- provider inputs: the providers.Observations interface, called on the event loop --
+
+    @property
+    def docker_connected(self) -> bool | None:
+        """The Docker provider's connection: None while connecting, False when disabled."""
+        if not self.settings.docker:
+            return False
+        return self.sources_connected.get("docker")
+
+    def connected(self, up: bool, source: str = "docker") -> None:
+        """A provider's connection came up or went down."""
+        self.sources_connected[source] = up
+
+    def observed_lag(self, seconds: float, source: str = "docker") -> None:
+        """Event-to-observation lag of a provider (a metric)."""
+        if self.on_event_lag is not None:
+            self.on_event_lag(seconds)
+
+    def _all_containers(self) -> dict[str, Container]:
+        out: dict[str, Container] = {}
+        for items in self._containers.values():
+            out.update(items)
+        return out
 
     def _stamp(self, c: Container) -> Container:
         """Keep the order in which containers were first seen (tie-break for conflicts)."""
@@ -56,27 +79,28 @@ class Watcher:
             seen = self._seen[c.id] = next(self._seen_counter)
         return c if c.seen == seen else dataclasses.replace(c, seen=seen)
 
-    def resync(self, containers: Iterable[Container]) -> None:
-        """Replace every Docker observation with a fresh list."""
-        self._containers = {c.id: self._stamp(c) for c in containers}
-        self._seen = {cid: n for cid, n in self._seen.items() if cid in self._containers}
+    def resync(self, containers: Iterable[Container], source: str = "docker") -> None:
+        """Replace every observation of `source` with a fresh list (other sources stay)."""
+        self._containers[source] = {c.id: self._stamp(c) for c in containers}
+        known = self._all_containers()
+        self._seen = {cid: n for cid, n in self._seen.items() if cid in known}
         # Keep a recent stop mark on a container that is still running (it may be mid graceful
         # stop); drop old ones: a start may have been missed while disconnected, and a stale
         # mark would drain the replica forever.
         now = time.monotonic()
         self._stopping = {cid: t for cid, t in self._stopping.items()
-                          if cid in self._containers and now - t < _STOP_MARK_TTL
-                          and self._containers[cid].state == "running"}
+                          if cid in known and now - t < _STOP_MARK_TTL
+                          and known[cid].state == "running"}
         self._mark()
 
-    def update(self, container: Container) -> None:
-        """One container changed (from an inspect after an event)."""
-        self._containers[container.id] = self._stamp(container)
+    def update(self, container: Container, source: str = "docker") -> None:
+        """One container of `source` changed (from an inspect after an event)."""
+        self._containers.setdefault(source, {})[container.id] = self._stamp(container)
         self._mark()
 
-    def remove(self, container_id: str) -> None:
-        """A container was destroyed."""
-        self._containers.pop(container_id, None)
+    def remove(self, container_id: str, source: str = "docker") -> None:
+        """A container of `source` was destroyed."""
+        self._containers.get(source, {}).pop(container_id, None)
         self._seen.pop(container_id, None)
         self._stopping.pop(container_id, None)
         self._mark()
@@ -135,7 +159,7 @@ class Watcher:
     def _build_once(self) -> RouteTable:
         containers = [
             dataclasses.replace(c, stopping=True) if c.id in self._stopping else c
-            for c in self._containers.values()
+            for c in self._all_containers().values()
         ]
         s = self.settings
         return build_table(containers, self._file_routes, label_prefix=s.label_prefix,
@@ -245,3 +269,44 @@ class _Quiet:
         return None
 
     info = warning = error = debug = exception = _drop
+
+
+# Labels Docker puts on a Swarm task's container.
+_TASK_LABEL = "com.docker.swarm.task.id"
+_SERVICE_LABEL = "com.docker.swarm.service.id"
+
+
+class SwarmAwareWatcher(Watcher):
+    """The Watcher with what Swarm mode adds on the Docker side: once Swarm is on, task
+    containers are dropped from the Docker source (a task is routed as a task, never twice),
+    and a task container's stop or kill drains its task at once."""
+
+    def __init__(self, settings: Settings, quiet: bool = False) -> None:
+        super().__init__(settings, quiet)
+        self.swarm_active = False
+        self.task_of: Mapping[str, str] = {}  # container id -> task id, from the tasks list
+
+    def _is_task(self, c: Container) -> bool:
+        return self.swarm_active and (_TASK_LABEL in c.labels or _SERVICE_LABEL in c.labels)
+
+    def resync(self, items: Iterable[Container], source: str = "docker") -> None:
+        """Replace one source's observations; the Docker source without task containers."""
+        if source == "swarm" and not self.swarm_active:
+            self.swarm_active = True
+            docker_items = list(self._containers.get("docker", {}).values())
+            super().resync([c for c in docker_items if not self._is_task(c)], "docker")
+        if source == "docker":
+            items = [c for c in items if not self._is_task(c)]
+        super().resync(items, source)
+
+    def update(self, item: Container, source: str = "docker") -> None:
+        """One observation changed; a task's container is the Swarm source's business."""
+        if not (source == "docker" and self._is_task(item)):
+            super().update(item, source)
+
+    def stopping(self, item_id: str) -> None:
+        """A stop or kill arrived: for a task's container, drain the task too."""
+        super().stopping(item_id)
+        task = self.task_of.get(item_id)
+        if task is not None:
+            super().stopping(task)

@@ -15,8 +15,8 @@ from yarl import URL
 from edgeproxy.labels import LabelError, LabelsInvalid, build_routing, parse_options
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Upstream
+from edgeproxy.providers import Observations
 from edgeproxy.table import FileRoute
-from edgeproxy.watcher import Watcher
 
 T = TypeVar("T")
 _CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
@@ -178,9 +178,9 @@ def _load(path: Path, parse: Callable[[Mapping[str, Any]], T]) -> T:
 class FileProvider:
     """Polls the routes file's metadata and reloads it when it changes."""
 
-    def __init__(self, watcher: Watcher, path: Path, interval: float, *,
+    def __init__(self, sink: Observations, path: Path, interval: float, *,
                  quiet: bool = False) -> None:
-        self._watcher = watcher
+        self._sink = sink
         self._path = path
         self._interval = interval
         self._log = get_logger("routes_file")
@@ -223,7 +223,7 @@ class FileProvider:
                           error=reason, kept_previous=False)
         self._last_good = {r.name: r for r in routes} | {
             n: self._last_good[n] for n in invalid if n in self._last_good}
-        self._watcher.set_file_routes([good[n] for n in sorted(good)])
+        self._sink.set_file_routes([good[n] for n in sorted(good)])
         self._say("info", "routes_file_loaded", path=str(self._path), routes=len(routes),
                   invalid=sorted(invalid) or None)
 

@@ -27,7 +27,6 @@ import docker
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Container
 from edgeproxy.settings import Settings
-from edgeproxy.watcher import Watcher
 
 SOURCE = "swarm"
 """The source name this provider reports under."""
@@ -309,94 +308,16 @@ def probe(settings: Settings, client_factory: Callable[[], Any] | None = None) -
 # --- where observations go ------------------------------------------------------------------
 
 class SwarmSink(Protocol):
-    """What the provider needs from the control plane: whole snapshots keyed by source, and
-    an early "stop sending it requests" for one observation."""
+    """What the provider needs of `providers.Observations` (the Watcher implements it)."""
 
-    def resync(self, source: str, items: Sequence[Container]) -> None:
+    def resync(self, items: Iterable[Container], source: str = "docker") -> None:
         """Replace every observation of `source` (other sources keep theirs)."""
 
     def stopping(self, item_id: str) -> None:
         """The replica is being stopped: no new requests, in-flight ones finish."""
 
-    def connected(self, source: str, ok: bool, reason: str = "") -> None:
-        """The source's API answers (ok) or not (with why)."""
-
-
-class SwarmAwareWatcher(Watcher):
-    """Today's Watcher with a keyed second source, until discovery moves to the control plane.
-
-    The Docker provider's own resync replaces everything it knows; this keeps the Swarm
-    observations through it, drops task containers from the Docker side once Swarm is on (a
-    task is routed as a task, never twice) and maps a task container's stop to its task."""
-
-    def __init__(self, settings: Settings, quiet: bool = False) -> None:
-        super().__init__(settings, quiet)
-        self.swarm_active = False
-        self.swarm_connected: bool | None = None
-        self._sourced: dict[str, dict[str, Container]] = {}
-        self._task_of: dict[str, str] = {}  # container id -> task id, from the tasks list
-
-    def _is_task(self, c: Container) -> bool:
-        return self.swarm_active and (TASK_LABEL in c.labels or SERVICE_LABEL in c.labels)
-
-    def _mine(self) -> list[Container]:
-        return [c for items in self._sourced.values() for c in items.values()]
-
-    def resync(self, containers: Iterable[Container]) -> None:  # the Docker provider's
-        """Replace the Docker observations; keep those of the other sources."""
-        super().resync([*(c for c in containers if not self._is_task(c)), *self._mine()])
-
-    def update(self, container: Container) -> None:
-        """One container changed; a task's container is the Swarm source's business."""
-        if not self._is_task(container):
-            super().update(container)
-
-    def stopping(self, container_id: str) -> None:
-        """A stop or kill arrived: for a task's container, drain the task too."""
-        super().stopping(container_id)
-        task = self._task_of.get(container_id)
-        if task is not None:
-            super().stopping(task)
-
-    def set_source(self, source: str, items: Sequence[Container],
-                   containers: Mapping[str, str] | None = None) -> None:
-        """Replace one source's observations (`containers`: container id -> task id)."""
-        if source == SOURCE and not self.swarm_active:
-            self.swarm_active = True
-            super().resync(c for c in self._snapshot() if not self._is_task(c))
-        old = self._sourced.get(source, {})
-        new = {c.id: c for c in items}
-        for gone in old.keys() - new.keys():
-            self.remove(gone)
-        for cid, c in new.items():
-            if old.get(cid) != c:
-                super().update(c)
-        self._sourced[source] = new
-        if containers is not None:
-            self._task_of = dict(containers)
-
-    def _snapshot(self) -> list[Container]:
-        return list(self._containers.values())
-
-
-class WatcherSink:
-    """SwarmSink over a SwarmAwareWatcher (today's wiring)."""
-
-    def __init__(self, watcher: SwarmAwareWatcher) -> None:
-        self.watcher = watcher
-        self.task_containers: dict[str, str] = {}
-
-    def resync(self, source: str, items: Sequence[Container]) -> None:
-        """Replace the source's observations."""
-        self.watcher.set_source(source, items, self.task_containers)
-
-    def stopping(self, item_id: str) -> None:
-        """Drain one task now."""
-        self.watcher.stopping(item_id)
-
-    def connected(self, source: str, ok: bool, reason: str = "") -> None:
-        """Remember the API's state for /healthz-style reporting."""
-        self.watcher.swarm_connected = ok
+    def connected(self, up: bool, source: str = "docker") -> None:
+        """The source's API answers (True) or not (False)."""
 
 
 # --- I/O: the provider ----------------------------------------------------------------------
@@ -519,7 +440,7 @@ class SwarmProvider:
                         events_api.close()
                 if not failing:
                     self._log.warning("swarm_disconnected", reason=reason, retry_in_s=backoff)
-                    self._post(functools.partial(self._sink.connected, SOURCE, False, reason))
+                    self._post(functools.partial(self._sink.connected, False, SOURCE))
                 failing = True
                 if api is not None:
                     self._drop(api)
@@ -546,9 +467,9 @@ class SwarmProvider:
         on_containers = self.on_containers
         if on_containers is not None:
             on_containers(containers)
-        self._post(functools.partial(self._sink.resync, SOURCE, items))
+        self._post(functools.partial(self._sink.resync, items, SOURCE))
         if first:
-            self._post(functools.partial(self._sink.connected, SOURCE, True))
+            self._post(functools.partial(self._sink.connected, True, SOURCE))
             self._log.info("swarm_connected", services=len(self._services),
                            observations=len(items))
         return True
@@ -607,24 +528,21 @@ class SwarmProvider:
             self._wake.set()
 
 
-def start_swarm(watcher: Watcher, loop: Any, settings: Settings) -> SwarmProvider | None:
-    """Wire a SwarmProvider to today's watcher (a SwarmAwareWatcher), None when it is off."""
-    if settings.swarm == "false" or not settings.docker or not isinstance(watcher,
-                                                                         SwarmAwareWatcher):
+def start_swarm(sink: SwarmSink, loop: Any, settings: Settings,
+                on_containers: Callable[[Mapping[str, str]], None] | None = None,
+                ) -> SwarmProvider | None:
+    """Start a SwarmProvider reporting to `sink` on `loop`; None when Swarm mode is off.
+
+    `on_containers` gets {container id: task id} after each changed poll (to drain a task
+    when its container's kill event arrives through the Docker provider)."""
+    if settings.swarm == "false" or not settings.docker:
         return None
-    sink = WatcherSink(watcher)
 
     def post(fn: Callable[[], None]) -> None:
         if not loop.is_closed():
             loop.call_soon_threadsafe(fn)
 
     provider = SwarmProvider(sink, post, settings)
-
-    def remember(containers: Mapping[str, str]) -> None:
-        sink.task_containers = dict(containers)
-
-    provider.on_containers = remember
+    provider.on_containers = on_containers
     provider.start()
     return provider
-
-

@@ -375,8 +375,8 @@ def test_policy_key_beside_its_bare_key_needs_quotes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("route", "message"),
     [
-        ({"auth": "basic"}, "routes.api.auth='basic': jwt (the only authentication scheme)"),
-        ({"auth": True}, "routes.api.auth='true': jwt (the only authentication scheme)"),
+        ({"auth": "oauth2"}, "routes.api.auth='oauth2': jwt, basic or forward"),
+        ({"auth": True}, "routes.api.auth='true': jwt, basic or forward"),
         ({"auth": "jwt", "auth.scopes": 'a"b'},
          "routes.api.auth.scopes='a\"b': scope 'a\"b' holds characters a scope may not have "
          "(RFC 6749 3.3)"),

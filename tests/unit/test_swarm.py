@@ -21,10 +21,8 @@ import pytest
 from edgeproxy.model import Container
 from edgeproxy.providers.swarm import (
     SOURCE,
-    SwarmAwareWatcher,
     SwarmModeError,
     SwarmProvider,
-    WatcherSink,
     choose_networks,
     mode_error,
     observe,
@@ -34,6 +32,7 @@ from edgeproxy.providers.swarm import (
 )
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable, build_table
+from edgeproxy.watcher import SwarmAwareWatcher
 
 JSON = Path(__file__).parent / "swarm_json"
 
@@ -251,15 +250,16 @@ class Recorder:
         self.stops: list[str] = []
         self.states: list[bool] = []
 
-    def resync(self, source: str, items: Any) -> None:
+    def resync(self, items: Any, source: str = "docker") -> None:
         assert source == SOURCE
         self.snapshots.append(list(items))
 
     def stopping(self, item_id: str) -> None:
         self.stops.append(item_id)
 
-    def connected(self, source: str, ok: bool, reason: str = "") -> None:
-        self.states.append(ok)
+    def connected(self, up: bool, source: str = "docker") -> None:
+        assert source == SOURCE
+        self.states.append(up)
 
 
 def run_now(fn: Callable[[], None]) -> None:
@@ -325,23 +325,21 @@ def test_a_docker_resync_keeps_swarm_observations_and_drops_task_containers(
                                              "com.docker.swarm.task.id": "x"})
     watcher.resync([plain, task_container])
     assert {r.name for r in watcher.build().routes} == {"plain", "c-of-task"}
-    sink = WatcherSink(watcher)
-    sink.resync(SOURCE, observe(services, load("tasks_running")))
+    watcher.resync(observe(services, load("tasks_running")), SOURCE)
     watcher.resync([plain, task_container])  # the Docker provider reconnects
     names = {r.name for r in watcher.build().routes}
     assert "c-of-task" not in names  # the task is routed as a task, never twice
     assert {"plain", "cap_api", "cap_vip"} <= names
-    sink.resync(SOURCE, [])  # every service gone: the Docker side stays
+    watcher.resync([], SOURCE)  # every service gone: the Docker side stays
     assert {r.name for r in watcher.build().routes} == {"plain"}
 
 
 def test_a_kill_of_a_task_container_drains_its_task(watcher: SwarmAwareWatcher,
                                                     services: dict[str, Any]) -> None:
-    sink = WatcherSink(watcher)
     tasks = load("tasks_running")
     api = next(t for t in tasks if t["ID"].startswith("g2x93052"))
-    sink.task_containers = {api["Status"]["ContainerStatus"]["ContainerID"]: api["ID"]}
-    sink.resync(SOURCE, observe(services, tasks))
+    watcher.task_of = {api["Status"]["ContainerStatus"]["ContainerID"]: api["ID"]}
+    watcher.resync(observe(services, tasks), SOURCE)
     route = next(r for r in watcher.build().routes if r.name == "cap_api")
     assert [u.state for u in route.upstreams] == ["running"]
     watcher.stopping(api["Status"]["ContainerStatus"]["ContainerID"])  # Docker's kill event
