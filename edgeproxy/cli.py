@@ -92,6 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2
+    if settings.swarm == "true":
+        from edgeproxy.providers.swarm import SwarmModeError, probe
+
+        try:
+            probe(settings)
+        except SwarmModeError as exc:
+            print(f"edgeproxy: {exc}", file=sys.stderr)
+            return 2
     code = run(settings)
     return 1 if code == EXIT_LISTEN_FAILED else code
 

@@ -278,6 +278,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("exposed_by_default", "true", parse_bool,
            "route labelled containers unless gateway.enable=false; false: only gateway.enable=true"),
     Option("docker", "true", parse_bool, "discover containers from Docker (DOCKER_HOST etc. apply)"),
+    Option("swarm", "auto", _choice("auto", "true", "false"),
+           "discover Swarm services and tasks: auto = when the daemon is an active manager"),
+    Option("swarm_poll", "1s", _positive(parse_duration),
+           "how often Swarm tasks are listed (Docker emits no task events)"),
     Option("connect_timeout", "5s", _positive(parse_duration), "upstream connect timeout"),
     Option("read_timeout", "60s", _positive(parse_duration),
            "upstream inactivity timeout (no bytes for this long -> 504); streams may run longer"),
@@ -383,6 +387,8 @@ class Settings:
     network: str | None = None
     exposed_by_default: bool = True
     docker: bool = True
+    swarm: str = "auto"
+    swarm_poll: float = 1.0
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     drain_timeout: float = 8.0
