@@ -14,7 +14,7 @@ from edgeproxy.policies.basic import BasicAuthSpec, parse_realm, parse_users, pa
 from edgeproxy.policies.forwardauth import ForwardAuthSpec, parse_auth_url, parse_copied_headers
 from edgeproxy.policies.iplist import IpRules, parse_cidrs
 from edgeproxy.policies.ratelimit import RateLimitSpec, parse_ratelimit, parse_ratelimit_key
-from edgeproxy.settings import parse_duration, parse_size
+from edgeproxy.settings import parse_bool, parse_duration, parse_size
 from edgeproxy.transform import (
     SIMPLE_METHODS,
     CorsSpec,
@@ -123,14 +123,7 @@ def parse_port(value: str) -> int:
     return int(value)
 
 
-def parse_flag(value: str) -> bool:
-    """'true'/'false' (also yes/no, 1/0) -> bool."""
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("true or false")
+parse_flag = parse_bool  # one bool grammar for labels and settings: true/false, yes/no, on/off, 1/0
 
 
 def parse_network(value: str) -> str:
