@@ -140,10 +140,14 @@ class UpstreamHead:
         return cls("".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
             "utf-8", "surrogateescape"), "Host" in headers, "Content-Length" in headers)
 
-    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
-        """The whole head for one try: request line, headers, framing, blank line."""
+    def serialize(self, method: str, target: str, host: str, chunked: bool,
+                  extra: bytes = b"") -> bytes:
+        """The whole head for one try: request line, headers, `extra` header lines of this
+        try (its traceparent), framing, blank line."""
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
                  self.lines]
+        if extra:
+            parts.append(extra)
         if not self.has_host:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
             parts.append(b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape"))
         if chunked:
