@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import logging
 import os
 import threading
 import time
@@ -118,6 +119,19 @@ def _bsp(env: Mapping[str, str], var: str) -> int:
     return value
 
 
+class _LastProblem(logging.Handler):
+    """Keeps the OTel exporter's last warning instead of printing it: a dead collector would
+    otherwise write lines per batch and retry to stderr. `trace_export_failed` carries it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.message or record.levelno == logging.WARNING:  # the cause, not "failed"
+            self.message = record.getMessage()[:500]
+
+
 class BoundedBatchProcessor:
     """Spans to the exporter in batches from a background thread, through a bounded queue that
     counts what it drops.
@@ -144,6 +158,10 @@ class BoundedBatchProcessor:
         self._stopping = False
         self._log = get_logger("tracing")
         self._last_failure_log = 0.0
+        self._problem = _LastProblem()
+        otel_log = logging.getLogger("opentelemetry")
+        otel_log.addHandler(self._problem)
+        otel_log.propagate = False
         self._thread = threading.Thread(target=self._run, name="edgeproxy-span-export",
                                         daemon=True)
         self._thread.start()
@@ -198,7 +216,8 @@ class BoundedBatchProcessor:
                 ok = False
                 detail = f"{type(exc).__name__}: {exc}"
             else:
-                detail = "the exporter reported a failure"
+                detail = self._problem.message or "the exporter reported a failure"
+            self._problem.message = ""
             if not ok:
                 self._on_drop("export_failed", len(batch))
                 now = time.monotonic()
