@@ -145,8 +145,10 @@ class BoundedBatchProcessor:
 
     def __init__(self, exporter: SpanExporter, on_drop: Callable[[str, int], None],
                  max_queue: int = 2048, batch: int = 512, delay: float = 5.0,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0,
+                 send: Callable[[list[ReadableSpan]], bool] | None = None) -> None:
         self._exporter = exporter
+        self._send = send or (lambda batch: exporter.export(batch).name == "SUCCESS")
         self._on_drop = on_drop
         self._max_queue = max_queue
         self._batch = batch
@@ -211,7 +213,7 @@ class BoundedBatchProcessor:
         while queue and time.monotonic() < deadline:
             batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
             try:
-                ok = self._exporter.export(batch).name == "SUCCESS"
+                ok = self._send(batch)
             except Exception as exc:  # noqa: BLE001 - an exporter bug must not stop the thread
                 ok = False
                 detail = f"{type(exc).__name__}: {exc}"
@@ -318,9 +320,6 @@ class Tracing:
             attributes["server.address"] = name
             if port is not None:
                 attributes["server.port"] = port
-        agent = headers.get("User-Agent")
-        if agent:
-            attributes["user_agent.original"] = agent
         name = attributes["http.request.method"]
         span = self.tracer.start_span(name, context=parent, kind=self._server,
                                       attributes=attributes)
@@ -402,6 +401,29 @@ def without_trace_headers(raw: RawHeaders) -> RawHeaders:
     return tuple(p for p in raw if p[0].lower() not in TRACE_HEADERS)
 
 
+def fast_sender(exporter: SpanExporter) -> Callable[[list[ReadableSpan]], bool] | None:
+    """Send batches encoded by edgeproxy.otlp through the OTLP/HTTP exporter's own HTTP client
+    (endpoint, headers, TLS, compression, retries as the exporter reads them), or None when
+    this exporter version has no such client (then the exporter encodes, slower)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from edgeproxy import otlp
+
+    client = getattr(exporter, "_client", None)
+    post = getattr(client, "export", None)
+    if not isinstance(exporter, OTLPSpanExporter) or not callable(post):
+        return None
+
+    def send(batch: list[ReadableSpan]) -> bool:
+        try:
+            data = otlp.encode_request(batch)
+        except otlp.Unsupported:
+            return exporter.export(batch).name == "SUCCESS"
+        return bool(post(data).success)
+
+    return send
+
+
 def from_env(on_drop: Callable[[str, int], None],
              env: Mapping[str, str] = os.environ) -> Tracing | None:
     """The process's Tracing from the OTEL_* variables, or None while tracing is off.
@@ -423,15 +445,17 @@ def from_env(on_drop: Callable[[str, int], None],
             OTLPSpanExporter as GrpcExporter,
         )
         exporter = GrpcExporter()
+        send = None
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
+        send = fast_sender(exporter)
     processor = BoundedBatchProcessor(
         exporter, on_drop, max_queue=_bsp(env, "OTEL_BSP_MAX_QUEUE_SIZE"),
         batch=_bsp(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
         delay=_bsp(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000,
-        timeout=_bsp(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000)
+        timeout=_bsp(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000, send=send)
     # The sampler comes from OTEL_TRACES_SAMPLER/_ARG (the SDK reads them; parent-based).
     # The processor is the provider's only one: no multi-processor dispatch per span.
     provider = TracerProvider(resource=resource, shutdown_on_exit=False,
