@@ -132,6 +132,18 @@ class _LastProblem(logging.Handler):
             self.message = record.getMessage()[:500]
 
 
+def _last_problem() -> _LastProblem:
+    """The one _LastProblem on the "opentelemetry" logger (added once per process)."""
+    otel_log = logging.getLogger("opentelemetry")
+    for handler in otel_log.handlers:
+        if isinstance(handler, _LastProblem):
+            return handler
+    handler = _LastProblem()
+    otel_log.addHandler(handler)
+    otel_log.propagate = False
+    return handler
+
+
 class BoundedBatchProcessor:
     """Spans to the exporter in batches from a background thread, through a bounded queue that
     counts what it drops.
@@ -160,10 +172,7 @@ class BoundedBatchProcessor:
         self._stopping = False
         self._log = get_logger("tracing")
         self._last_failure_log = 0.0
-        self._problem = _LastProblem()
-        otel_log = logging.getLogger("opentelemetry")
-        otel_log.addHandler(self._problem)
-        otel_log.propagate = False
+        self._problem = _last_problem()
         self._thread = threading.Thread(target=self._run, name="edgeproxy-span-export",
                                         daemon=True)
         self._thread.start()
