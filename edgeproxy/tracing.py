@@ -191,7 +191,7 @@ class BoundedBatchProcessor:
             self._on_drop("queue_full", 1)
             return
         queue.append(span)
-        if len(queue) == self._batch:
+        if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -212,14 +212,25 @@ class BoundedBatchProcessor:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(self._delay)
+            full = self._wake.wait(self._delay)
             self._wake.clear()
-            self._export_all(time.monotonic() + self._timeout)
+            # Woken by a full batch: send whole batches only. Each send holds the GIL while it
+            # encodes, and sending a trickle of small batches back to back kept this thread
+            # busy and the event loop waiting for the GIL (measured: 0.39x the plain route's
+            # req/s at 100 % sampling). On the timer: whatever is there.
+            self._export_all(time.monotonic() + self._timeout, partial=0 if full else 1)
         self._export_all(time.monotonic() + self._timeout)
 
-    def _export_all(self, deadline: float) -> None:
+    def _export_all(self, deadline: float, partial: int | None = None) -> None:
+        """Send batches until the queue is empty, or `deadline`; with `partial`, send at most
+        that many batches smaller than a whole one."""
         queue = self._queue
+        size = self._batch
         while queue and time.monotonic() < deadline:
+            if partial is not None and len(queue) < size:
+                if partial <= 0:
+                    return
+                partial -= 1
             batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
             try:
                 ok = self._send(batch)
