@@ -6,15 +6,15 @@ forwards /api/* to the backend and /sink/* to the sink over keep-alive upstream 
 sets X-Forwarded-For and writes an access log to a file.
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 50]
-                                  [--only plain,auth,stream,basic,forward,h2,grpc] [--scale]
-                                  [--out bench/results]
+                                  [--only plain,auth,stream,basic,forward,h2,grpc,otel]
+                                  [--baseline-src DIR] [--scale] [--out bench/results]
 
 `basic` (basic auth, every request with the same good credentials: edgeproxy's cache and
 Caddy's basic_auth with one bcrypt entry) and `forward` (forward auth to the backend nginx's
 /auth, which answers 200 with Remote-User, copied to the replica) run edgeproxy and Caddy only.
 The h2 and grpc scenarios (HTTP/2 over TLS at the edge, h2c to the replica) run against Caddy and
 edgeproxy only; they need h2load (Debian's nghttp2-client), openssl and grpcio, and are skipped
-with a note when one is missing.
+with a note when one is missing. `otel` runs edgeproxy only, with tracing on.
 
 Nothing is installed: missing tools are named with the apt-get line that brings them, exit 2.
 Writes OUT/latest.json and, when matplotlib is importable, OUT/latest.png. The goals of the
@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ BODY = "0123456789abcdefghij"  # the backend's 20-byte answer
 TOOLS = ("wrk", "nginx", "haproxy", "caddy", "taskset", "curl")
 APT_LINE = "apt-get install -y wrk nginx-light haproxy caddy"
 PROXIES = ("direct", "nginx", "haproxy", "caddy", "edgeproxy")
-SCENARIOS = ("plain", "auth", "stream", "basic", "forward", "h2", "grpc")
+SCENARIOS = ("plain", "auth", "stream", "basic", "forward", "h2", "grpc", "otel")
 # basic and forward run edgeproxy and Caddy only: nginx and HAProxy have no forward_auth twin.
 POLICY_SCENARIOS = ("basic", "forward")
 POLICY_PROXIES = ("caddy", "edgeproxy")
@@ -746,6 +746,7 @@ class Plan:
     grpc_port: int = 0
     cert: Path | None = None
     key: Path | None = None
+    baseline_src: Path | None = None
 
 
 def _others(cpu: CpuWindow) -> str:
@@ -1090,6 +1091,64 @@ def run_auth(procs: Processes, plan: Plan) -> Row:
         procs.stop(server)
 
 
+# OpenTelemetry at 100 %: every request makes a server and a client span, exported to a
+# dummy collector on the load core (so its CPU is not the proxy's).
+OTEL_ENV = {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_SERVICE_NAME": "edgeproxy-bench"}
+
+
+def run_otel(procs: Processes, plan: Plan) -> list[Row]:
+    """edgeproxy's plain route with tracing on (100 % sampling, a dummy collector), and with
+    --baseline-src, the plain route of that other edgeproxy (e.g. main, tracing off) in the
+    same run: the A/B for "tracing off costs nothing"."""
+    rows = []
+    if plan.baseline_src is not None:
+        base = replace(plan, edgeproxy_src=plan.baseline_src)
+        routes = plan.work / "routes-base.toml"
+        routes.write_text(routes_toml(plan.backend_port, plan.sink_port))
+        port = free_port()
+        log(f"[edgeproxy-base] plain: {plan.baseline_src}")
+        server = start_edgeproxy(base, "edgeproxy-base", edgeproxy_env(base, port, free_port(),
+                                                                       routes), port)
+        try:
+            wait_ready(server)
+            rows.append(measure_wrk(plan, server, port, "edgeproxy-base", "plain"))
+        finally:
+            procs.stop(server)
+    collector_port = free_port()
+    collector = procs.start("collector", [sys.executable, str(ROOT / "bench" / "collector.py"),
+                                          str(collector_port)], core=LOAD_CORE,
+                            log_path=plan.work / "collector.out", port=collector_port)
+    port, admin = free_port(), free_port()
+    routes = plan.work / "routes-otel.toml"
+    routes.write_text(routes_toml(plan.backend_port, plan.sink_port))
+    env = edgeproxy_env(plan, port, admin, routes)
+    env.update(OTEL_ENV, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}")
+    log("[edgeproxy] otel: tracing on, 100 % sampled, to a dummy collector")
+    server = start_edgeproxy(plan, "edgeproxy-otel", env, port)
+    try:
+        wait_ready(collector, "/", check=lambda status, _: status == 200)
+        wait_ready(server)
+        row = measure_wrk(plan, server, port, "edgeproxy", "otel")
+        time.sleep(0.5)  # one more export interval's worth of spans
+        stats = json.loads(http_get(collector_port, "/")[1])
+        metrics = http_get(admin, "/metrics")[1].decode()
+        dropped = sum(float(v) for v in re.findall(
+            r"^edgeproxy_trace_spans_dropped_total\{[^}]*\} (\S+)$", metrics, re.M))
+        row.extra.update(collector_exports=stats["exports"], collector_bytes=stats["bytes"],
+                         spans_dropped=dropped)
+        if not stats["exports"]:
+            row.note = (row.note + "; " if row.note else "") + "no span reached the collector"
+        elif dropped:
+            row.note = (row.note + "; " if row.note else "") + f"{dropped:.0f} spans dropped"
+        rows.append(row)
+    except BenchError as exc:
+        rows.append(Row("edgeproxy", "otel", note=f"failed: {exc.summary()}"))
+    finally:
+        procs.stop(server)
+        procs.stop(collector)
+    return rows
+
+
 def _auth_unsupported_reason(server: Server, with_token: tuple[int, bytes],
                              without: tuple[int, bytes]) -> str:
     text = server.log_path.read_text(errors="replace")
@@ -1229,6 +1288,11 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
     p99 = (edge.p99_ms / caddy.p99_ms if edge and caddy and edge.p99_ms and caddy.p99_ms
            else None)
     goal("plain p99 x Caddy", p99, "<=", 1.5, edge, caddy)
+    otel, base = find("edgeproxy", "otel"), find("edgeproxy-base", "plain")
+    goal("otel 100 % sampled req/s x plain", otel.rate / edge.rate
+         if otel and edge and otel.rate and edge.rate else None, ">=", 0.6, otel, edge)
+    goal("plain req/s x --baseline-src plain", edge.rate / base.rate
+         if base and edge and base.rate and edge.rate else None, ">=", 0.95, edge, base)
     auth = find("edgeproxy", "auth")
     goal("auth+ratelimit req/s x Caddy plain", auth.x_caddy if auth else None, ">=", 0.8, auth,
          caddy)
@@ -1391,8 +1455,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wrk measurements per row; the fastest counts (for a shared machine)")
     p.add_argument("--only", default=",".join(SCENARIOS),
                    help="comma-separated scenarios: plain, auth, stream, basic, forward, h2, "
-                        "grpc (default: all; basic, forward, h2 and grpc run Caddy and "
-                        "edgeproxy only)")
+                        "grpc, otel (default: all; basic, forward, h2 and grpc run Caddy and "
+                        "edgeproxy only, otel edgeproxy only)")
     p.add_argument("--proxies", default=",".join(PROXIES),
                    help="comma-separated: direct, nginx, haproxy, caddy, edgeproxy (default: all)")
     p.add_argument("--nice", type=int, default=0,
@@ -1408,6 +1472,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edgeproxy-src", type=Path, default=ROOT,
                    help="directory holding the edgeproxy package to run (default: this checkout;"
                         " e.g. a `git worktree` of a commit while the working tree is mid-edit)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="with the otel scenario: also measure the plain route of the edgeproxy "
+                        "in this directory (e.g. an export of main) in the same run")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1480,7 +1547,7 @@ def main(argv: list[str] | None = None) -> int:
                     connections=args.connections, stream_mb=args.stream_mb,
                     stream_runs=args.stream_runs, repeat=args.repeat, backend_port=free_port(),
                     sink_port=free_port(), big_file=make_files(work, args.stream_mb),
-                    edgeproxy_src=args.edgeproxy_src)
+                    edgeproxy_src=args.edgeproxy_src, baseline_src=args.baseline_src)
         (work / "backend.conf").write_text(backend_conf(work, plan.backend_port))
         backend = procs.start("backend", ["nginx", "-p", str(work), "-e",
                                           str(work / "backend-error.log"), "-c",
@@ -1534,6 +1601,8 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as exc:
                     log(f"[{proxy}] h2 failed: {exc}")
                     rows.append(Row(proxy, h2_rows[0], note=f"failed: {exc.summary()}"))
+            if proxy == "edgeproxy" and "otel" in args.only:
+                rows += run_otel(procs, plan)
         if args.scale:
             try:
                 rows += run_scale(procs, plan, args.scale_routes)

@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgeproxy.policies.config import jwt_config
 
         jwt_config(settings)  # reads the key file: a bad path is a settings error, exit 2
+        from edgeproxy.tracing import check_env
+
+        check_env()  # OTEL_*: a protocol we cannot export with is a settings error, exit 2
         if settings.tls_listen is not None:
             from edgeproxy.tls import CertError, CertStore
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 
 from edgeproxy.headers import Headers, RawHeaders
 from edgeproxy.transform import HeaderRules
+
+if TYPE_CHECKING:
+    from edgeproxy.tracing import ServerTrace
 
 
 class RequestView(Protocol):
@@ -112,7 +115,8 @@ class Exchange:
     route: str | None = None
     upstream: str | None = None
     client: str | None = None
-    bytes: int = 0
+    bytes: int = 0  # response body bytes sent to the client
+    request_bytes: int = 0  # request body bytes read from the client
     error: str | None = None
     retries: int = 0
     # Headers of ours that every answer to this request carries (HSTS, CORS, RateLimit).
@@ -121,6 +125,8 @@ class Exchange:
     rules: HeaderRules | None = None
     # gRPC calls: the grpc-status the client got (the replica's, or the proxy's refusal's).
     grpc_status: int | None = None
+    # The request's server span while tracing is on (edgeproxy.tracing), else None.
+    trace: ServerTrace | None = None
 
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Add headers that every answer to this request will carry."""
