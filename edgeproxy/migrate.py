@@ -1263,6 +1263,17 @@ def _first_nonspace(text: str, start: int) -> int:
 def _write_labels(text: str, service: _Service, name: str, sec: _Section | None,
                   labels: Mapping[str, str], comments: list[str], prefix: str,
                   service_indent: str, source: str) -> list[_Edit]:
+    if sec is not None and getattr(service.node, "flow_style", False):
+        # The whole service is one flow mapping: no room for lines, so the labels stay a flow
+        # node and the comments go above the service.
+        kept = [text[a:b] for a, b in _spans(sec.node)]
+        new = [_render(f"{prefix}.{k}", labels[k], sec.listed) for k in _ordered(labels)]
+        body = ", ".join(kept + new)
+        at = _line_start(text, service.node.start_mark.index)
+        key_indent = _indent_of(text, service.node.start_mark.index)
+        return [_Edit(sec.node.start_mark.index, _last_index(sec.node),
+                      f"[{body}]" if sec.listed else "{" + body + "}"),
+                _Edit(at, at, "".join(f"{key_indent}{c}\n" for c in comments))]
     if sec is not None and sec.block:
         indent = _indent_of(text, _first_nonspace(text, sec.entries[0].start))
         at = _line_end(text, _last_index(sec.node))
