@@ -799,8 +799,12 @@ def _route(router: _Router, services: Mapping[str, tuple[dict[str, str], dict[st
                 route.dropped.append(Dropped(key, value, "edgeproxy serves every route on its "
                                              "HTTP listener (EDGEPROXY_LISTEN) and HTTPS listener "
                                              "(EDGEPROXY_TLS_LISTEN); no per-route entry points"))
-            if names == {"websecure"} or names == {"https"}:
-                route.tls = route.tls or "tls" not in opts
+            if names & {"websecure", "https"} and not any(o.startswith("tls") for o in opts):
+                # TLS may come from the entry point's static configuration, not from labels.
+                route.notes.append(f"router {router.name} is on entry point "
+                                   f"{', '.join(sorted(names))} without tls labels: if Traefik's "
+                                   "static configuration gives that entry point TLS, add "
+                                   "gateway.tls=true or gateway.tls=acme")
         elif option == "tls":
             if v.lower() == "true":
                 route.tls = True
