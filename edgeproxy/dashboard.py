@@ -360,7 +360,7 @@ class ChangeStore:
         marker = (len(changes), changes[-1]["time"] if changes else None)
         if marker == self._saved:
             return
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(changes, default=str), encoding="utf-8")
             os.replace(tmp, self.path)
@@ -424,11 +424,17 @@ def add_dashboard(app: web.Application, watcher: Watcher, proxy: Proxy[Any]) -> 
     meter = RateMeter(read)
     history = History()
     store = ChangeStore(watcher.settings.state_dir)
-    restore_changes(watcher, store.load(), time.time())
+    if not watcher.quiet:
+        restore_changes(watcher, store.load(), time.time())
     closing = asyncio.Event()
 
     async def keep_history_and_changes(_: web.Application) -> AsyncIterator[None]:
-        """Sample the sparklines and save the changes on their own clocks, watched or not."""
+        """Sample the sparklines and save the changes on their own clocks, watched or not;
+        only in the process that serves the page (every worker builds this app)."""
+        if watcher.quiet:
+            yield
+            return
+
         async def loop() -> None:
             while True:
                 now = time.time()

@@ -24,6 +24,8 @@ class Watcher:
 
     def __init__(self, settings: Settings, quiet: bool = False) -> None:
         self.settings = settings
+        # True in every worker but the first: they keep the same table without reporting it.
+        self.quiet = quiet
         self.table = RouteTable()
         self.swaps = 0
         self.last_swap = 0.0

@@ -4,6 +4,7 @@ the bounded sparkline ring, what a change record says, and changes kept across a
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from pathlib import Path
 
@@ -213,7 +214,8 @@ def test_a_missing_or_unwritable_folder_turns_saving_off(tmp_path: Path) -> None
     assert not ChangeStore(tmp_path / "missing").enabled
     assert ChangeStore(tmp_path / "missing").load() == []
     store = ChangeStore(tmp_path)
-    (tmp_path / "dashboard-changes.tmp").mkdir()  # the write fails: saving stops, no raise
+    (tmp_path / f"dashboard-changes.{os.getpid()}.tmp").mkdir()  # the write fails: saving
+    # stops, without raising
     store.save([{"time": 1.0, "event": "route_added", "route": "a"}])
     assert not store.enabled
 
