@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from edgeproxy.logs import get_logger
-from edgeproxy.model import Container, Route, RouteSpec
+from edgeproxy.model import Container, Route, RouteSpec, Upstream
 from edgeproxy.settings import Settings
 from edgeproxy.table import FileRoute, RouteTable, build_table
 
@@ -254,6 +254,11 @@ def _setting_text(value: object) -> str:
     return ""  # a structured setting (health, auth, headers...): its name says enough
 
 
+def _replica(u: Upstream) -> str:
+    # A routes-file replica is named by its URL, which already holds the address.
+    return u.name if u.address in u.name else f"{u.name} at {u.address}"
+
+
 def describe_change(old: Route | None, new: Route | None) -> list[str]:
     """What changed between two versions of a route, one short line per difference: which
     replica (added, removed, its state, address or weight) and which setting."""
@@ -262,7 +267,7 @@ def describe_change(old: Route | None, new: Route | None) -> list[str]:
         return [f"last replica gone: {', '.join(u.name for u in old.upstreams) or 'none'}"
                 if old.upstreams else "removed"]
     if old is None:
-        return [f"replica {u.name} at {u.address} ({u.state})" for u in new.upstreams]
+        return [f"replica {_replica(u)} ({u.state})" for u in new.upstreams]
     out: list[str] = []
     if old.source != new.source:
         out.append(f"source {old.source} -> {new.source}")
@@ -277,7 +282,7 @@ def describe_change(old: Route | None, new: Route | None) -> list[str]:
     for name, u in now.items():
         p = was.get(name)
         if p is None:
-            out.append(f"replica {name} added at {u.address} ({u.state})")
+            out.append(f"replica {_replica(u)} added ({u.state})")
             continue
         if p.state != u.state:
             out.append(f"replica {name} {p.state} -> {u.state}"

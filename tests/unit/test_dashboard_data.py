@@ -139,7 +139,7 @@ def test_change_says_which_replica_and_which_setting() -> None:
         "strip_prefix false -> true",
         "retries unset -> 0",
         "replica api-1 running -> unhealthy (GET /healthz: 503)",
-        "replica api-3 added at 10.0.0.4:80 (running)",
+        "replica api-3 at 10.0.0.4:80 added (running)",
         "replica api-2 removed",
     ]
 
