@@ -684,6 +684,10 @@ def migrate_traefik(labels: Mapping[str, str], middlewares: Mapping[str, Middlew
         (r for r in routes if not r.redirect_only), routes[0])
     merged_hosts = set(primary.hosts)
     merged_paths = set(primary.paths)
+    # Every (host, path) pair the merged routers match; the labels can say it only when it
+    # is every host with every path.
+    merged_pairs: set[tuple[str | None, str | None]] = {
+        (h, p) for h in primary.hosts or (None,) for p in primary.paths or (None,)}
     result.labels.update(primary.labels)
     result.carried |= primary.carried
     result.dropped += primary.dropped
@@ -709,13 +713,12 @@ def migrate_traefik(labels: Mapping[str, str], middlewares: Mapping[str, Middlew
             continue
         hosts = merged_hosts | set(route.hosts)
         paths = merged_paths | set(route.paths)
-        wanted: set[tuple[str | None, str | None]] = {
-            (h, p) for r in (primary, route) for h in r.hosts or (None,)
-            for p in r.paths or (None,)}
+        wanted = merged_pairs | {(h, p) for h in route.hosts or (None,)
+                                 for p in route.paths or (None,)}
         product = len(wanted) == max(len(hosts), 1) * max(len(paths), 1)
         if route.tls == primary.tls and settings == base and product and not (
                 (not hosts) != (not merged_hosts) or (not paths) != (not merged_paths)):
-            merged_hosts, merged_paths = hosts, paths
+            merged_hosts, merged_paths, merged_pairs = hosts, paths, wanted
             result.carried |= route.carried
             result.dropped += route.dropped
             fail_closed = fail_closed or route.fail_closed
@@ -1230,6 +1233,11 @@ def _migrate_service(text: str, service: _Service, ctx: Context, replace: bool, 
         dropped = traefik.dropped + nginx.dropped
         notes = traefik.notes + nginx.notes
         if not result.labels and not dropped:
+            # Only middleware definitions, carried over onto the services that use them.
+            if replace and sec is not None and traefik.carried:
+                gone = [e for e in sec.entries if e.key in traefik.carried]
+                edits += _remove(text, sec, gone, keep_section=False)
+                report.carried += len(gone)
             continue
         report.services += 1
         report.carried += len(traefik.carried) + len(nginx.carried)

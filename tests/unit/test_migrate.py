@@ -250,6 +250,21 @@ def test_redirect_router_and_tls_router_become_one_route(checked) -> None:  # ty
     assert checked(out)[0] == 0
 
 
+def test_routers_with_the_same_settings_merge_when_the_hosts_and_paths_still_combine() -> None:
+    rc, out, _ = migrate("""\
+        services:
+          app:
+            image: x
+            labels:
+              - traefik.http.routers.a.rule=Host(`a.example.com`)
+              - traefik.http.routers.b.rule=Host(`b.example.com`)
+              - traefik.http.routers.c.rule=Host(`c.example.com`) && PathPrefix(`/c`)
+        """)
+    assert gateway_labels(out, "app") == {"gateway.host": "a.example.com,b.example.com"}
+    assert rc == 1
+    assert any("router c is a second route" in line for line in not_carried(out))
+
+
 def test_a_second_route_on_one_container_is_reported_not_merged() -> None:
     rc, out, _ = migrate("""\
         services:
@@ -349,7 +364,7 @@ def test_a_middleware_from_another_provider_disables_the_route() -> None:
 
 
 def test_middleware_defined_on_another_service_is_used_and_an_unused_one_reported() -> None:
-    rc, out, _ = migrate("""\
+    text = textwrap.dedent("""\
         services:
           traefik:
             image: traefik:v3.1
@@ -362,11 +377,21 @@ def test_middleware_defined_on_another_service_is_used_and_an_unused_one_reporte
               - traefik.http.routers.app.rule=PathPrefix(`/app`)
               - traefik.http.routers.app.middlewares=gzip@docker
         """)
+    rc, out, _ = migrate(text)
     assert gateway_labels(out, "app") == {"gateway.path": "/app", "gateway.compress": "true"}
     assert rc == 1
     assert not_carried(out) == [
         f"{COMMENT} not carried over: traefik.http.middlewares.unused.addprefix.prefix=/x: "
         "middleware unused is used by no router in these files"]
+    rc, out, _ = migrate(text, replace=True)
+    doc = yaml.safe_load(out)["services"]
+    # The used definition moved onto its user; the unused one stays, with its comment.
+    assert doc["traefik"]["labels"][0] == "traefik.http.middlewares.unused.addprefix.prefix=/x"
+    assert doc["app"]["labels"] == ["gateway.path=/app", "gateway.compress=true"]
+    without_unused = "".join(line for line in text.splitlines(keepends=True)
+                             if "unused" not in line)
+    rc, out, _ = migrate(without_unused, replace=True)
+    assert rc == 0 and "labels" not in yaml.safe_load(out)["services"]["traefik"]
 
 
 def test_unexpressible_rule_leaves_the_service_unrouted_and_says_why() -> None:
