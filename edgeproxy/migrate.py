@@ -1220,7 +1220,7 @@ def _migrate_service(text: str, service: _Service, ctx: Context, replace: bool, 
             for key in mw.keys.values():
                 if mw.name not in ctx.used:
                     traefik.dropped.append(Dropped(key, labels[key], f"middleware {mw.name} is "
-                                                   "used by no router in these files"))
+                                                   "used by no router that was carried over"))
                 elif key in ctx.carried:
                     traefik.carried.add(key)
         if traefik.labels and nginx.labels:

@@ -382,7 +382,7 @@ def test_middleware_defined_on_another_service_is_used_and_an_unused_one_reporte
     assert rc == 1
     assert not_carried(out) == [
         f"{COMMENT} not carried over: traefik.http.middlewares.unused.addprefix.prefix=/x: "
-        "middleware unused is used by no router in these files"]
+        "middleware unused is used by no router that was carried over"]
     rc, out, _ = migrate(text, replace=True)
     doc = yaml.safe_load(out)["services"]
     # The used definition moved onto its user; the unused one stays, with its comment.
