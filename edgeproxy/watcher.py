@@ -256,7 +256,8 @@ def _setting_text(value: object) -> str:
 
 def _replica(u: Upstream) -> str:
     # A routes-file replica is named by its URL, which already holds the address.
-    return u.name if u.address in u.name else f"{u.name} at {u.address}"
+    # A stopped container has no address: nothing to say where it is.
+    return u.name if u.address in u.name or not u.host else f"{u.name} at {u.address}"
 
 
 def describe_change(old: Route | None, new: Route | None) -> list[str]:
@@ -289,7 +290,7 @@ def describe_change(old: Route | None, new: Route | None) -> list[str]:
                        + (f" ({u.reason})" if u.reason else ""))
         elif p.reason != u.reason and u.reason:
             out.append(f"replica {name}: {u.reason}")
-        if p.address != u.address:
+        if p.address != u.address and p.host and u.host:  # losing the address = stopping
             out.append(f"replica {name} moved {p.address} -> {u.address}")
         if p.weight != u.weight:
             out.append(f"replica {name} weight {p.weight} -> {u.weight}")

@@ -289,7 +289,7 @@ async def _follow_a_container(proxy: ProxyProcess, tmp: Path) -> None:
         added = await page.evaluate(
             f"document.querySelector('#changes li[data-event=route_added][data-route={json.dumps(name)}]')"
             "?.innerText")
-        assert added and f"replica {name} at " in added, added
+        assert added and f"replica {name}" in added, added
 
         await asyncio.to_thread(engine.docker, "stop", name)
 

@@ -158,6 +158,10 @@ def test_change_descriptions_for_moves_weights_sources_and_structured_settings()
         "replica api-1 weight 1 -> 3",
     ]
     assert describe_change(None, old) == ["replica api-1 at 10.0.0.2:80 (running)"]
+    stopped = route(up("api-1", "", state="stopped", reason="container is exited"))
+    assert describe_change(old, stopped) == [
+        "replica api-1 running -> stopped (container is exited)"]
+    assert describe_change(None, stopped) == ["replica api-1 (stopped)"]
     assert describe_change(old, None) == ["last replica gone: api-1"]
 
 
