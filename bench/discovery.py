@@ -10,9 +10,12 @@ Measures the issue's discovery goals against a real Docker Engine:
   last `start` event all B routes are in `GET /routes` (goal: < 2 s), with the table swaps and
   Docker API calls that took;
 - memory: edgeproxy's RSS with N + B routes (one worker; the goal is < 100 MB with 1000 routes,
-  which `bench/run.py --scale` measures with file routes).
+  which `bench/run.py --scale` measures with file routes); with `--workers`, the largest process;
+- with `--workers N` (N > 1): the spread of each table swap's arrival across the workers (first
+  to last worker, from their `table_received` events; goal: < 50 ms), and that the N workers
+  still cost one list and one event stream.
 
-    .venv/bin/python bench/discovery.py [--containers 200] [--burst 50] [--parallel 8]
+    .venv/bin/python bench/discovery.py [--containers 200] [--burst 50] [--parallel 8] [--workers 1]
 
 edgeproxy reaches Docker through a counting forwarder in this script (DOCKER_HOST=tcp://...),
 which relays bytes to the Docker socket and notes every request line. Every container is
@@ -371,14 +374,15 @@ def routable_times(log_: ProxyLog, paths: set[str], after: float) -> dict[str, f
 class EdgeProxy:
     """One edgeproxy process (one worker) that reaches Docker through the counter."""
 
-    def __init__(self, work: Path, docker_port: int) -> None:
+    def __init__(self, work: Path, docker_port: int, workers: int = 1) -> None:
         self.port, self.admin = free_port(), free_port()
+        self.workers = workers
         self.log = ProxyLog(work / "edgeproxy.out")
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("EDGEPROXY_", "DOCKER_"))}
         env.update({
             "DOCKER_HOST": f"tcp://127.0.0.1:{docker_port}",
-            "EDGEPROXY_WORKERS": "1",
+            "EDGEPROXY_WORKERS": str(workers),
             "EDGEPROXY_LISTEN": f"127.0.0.1:{self.port}",
             "EDGEPROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin}",
             "EDGEPROXY_LOG_LEVEL": "debug",
@@ -417,12 +421,19 @@ class EdgeProxy:
         return out
 
     def memory_mb(self) -> dict[str, float]:
-        """VmRSS and VmHWM (peak RSS) of the process, in MB."""
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024 / 1e6
+        """VmRSS and VmHWM (peak RSS) in MB: of the process, or with workers the largest of the
+        supervisor, the control plane and the workers."""
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        out: dict[str, float] = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "VmHWM"):
+                        out[key] = max(out.get(key, 0.0), int(value.split()[0]) * 1024 / 1e6)
         return out
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -502,6 +513,28 @@ def check_routable(proxy: EdgeProxy, fleet: Fleet, indexes: list[int], timeout: 
         if todo:
             time.sleep(0.05)
     return len(indexes) - len(todo), time.time()
+
+
+def swap_spread(log_: ProxyLog, workers: int, after: float) -> dict[str, Any]:
+    """How far apart the workers received each table published after `after`: per generation
+    that every worker received, last arrival minus first (ms); and publish -> arrival (ms)."""
+    arrivals: dict[int, dict[Any, float]] = {}
+    lags: list[float] = []
+    for e in log_.find("table_received"):
+        if e["at"] < after:
+            continue
+        arrivals.setdefault(e["generation"], {})[e.get("worker")] = e["at"]
+        lags.append(e["lag_ms"])
+    spreads = sorted((max(a.values()) - min(a.values())) * 1000
+                     for a in arrivals.values() if len(a) == workers)
+    lags.sort()
+    return {
+        "swaps_measured": len(spreads),
+        "spread_ms_median": round(spreads[len(spreads) // 2], 2) if spreads else None,
+        "spread_ms_max": round(spreads[-1], 2) if spreads else None,
+        "publish_to_arrival_ms_median": round(lags[len(lags) // 2], 2) if lags else None,
+        "publish_to_arrival_ms_max": round(lags[-1], 2) if lags else None,
+    }
 
 
 # --- phases -----------------------------------------------------------------------------------
@@ -713,8 +746,8 @@ def machine_info(api: Any) -> dict[str, Any]:
     return info
 
 
-def goals(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, Any]
-          ) -> list[dict[str, Any]]:
+def goals(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, Any],
+          spread: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The issue's discovery goals, each with its value and whether it is met."""
     out = []
 
@@ -730,10 +763,14 @@ def goals(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, 
         goal(f"burst: s from last start to {burst['containers']} routes",
              burst["last_start_event_to_routes_s"], "<", 2)
     goal(f"RSS MB per worker with {memory['routes']} routes", memory["rss_mb"], "<", 100)
+    if spread is not None:
+        goal("workers: ms from first to last worker per swap (max)", spread["spread_ms_max"],
+             "<", 50)
     return out
 
 
-def table(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, Any]) -> str:
+def table(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, Any],
+          spread: dict[str, Any] | None = None) -> str:
     """Two aligned columns: what and how much."""
     def calls(counts: dict[str, int]) -> str:
         return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
@@ -788,6 +825,15 @@ def table(sync: dict[str, Any], burst: dict[str, Any] | None, memory: dict[str, 
         ("memory", "peak RSS (VmHWM)", f"{memory['peak_rss_mb']:.1f} MB"),
         ("memory", f"RSS after the sync ({n} routes)", f"{memory['rss_after_sync_mb']:.1f} MB"),
     ]
+    if spread is not None:
+        rows += [
+            ("workers", "table swaps received by every worker", str(spread["swaps_measured"])),
+            ("workers", "first -> last worker per swap: median, max",
+             f"{spread['spread_ms_median']} ms, {spread['spread_ms_max']} ms"),
+            ("workers", "publish -> worker has it: median, max",
+             f"{spread['publish_to_arrival_ms_median']} ms, "
+             f"{spread['publish_to_arrival_ms_max']} ms"),
+        ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
@@ -807,6 +853,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: create them all first, then start them all at once)")
     p.add_argument("--parallel", type=int, default=8,
                    help="concurrent Docker calls when creating and starting containers")
+    p.add_argument("--workers", type=int, default=1,
+                   help="EDGEPROXY_WORKERS; above 1 the swap spread across workers is measured")
     p.add_argument("--docker-socket", default="/var/run/docker.sock",
                    help="the Docker socket the forwarder relays to")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
@@ -863,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{args.containers} containers created and running in {setup_s:.1f}s")
 
         counter.start()
-        proxy = EdgeProxy(work, counter.port)
+        proxy = EdgeProxy(work, counter.port, args.workers)
         sync = measure_sync(proxy, counter, fleet, sync_idx, 0)
         rss_sync = proxy.memory_mb()["VmRSS"]
         log(f"sync: {sync['list_answer_to_routes_s']}s from the list's answer to "
@@ -878,6 +926,11 @@ def main(argv: list[str] | None = None) -> int:
         mem = proxy.memory_mb()
         memory = {"routes": len(sync_idx) + len(burst_idx), "rss_mb": round(mem["VmRSS"], 1),
                   "peak_rss_mb": round(mem["VmHWM"], 1), "rss_after_sync_mb": round(rss_sync, 1)}
+        spread = (swap_spread(proxy.log, args.workers, proxy.t_spawn)
+                  if args.workers > 1 else None)
+        if spread is not None:
+            log(f"workers: {spread['swaps_measured']} swaps, first to last worker "
+                f"{spread['spread_ms_median']} ms median, {spread['spread_ms_max']} ms max")
         foreign = sum(1 for c in counter.calls if c.kind == "inspect"
                       and not any(cid.startswith(c.container or "-")
                                   for cid in fleet.ids.values()))
@@ -904,21 +957,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    goal_list = goals(sync, burst, memory)
+    goal_list = goals(sync, burst, memory, spread)
     report = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "machine": info,
         "settings": {"containers": args.containers, "burst": args.burst,
-                     "burst_run": args.burst_run, "parallel": args.parallel, "poll_s": POLL, "workers": 1,
+                     "burst_run": args.burst_run, "parallel": args.parallel, "poll_s": POLL,
+                     "workers": args.workers,
                      "setup_s": round(setup_s, 1)},
-        "sync": sync, "burst": burst, "memory": memory,
+        "sync": sync, "burst": burst, "memory": memory, "workers_spread": spread,
         "foreign_inspects": foreign,
         "goals": goal_list,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "discovery.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(table(sync, burst, memory))
+    print(table(sync, burst, memory, spread))
     print()
     for g in goal_list:
         verdict = {True: "met", False: "not met", None: "n/a"}[g["met"]]

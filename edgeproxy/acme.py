@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from acme import challenges, client, errors, messages
 from acme import crypto_util as acme_crypto
@@ -150,6 +150,48 @@ async def _in_daemon_thread(fn: Callable[[], T]) -> T:
     return await future
 
 
+class ChallengeAnswers(Protocol):
+    """What the request path needs from ACME: HTTP-01 answers, and order status for /healthz."""
+
+    def challenge_response(self, token: str) -> str | None: ...
+
+    def status(self) -> list[dict[str, object]]: ...
+
+
+class ChallengeBook:
+    """The HTTP-01 answers a worker serves: tokens the control plane published, else the token
+    files in the shared state directory (written before the CA is asked to validate, so an
+    answer whose message is still on its way is found there)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.challenges_dir = state_dir / "acme" / "challenges"
+        self.tokens: dict[str, str] = {}
+        self._status: list[dict[str, object]] = []
+
+    def challenge_response(self, token: str) -> str | None:
+        """The key authorization for GET /.well-known/acme-challenge/<token>, or None (-> 404)."""
+        if challenge_token(CHALLENGE_PREFIX + token) is None:
+            return None
+        answer = self.tokens.get(token)
+        if answer is not None:
+            return answer
+        try:
+            return (self.challenges_dir / token).read_text("ascii").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def put(self, token: str, answer: str | None) -> None:
+        """A token published by the control plane (None: the order is over)."""
+        if answer is None:
+            self.tokens.pop(token, None)
+        else:
+            self.tokens[token] = answer
+
+    def status(self) -> list[dict[str, object]]:
+        """Orders are the control plane's: its admin API shows them."""
+        return self._status
+
+
 class AcmeManager:
     """Obtains, stores, loads and renews one certificate per host, serving them via `store`."""
 
@@ -196,6 +238,11 @@ class AcmeManager:
         self._closing = threading.Event()
         self._log = get_logger("acme")
         self._random = secrets.SystemRandom()
+        # Hooks for the control plane, which hands both to the workers: a certificate this
+        # manager serves (called on the event loop), an HTTP-01 token placed or dropped
+        # (called from the ordering thread).
+        self.on_certificate: Callable[[tuple[str, ...], bytes, bytes], None] | None = None
+        self.on_challenge: Callable[[str, str | None], None] | None = None
 
     # --- the HTTP-01 answer -----------------------------------------------------------------
 
@@ -368,6 +415,8 @@ class AcmeManager:
             self._log.warning("acme_certificate_invalid", host=state.name, error=exc.problem)
             return
         state.info, state.signature = info, stored.signature
+        if self.on_certificate is not None:
+            self.on_certificate((state.name,), stored.cert_pem, stored.key_pem)
         self._log.info(event, host=state.name, not_after=info.not_after.isoformat(),
                        serial=format(info.serial, "x"))
 
@@ -442,11 +491,15 @@ class AcmeManager:
         self._challenges[token] = validation
         self.challenges_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.challenges_dir / token, validation.encode("ascii"))
+        if self.on_challenge is not None:
+            self.on_challenge(token, validation)
 
     def _drop_challenge(self, token: str) -> None:
         self._challenges.pop(token, None)
         with contextlib.suppress(OSError):
             (self.challenges_dir / token).unlink()
+        if self.on_challenge is not None:
+            self.on_challenge(token, None)
 
     def _acme_client(self) -> tuple[client.ClientV2, JWKRSA]:
         """The client with a registered account (created, and the key generated, if needed),

@@ -3,29 +3,86 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy import __version__
-from edgeproxy.balancer import Balancer
+from edgeproxy.dataview import BalancerView, DataPlaneView, WorkerReports
 from edgeproxy.decide import decide
+from edgeproxy.errors import error_response
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import request_host
+from edgeproxy.logs import get_logger
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.model import Route, Upstream
 from edgeproxy.paths import PathError, normalize_path, split_target
-from edgeproxy.pipeline import Proxy
 from edgeproxy.providers.docker import DiscoveryStatus
+from edgeproxy.requestcheck import HostError, parse_host
+from edgeproxy.settings import Address
 from edgeproxy.table import Decision
 from edgeproxy.watcher import Watcher
 
+_WILDCARD = frozenset(("0.0.0.0", "::", ""))
+_LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
 
-def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, Any]:
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_host_allowed(host: str | None, listen: Address,
+                       extra: tuple[tuple[str, int | None], ...] = ()) -> bool:
+    """Whether the admin listener answers a request with this Host value (DNS rebinding guard).
+
+    A page on another site can make the operator's browser reach the admin listener only under
+    its own name (DNS rebinding), never under a loopback name or an IP literal, so those are
+    what is let in, as Caddy's admin API does with its `origins`:
+    - no Host at all (HTTP/1.0: browsers always send one);
+    - a name listed in EDGEPROXY_ADMIN_HOSTS (an entry without a port matches any port);
+    - the listener's own host:port, and for a loopback listener localhost, 127.0.0.1 and [::1]
+      with its port (without a port when it is 80);
+    - for a wildcard listener (0.0.0.0, ::; inside a container, where the published port is
+      unknown) localhost and any IP literal, with any port."""
+    if host is None:
+        return True
+    try:
+        name, port = parse_host(host)
+    except HostError:
+        return False
+    if any(n == name and (p is None or p == port) for n, p in extra):
+        return True
+    own = listen.host.lower()
+    if own in _WILDCARD:
+        return name == "localhost" or _is_ip(name)
+    if port != listen.port and not (port is None and listen.port == 80):
+        return False
+    if _is_ip(own):
+        own = ipaddress.ip_address(own).compressed
+    return name == own or (_is_loopback(own) and name in _LOOPBACK_NAMES)
+
+
+def upstream_json(u: Upstream, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One replica as shown by /routes."""
     state: str = u.state
     reason = u.reason or None
@@ -49,8 +106,23 @@ def upstream_json(u: Upstream, balancer: Balancer | None = None) -> dict[str, An
 def policies_json(r: Route) -> dict[str, Any]:
     """A route's policies as shown by /routes and /explain."""
     out: dict[str, Any] = {}
+    ip = r.spec.ip
+    if ip is not None:  # checked first, then auth, then the rate limit
+        out["ip"] = {"allow": [str(n) for n in ip.allow], "deny": [str(n) for n in ip.deny]}
     auth = r.spec.auth
-    if auth is not None:
+    if auth is not None and auth.basic is not None:
+        b = auth.basic
+        # Never the hashes: user names and where they come from are enough to debug.
+        out["auth"] = {"type": "basic", "users": [u for u, _ in b.users],
+                       "users_file": b.users_file, "realm": b.realm or r.name,
+                       "keep_authorization": b.keep_authorization}
+    elif auth is not None and auth.forward is not None:
+        f = auth.forward
+        out["auth"] = {"type": "forward", "url": f.url,
+                       "response_headers": list(f.response_headers),
+                       "request_headers": None if f.request_headers is None
+                       else list(f.request_headers), "timeout_s": f.timeout}
+    elif auth is not None:
         out["auth"] = {"type": "jwt", "scopes": list(auth.scopes), "audience": auth.audience}
     if r.spec.tls is not None:
         out["tls"] = {"certificates": r.spec.tls, "redirect": r.spec.tls_redirect,
@@ -59,6 +131,19 @@ def policies_json(r: Route) -> dict[str, Any]:
     if rl is not None:
         out["ratelimit"] = {"limit": rl.limit, "period_s": rl.period, "burst": rl.burst,
                             "key": rl.key}
+    return out
+
+
+def access_checks(r: Route) -> list[str]:
+    """The checks a request to this route passes, in the order the proxy runs them."""
+    spec = r.spec
+    out = []
+    if spec.ip is not None:
+        out.append("ip")
+    if spec.auth is not None:
+        out.append("auth:" + spec.auth.kind)
+    if spec.ratelimit is not None:
+        out.append("ratelimit")
     return out
 
 
@@ -92,7 +177,7 @@ def transforms_json(r: Route) -> dict[str, Any]:
     return out
 
 
-def route_json(r: Route, balancer: Balancer | None = None) -> dict[str, Any]:
+def route_json(r: Route, balancer: BalancerView | None = None) -> dict[str, Any]:
     """One route as shown by /routes."""
     spec = r.spec
     health = spec.health
@@ -134,16 +219,20 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
-                   discovery: Callable[[], DiscoveryStatus] | None = None) -> web.Application:
-    """The admin aiohttp application; `discovery` reads the Docker provider's status."""
+def make_admin_app(watcher: Watcher, proxy: DataPlaneView,
+                   workers: WorkerReports | None = None,
+                   discovery: Callable[[], DiscoveryStatus | None] | None = None) -> web.Application:
+    """The admin aiohttp application, on the process that holds the control plane: `watcher`
+    for the table, Docker and change history; `proxy` for the data plane's side (the one
+    worker's Proxy, or every worker's reports); `discovery` reads the Docker provider's
+    status."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
         # Discovery on and failing: 503, so the image's HEALTHCHECK turns unhealthy.
         status = discovery() if discovery is not None and watcher.settings.docker else None
         failing = status is not None and status.state == "failing"
-        return web.json_response(status=503 if failing else 200, data={
+        doc: dict[str, Any] = {
             "status": "failing" if failing else "ok",
             "reason": f"Docker discovery fails: {status.error}" if failing and status else None,
             "discovery": status.as_json() if status is not None else None,
@@ -158,7 +247,10 @@ def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
             "ratelimit": {"backend": watcher.settings.ratelimit_backend,
                           "healthy": proxy.limiter.healthy,
                           "last_error": proxy.limiter.last_error},
-        })
+        }
+        if workers is not None:
+            doc["workers"] = workers.workers_json()
+        return web.json_response(doc, status=503 if failing else 200)
 
     async def routes(_: web.Request) -> web.Response:
         table = watcher.table
@@ -180,7 +272,23 @@ def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
         body = render(proxy.metrics)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application()
+    settings = watcher.settings
+    log = get_logger("admin")
+
+    @web.middleware
+    async def host_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if not admin_host_allowed(host, settings.admin_listen, settings.admin_hosts):
+            log.warning("admin_host_refused", host=host, path=request.path,
+                        peer=request.remote)
+            return error_response(
+                403, "host_not_allowed",
+                f"Host {host!r} is not an address of this admin listener "
+                f"({settings.admin_listen}); add the name to EDGEPROXY_ADMIN_HOSTS to use it",
+                uuid.uuid4().hex)
+        return await handler(request)
+
+    app = web.Application(middlewares=[host_guard])
     app.router.add_get("/metrics", metrics)
     from edgeproxy.dashboard import add_dashboard  # imports this module: import it late
 
@@ -192,7 +300,7 @@ def make_admin_app(watcher: Watcher, proxy: Proxy[Any],
     return app
 
 
-async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> web.Response:
+async def explain(request: web.Request, watcher: Watcher, proxy: DataPlaneView) -> web.Response:
     """What the proxy would do with a request, without sending it anywhere: the same `decide`
     as the request pipeline, so the two cannot disagree."""
     url_text = request.query.get("url", "")
@@ -236,6 +344,7 @@ async def explain(request: web.Request, watcher: Watcher, proxy: Proxy[Any]) -> 
         matched_prefix=decision.prefix,
         forwarded_path=decision.target,
         replica=upstream_json(candidates[0], proxy.balancer) if candidates else None,
+        checks=access_checks(route),
     )
     if not route.pool:
         out.update(status=503, decision="route has no healthy replica: 503 with Retry-After")

@@ -34,6 +34,17 @@ _EXAMPLES: dict[str, str] = {
     "health.status": "200-399",
     "health.fails": "3",
     "health.passes": "2",
+    # A real bcrypt entry (password 's3cret'): stand-ins must parse. Compose needs each $ as $$.
+    "auth.users": "alice:$2y$05$7o6Sr7.B2kikTintmK7TKOq0KJalRPdT1GcqCC1evJPlVNNeTNm36",
+    "auth.users_file": "/etc/edgeproxy/admin.htpasswd",
+    "auth.realm": "Admin",
+    "auth.keep_authorization": "true",
+    "auth.url": "http://authelia:9091/api/authz/forward-auth",
+    "auth.response_headers": "Remote-User,Remote-Groups,Remote-Email",
+    "auth.request_headers": "Cookie,Authorization",
+    "auth.timeout": "5s",
+    "ip.allow": "10.0.0.0/8,192.168.0.0/16",
+    "ip.deny": "192.168.1.13",
 }
 _SECTIONS = ("labels", "deploy.labels")
 

@@ -22,9 +22,9 @@ from prometheus_client import Metric
 
 from edgeproxy import __version__
 from edgeproxy import admin as admin_api  # the module, not names: admin may import us early
+from edgeproxy.dataview import DataPlaneView
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics, multiprocess_dir
-from edgeproxy.pipeline import Proxy
 from edgeproxy.watcher import Watcher
 
 PUSH_INTERVAL = 1.0
@@ -274,7 +274,7 @@ def _docker_state(watcher: Watcher) -> str:
     return {True: "connected", False: "disconnected", None: "connecting"}[watcher.docker_connected]
 
 
-def snapshot(watcher: Watcher, proxy: Proxy[Any], meter: RateMeter,
+def snapshot(watcher: Watcher, proxy: DataPlaneView, meter: RateMeter,
              history: History | None = None) -> dict[str, Any]:
     """Everything the page shows, as one JSON document; with `history`, each route's
     sparkline points too (sent only when they moved: they change once per step)."""
@@ -416,7 +416,7 @@ def _event(doc: Mapping[str, Any]) -> bytes:
     return b"data: " + body.encode() + b"\n\n"
 
 
-def add_dashboard(app: web.Application, watcher: Watcher, proxy: Proxy[Any]) -> None:
+def add_dashboard(app: web.Application, watcher: Watcher, proxy: DataPlaneView) -> None:
     """Register `GET /` (the page) and `GET /events` (snapshots as server-sent events)."""
     page = files("edgeproxy").joinpath(_PAGE_RESOURCE).read_text(encoding="utf-8")
     headers = page_headers(page)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import Headers, host_name, request_host
-from edgeproxy.model import Route
+from edgeproxy.model import Route, RouteSpec
 from edgeproxy.paths import (
     CHALLENGE_PREFIX,
     PathError,
@@ -21,6 +21,7 @@ from edgeproxy.paths import (
     split_target,
     strip_prefix,
 )
+from edgeproxy.requestcheck import check_request, host_problem
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import hsts_value, https_redirect_url
 
@@ -51,6 +52,7 @@ class Plan:
     target: str
     authority: str | None = None
     extra_headers: dict[str, str] | None = None
+    origin_target: str = ""  # the client's target in origin form, as sent (forward auth's URI)
 
 
 Decision = Plan | Refusal | LocalAnswer
@@ -59,6 +61,9 @@ Decision = Plan | Refusal | LocalAnswer
 def decide(table: RouteTable, method: str, target: str, headers: Headers, secure: bool,
            edge: Edge) -> Decision:
     """Route the request, or answer it here (refusal, https redirect, CORS preflight, ACME)."""
+    refusal = check_request(headers)  # Host syntax, a repeated Authorization
+    if refusal is not None:
+        return refusal
     asked = target
     authority: str | None = None
     if not asked.startswith("/"):
@@ -68,6 +73,9 @@ def decide(table: RouteTable, method: str, target: str, headers: Headers, secure
             return Refusal(400, "bad_target", str(exc))
         if absolute is not None:  # http://host/path: its host replaces the Host header
             authority, asked = absolute
+            problem = host_problem(authority)
+            if problem is not None:
+                return Refusal(400, "bad_target", "request target: " + problem)
     raw_path, query = split_target(asked)
     challenge = edge.challenge is not None and raw_path.startswith(CHALLENGE_PREFIX)
     if challenge and edge.challenge is not None:
@@ -125,7 +133,7 @@ def decide(table: RouteTable, method: str, target: str, headers: Headers, secure
     if spec.add_prefix:
         fwd_path = spec.add_prefix + fwd_path
     return Plan(route, prefix, host, path, fwd_path + "?" + query if query else fwd_path,
-                authority, extra)
+                authority, extra, asked)
 
 
 def semicolon_confusion(table: RouteTable, host: str, path: str,
@@ -134,8 +142,12 @@ def semicolon_confusion(table: RouteTable, host: str, path: str,
     (a different route once the parameters are stripped, or any protected route)."""
     stripped = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
     other = table.match(host, stripped)
-    if found is not None and found[0].spec.auth is not None:
+    if found is not None and _protected(found[0].spec):
         return True
-    if other is not None and other[0].spec.auth is not None:
+    if other is not None and _protected(other[0].spec):
         return True
     return (other[0] if other else None) is not (found[0] if found else None)
+
+
+def _protected(spec: RouteSpec) -> bool:
+    return spec.auth is not None or spec.ip is not None

@@ -49,6 +49,35 @@ class RequestView(Protocol):
     def body(self) -> AsyncIterator[bytes]: ...
 
 
+class ReplicaResponse(Protocol):
+    """A replica's answer as a front's `relay` reads it, whatever the protocol to the replica
+    (HTTP/1.1 pool: `upstream.UpstreamResponse`; HTTP/2 pool: `upstream_h2.H2Response`)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def raw_headers(self) -> RawHeaders: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def trailers(self) -> RawHeaders | None:
+        """Trailers, once the body was read to its end (None from HTTP/1.1 replicas)."""
+
+    def failure(self) -> BaseException | None: ...
+
+    def complete_body(self) -> bytes | None: ...
+
+    def iter_body(self) -> AsyncIterator[bytes]: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Refusal:
     """The proxy's own error answer: the JSON error shape, with `code` from the README's table."""
@@ -70,6 +99,7 @@ class LocalAnswer:
     body: bytes = b""
     content_type: str | None = None
     route: str | None = None
+    reason: str | None = None  # a reason phrase other than the status's standard one
 
 
 @dataclass(slots=True)
@@ -89,6 +119,8 @@ class Exchange:
     extra_headers: dict[str, str] | None = None
     # The route's response-header rules, applied once to whatever answer the client gets.
     rules: HeaderRules | None = None
+    # gRPC calls: the grpc-status the client got (the replica's, or the proxy's refusal's).
+    grpc_status: int | None = None
 
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Add headers that every answer to this request will carry."""

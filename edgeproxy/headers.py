@@ -124,36 +124,42 @@ def _named_by_connection(lows: list[bytes], raw: RawHeaders) -> set[bytes]:
 
 @dataclass(slots=True)  # not frozen: built per request, and a frozen __init__ costs more
 class UpstreamHead:
-    """The request headers for a replica, serialised once as `Name: value\\r\\n` lines.
+    """The request headers for a replica as pieces of `Name: value\r\n` lines.
 
+    The pieces are the client's own header bytes where they pass unchanged, so a large head
+    is not copied until the moment it is written (and that copy is dropped once written).
     The request line, a Host for clients that sent none, and chunked framing depend on the
-    try (target, replica, body) and are added by `serialize`."""
+    try (target, replica, body) and are added by `parts`."""
 
-    lines: bytes
+    pieces: list[bytes]
     has_host: bool
     has_length: bool
 
     @classmethod
     def of(cls, headers: CIMultiDict[str]) -> UpstreamHead:
         """From a multidict (after header rules rewrote it)."""
-        return cls("".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
-            "utf-8", "surrogateescape"), "Host" in headers, "Content-Length" in headers)
+        return cls(["".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
+            "utf-8", "surrogateescape")], "Host" in headers, "Content-Length" in headers)
 
-    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
-        """The whole head for one try: request line, headers, framing, blank line."""
+    def parts(self, method: str, target: str, host: str, chunked: bool) -> list[bytes]:
+        """The whole head for one try, in pieces: request line, headers, framing, blank line."""
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
-                 self.lines]
+                 *self.pieces]
         if not self.has_host:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
             parts.append(b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape"))
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return parts
+
+    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
+        """The whole head for one try as one bytes object."""
+        return b"".join(self.parts(method, target, host, chunked))
 
 
 def upstream_head(raw: RawHeaders, hop: HopInfo,
                   auth: tuple[str, str] | None = None) -> UpstreamHead:
-    """Headers to send upstream, serialised straight from the client's header bytes (see
+    """Headers to send upstream, straight from the client's header bytes (see
     `upstream_pairs`); `auth` is the (subject, scopes) pair for X-Auth-Subject and
     X-Auth-Scopes, already checked for control characters."""
     pairs, has_host, has_length = upstream_pairs(raw, hop)
@@ -164,7 +170,7 @@ def upstream_head(raw: RawHeaders, hop: HopInfo,
         subject, scopes = auth
         parts.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
             "utf-8", "surrogateescape"))
-    return UpstreamHead(b"".join(parts), has_host, has_length)
+    return UpstreamHead(parts, has_host, has_length)
 
 
 def upstream_request_headers(raw: RawHeaders, hop: HopInfo) -> CIMultiDict[str]:

@@ -4,30 +4,71 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 
 from edgeproxy.logs import get_logger
-from edgeproxy.model import HealthSpec, Upstream
+from edgeproxy.model import HealthSpec, RouteSpec, Upstream
 from edgeproxy.table import RouteTable
 
 Target = tuple[str, str, int, HealthSpec]  # (upstream key, host, port, spec)
 Report = Callable[[str, "str | None"], None]
 
 
-def probe_targets(table: RouteTable) -> set[Target]:
-    """Every replica that an active check should watch (failing ones too, so they can return)."""
-    out: set[Target] = set()
+@dataclass(frozen=True, slots=True)
+class ProbeEndpoint:
+    """How a probe reaches a replica: the scheme and TLS settings that forwarding uses."""
+
+    scheme: str = "http"
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+
+    @classmethod
+    def of(cls, u: Upstream, spec: RouteSpec) -> ProbeEndpoint:
+        """The endpoint settings of replica `u` of a route with `spec` (as forward.py uses)."""
+        if u.scheme != "https":
+            return cls()
+        return cls("https", spec.tls_verify, spec.tls_ca, spec.tls_server_name)
+
+
+Probe = tuple[Target, ProbeEndpoint]
+
+
+def probe_plan(table: RouteTable) -> set[Probe]:
+    """Every replica an active check should watch, with how to reach it (failing ones too, so
+    they can return)."""
+    out: set[Probe] = set()
     for route in table.routes:
         spec = route.spec.health
         if spec is None:
             continue
         for u in route.upstreams:
             if u.host and u.state in ("running", "healthy", "unhealthy"):
-                out.add((u.key, u.host, u.port, spec))
+                out.add(((u.key, u.host, u.port, spec), ProbeEndpoint.of(u, route.spec)))
     return out
+
+
+def probe_targets(table: RouteTable) -> set[Target]:
+    """Every replica that an active check should watch (failing ones too, so they can return)."""
+    return {target for target, _ in probe_plan(table)}
+
+
+@functools.lru_cache(maxsize=32)
+def probe_tls_context(verify: bool, ca: str | None) -> ssl.SSLContext:
+    """Client TLS for https replicas, built like forwarding's (system or `ca` roots, hostname
+    checked unless `verify` is off); raises OSError or ssl.SSLError for an unreadable CA."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def judge(status: int | None, error: str | None, spec: HealthSpec) -> str | None:
@@ -45,19 +86,24 @@ class HealthMonitor:
     def __init__(self, session: aiohttp.ClientSession, report: Report) -> None:
         self._session = session
         self._report = report
-        self._tasks: dict[Target, asyncio.Task[None]] = {}
+        self._tasks: dict[Probe, asyncio.Task[None]] = {}
         self._log = get_logger("health")
 
     def reconcile(self, table: RouteTable) -> None:
         """Start probes for new targets, stop those that left the table."""
-        wanted = probe_targets(table)
-        for target in list(self._tasks):
-            if target not in wanted:
-                self._tasks.pop(target).cancel()
-                self._report(target[0], None)  # forget: a replica that returns starts clean
-        for target in wanted - self._tasks.keys():
-            self._tasks[target] = asyncio.create_task(self._probe_loop(target),
-                                                      name=f"health {target[0]}")
+        wanted = probe_plan(table)
+        for probe in list(self._tasks):
+            if probe not in wanted:
+                self._tasks.pop(probe).cancel()
+                self._report(probe[0][0], None)  # forget: a replica that returns starts clean
+        for probe in wanted - self._tasks.keys():
+            self._tasks[probe] = asyncio.create_task(self._probe_loop(*probe),
+                                                     name=f"health {probe[0][0]}")
+
+    @property
+    def probing(self) -> int:
+        """Replicas probed now (one task each)."""
+        return len(self._tasks)
 
     async def close(self) -> None:
         """Stop every probe."""
@@ -69,12 +115,22 @@ class HealthMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
-    async def _probe_once(self, host: str, port: int, spec: HealthSpec) -> str | None:
-        u = Upstream("http", host, port, "")
-        url = f"http://{u.address}{spec.path}"
+    async def _probe_once(self, host: str, port: int, spec: HealthSpec,
+                          endpoint: ProbeEndpoint = ProbeEndpoint()) -> str | None:
+        u = Upstream(endpoint.scheme, host, port, "")
+        url = f"{endpoint.scheme}://{u.address}{spec.path}"
         timeout = aiohttp.ClientTimeout(total=spec.timeout)
+        tls: ssl.SSLContext | bool = True
+        server_name: str | None = None
+        if endpoint.scheme == "https":
+            try:
+                tls = probe_tls_context(endpoint.tls_verify, endpoint.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                return f"cannot load gateway.tls.ca={endpoint.tls_ca!r}: {exc}"
+            server_name = endpoint.tls_server_name or host
         try:
-            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
+            async with self._session.get(url, timeout=timeout, allow_redirects=False, ssl=tls,
+                                         server_hostname=server_name) as resp:
                 await resp.read()
                 return judge(resp.status, None, spec)
         except TimeoutError:
@@ -82,14 +138,14 @@ class HealthMonitor:
         except aiohttp.ClientError as exc:
             return judge(None, f"GET {spec.path} failed: {type(exc).__name__}", spec)
 
-    async def _probe_loop(self, target: Target) -> None:
+    async def _probe_loop(self, target: Target, endpoint: ProbeEndpoint) -> None:
         key, host, port, spec = target
         healthy = True  # optimistic: passive checks and retries cover a replica not yet up
         fails = passes = 0
         # Spread probes of many replicas over the interval instead of firing them together.
         await asyncio.sleep(random.uniform(0, min(spec.interval, 1.0)))  # noqa: S311
         while True:
-            reason = await self._probe_once(host, port, spec)
+            reason = await self._probe_once(host, port, spec, endpoint)
             if reason is None:
                 passes, fails = passes + 1, 0
                 if not healthy and passes >= spec.passes:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -15,12 +17,20 @@ from yarl import URL
 
 from edgeproxy import headers as h
 from edgeproxy.errors import error_response
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, add_vary, merge_headers
+from edgeproxy.exchange import (
+    Exchange,
+    LocalAnswer,
+    Refusal,
+    ReplicaResponse,
+    add_vary,
+    merge_headers,
+)
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
+from edgeproxy.requestcheck import check_http1
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
-from edgeproxy.upstream import UpstreamError, UpstreamResponse
+from edgeproxy.upstream import UpstreamError
 
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _WRITE_WAIT = 64 * 1024  # unsent bytes past which a small answer waits for the client
@@ -50,7 +60,10 @@ def http1_handler(proxy: Proxy[web.StreamResponse], session: aiohttp.ClientSessi
     run = proxy.run
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        return await run(Http1Request(request, session, ws_max_message))
+        # What llhttp lets through and HTTP/1.1 does not allow (HTTP/2.0 request lines,
+        # Transfer-Encoding other than chunked, bad WebSocket keys) is refused up front.
+        return await run(Http1Request(request, session, ws_max_message),
+                         check_http1(request.version, request.headers))
 
     return handle
 
@@ -114,20 +127,26 @@ class Http1Request:
 
     def refuse(self, refusal: Refusal, ex: Exchange) -> web.StreamResponse:
         ex.status = refusal.status
+        request = self._request
+        if request.version[0] != 1:
+            return _refuse_in_http11(request, refusal, ex)
         resp = error_response(refusal.status, refusal.code, refusal.message, ex.rid,
                               dict(refusal.headers) if refusal.headers else None)
         _finish(resp.headers, ex)
+        if refusal.headers and refusal.headers.get("Connection") == "close":
+            resp.force_close()  # nothing after this answer on the connection is read
         return resp
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> web.StreamResponse:
         ex.status = answer.status
-        resp = web.Response(status=answer.status, body=answer.body or None,
-                            headers=answer.headers, content_type=answer.content_type)
+        resp = web.Response(status=answer.status, reason=answer.reason,
+                            body=answer.body or None, headers=answer.headers,
+                            content_type=answer.content_type)
         resp.headers["X-Request-ID"] = ex.rid
         _finish(resp.headers, ex)
         return resp
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec,
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec,
                     ex: Exchange) -> web.StreamResponse:
         """Write the replica's answer to the client: one write when small and unchanged,
         else through aiohttp with header rules and compression, streaming the body."""
@@ -300,6 +319,22 @@ class _Written(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         return None
+
+
+def _refuse_in_http11(request: web.BaseRequest, refusal: Refusal,
+                      ex: Exchange) -> web.StreamResponse:
+    """A refusal of a request in another version (HTTP/2.0), written in HTTP/1.1 and closed:
+    aiohttp would answer in the request's version ("HTTP/2.0 505")."""
+    body = json.dumps({"error": {"status": refusal.status, "code": refusal.code,
+                                 "message": refusal.message, "request_id": ex.rid}}).encode()
+    head = (f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-ID: {ex.rid}\r\nCache-Control: no-store\r\nConnection: close\r\n"
+            "\r\n").encode()
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(head + body)
+    return _Written(refusal.status, False)
 
 
 async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body: bytes,

@@ -10,6 +10,9 @@ from typing import Any
 
 from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec
 from edgeproxy.paths import PathError, normalize_path
+from edgeproxy.policies.basic import BasicAuthSpec, parse_realm, parse_users, parse_users_file
+from edgeproxy.policies.forwardauth import ForwardAuthSpec, parse_auth_url, parse_copied_headers
+from edgeproxy.policies.iplist import IpRules, parse_cidrs
 from edgeproxy.policies.ratelimit import RateLimitSpec, parse_ratelimit, parse_ratelimit_key
 from edgeproxy.settings import parse_duration, parse_size
 from edgeproxy.transform import (
@@ -192,11 +195,24 @@ def parse_lb(value: str) -> str:
     return v
 
 
+AUTH_KINDS = ("jwt", "basic", "forward")
+# The keys each auth kind reads; a key of another kind on the same route is an error.
+AUTH_KEYS: dict[str, tuple[str, ...]] = {
+    "jwt": ("auth.scopes", "auth.audience"),
+    "basic": ("auth.users", "auth.users_file", "auth.realm", "auth.keep_authorization"),
+    "forward": ("auth.url", "auth.response_headers", "auth.request_headers", "auth.timeout"),
+}
+
+
 def parse_auth(value: str) -> str:
-    """Only 'jwt' for now."""
+    """jwt, basic or forward: one kind per route."""
     v = value.strip().lower()
-    if v != "jwt":
-        raise ValueError("jwt (the only authentication scheme)")
+    if v not in AUTH_KINDS:
+        several = [p.strip() for p in re.split(r"[,\s]+", v) if p.strip()]
+        if len(several) > 1 and all(p in AUTH_KINDS for p in several):
+            raise ValueError("one of jwt, basic or forward: a route has one auth kind (put "
+                             "routes that need another kind on another path or host)")
+        raise ValueError("jwt, basic or forward")
     return v
 
 
@@ -220,10 +236,10 @@ def parse_audience(value: str) -> str:
 
 
 def parse_scheme(value: str) -> str:
-    """How to reach the replicas: http or https."""
+    """How to reach the replicas: http, https, h2c (HTTP/2 cleartext) or h2 (HTTP/2 over TLS)."""
     v = value.strip().lower()
-    if v not in ("http", "https"):
-        raise ValueError("http or https")
+    if v not in ("http", "https", "h2c", "h2"):
+        raise ValueError("http, https, h2c or h2")
     return v
 
 
@@ -299,6 +315,16 @@ KEYS: dict[str, Callable[[str], object]] = {
     "auth": parse_auth,
     "auth.scopes": parse_scopes,
     "auth.audience": parse_audience,
+    "auth.users": parse_users,
+    "auth.users_file": parse_users_file,
+    "auth.realm": parse_realm,
+    "auth.keep_authorization": parse_flag,
+    "auth.url": parse_auth_url,
+    "auth.response_headers": parse_copied_headers,
+    "auth.request_headers": parse_copied_headers,
+    "auth.timeout": parse_duration_label,
+    "ip.allow": parse_cidrs,
+    "ip.deny": parse_cidrs,
     "ratelimit": _ratelimit,
     "ratelimit.key": parse_ratelimit_key,
     "rewrite": parse_rewrite,
@@ -360,10 +386,19 @@ def parse_options(
 _ALIASES = {"url": "path", "uri": "path", "endpoint": "path", "prefix": "path", "rule": "path",
             "domain": "host", "hostname": "host", "server.port": "port", "loadbalancer": "lb",
             "strip": "strip_prefix", "stripprefix": "strip_prefix", "rate": "ratelimit",
-            "rate_limit": "ratelimit"}
+            "rate_limit": "ratelimit",
+            # Traefik's and nginx-proxy's words for the access keys
+            "auth.address": "auth.url", "auth.authresponseheaders": "auth.response_headers",
+            "auth.authrequestheaders": "auth.request_headers", "auth.user": "auth.users",
+            "auth.usersfile": "auth.users_file", "auth.htpasswd": "auth.users_file",
+            "auth.removeheader": "auth.keep_authorization", "ip.allowlist": "ip.allow",
+            "ip.whitelist": "ip.allow", "ip.sourcerange": "ip.allow", "ip.denylist": "ip.deny",
+            "ip.blacklist": "ip.deny", "ipallowlist": "ip.allow", "ipwhitelist": "ip.allow",
+            "ip": "ip.allow", "allow": "ip.allow", "deny": "ip.deny"}
 
 
-_FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read"}
+_FAMILY_MAIN = {"health": "health.path", "cors": "cors.origins", "timeout": "timeout.read",
+                "ip": "ip.allow"}
 
 
 def suggest_key(key: str) -> str | None:
@@ -463,14 +498,10 @@ def build_routing(
     elif health_keys:
         errors.append(LabelError(label_of(health_keys[0]), written(health_keys[0]),
                                  f"needs {label_of('health.path')} to say what to probe"))
-    auth: AuthSpec | None = None
-    if "auth" in values:
-        auth = AuthSpec(scopes=values.get("auth.scopes", ()), audience=values.get("auth.audience"))
-    else:
-        for key in ("auth.scopes", "auth.audience"):
-            if key in values:
-                errors.append(LabelError(label_of(key), written(key),
-                                         f"needs {label_of('auth')}=jwt"))
+    auth = _auth_spec(values, label_of, written, errors)
+    ip: IpRules | None = None
+    if "ip.allow" in values or "ip.deny" in values:
+        ip = IpRules(values.get("ip.allow", ()), values.get("ip.deny", ()))
     ratelimit: RateLimitSpec | None = None
     key = values.get("ratelimit.key", "ip")
     if "ratelimit" in values:
@@ -480,6 +511,11 @@ def build_routing(
             errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
                                      f"keys by the verified JWT subject, so it needs "
                                      f"{label_of('auth')}=jwt on the same container"))
+        elif key == "sub" and auth is not None and auth.kind == "forward":
+            errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
+                                     f"keys by the verified subject, which "
+                                     f"{label_of('auth')}=forward does not have: use jwt or "
+                                     "basic, or key by ip or header:<Name>"))
     elif "ratelimit.key" in values:
         errors.append(LabelError(label_of("ratelimit.key"), written("ratelimit.key"),
                                  f"needs {label_of('ratelimit')}, e.g. 100/m"))
@@ -502,11 +538,11 @@ def build_routing(
         errors.append(LabelError(label_of(cors_keys[0]), written(cors_keys[0]),
                                  f"needs {label_of('cors.origins')} (e.g. https://app.example.com)"))
     scheme = values.get("scheme", "http")
-    if scheme != "https":
+    if scheme not in ("https", "h2"):  # the schemes over TLS
         for key in ("tls.verify", "tls.ca", "tls.server_name"):
             if key in values:
                 errors.append(LabelError(label_of(key), written(key),
-                                         f"needs {label_of('scheme')}=https"))
+                                         f"needs {label_of('scheme')}=https or h2"))
     edge_tls = values.get("tls")
     hosts = values.get("host", ())
     if edge_tls == "acme" and (not hosts or any(h.startswith("*.") for h in hosts)):
@@ -529,6 +565,7 @@ def build_routing(
         read_timeout=values.get("timeout.read"),
         health=health,
         auth=auth,
+        ip=ip,
         ratelimit=ratelimit,
         request_headers=HeaderRules.build(values.get("request.headers.", ())),
         response_headers=HeaderRules.build(values.get("response.headers.", ())),
@@ -548,6 +585,43 @@ def build_routing(
     )
     return Routing(spec=spec, port=values.get("port"), network=values.get("network"),
                    weight=values.get("weight", 1))
+
+
+def _auth_spec(values: Mapping[str, Any], label_of: Callable[[str], str],
+               written: Callable[[str], str], errors: list[LabelError]) -> AuthSpec | None:
+    """The route's one auth kind from gateway.auth and its keys; problems go to `errors`."""
+    kind = values.get("auth")
+    for other, keys in AUTH_KEYS.items():
+        if other == kind:
+            continue
+        for key in keys:
+            if key in values:
+                reason = (f"needs {label_of('auth')}={other}" if kind is None else
+                          f"belongs to {label_of('auth')}={other}, but this route has "
+                          f"{label_of('auth')}={kind} (one auth kind per route)")
+                errors.append(LabelError(label_of(key), written(key), reason))
+    if kind == "basic":
+        if "auth.users" not in values and "auth.users_file" not in values:
+            errors.append(LabelError(label_of("auth"), written("auth"),
+                                     f"needs {label_of('auth.users')} (htpasswd lines) or "
+                                     f"{label_of('auth.users_file')}"))
+        return AuthSpec(kind="basic", basic=BasicAuthSpec(
+            users=values.get("auth.users", ()), users_file=values.get("auth.users_file"),
+            realm=values.get("auth.realm"),
+            keep_authorization=values.get("auth.keep_authorization", False)))
+    if kind == "forward":
+        if "auth.url" not in values:
+            errors.append(LabelError(label_of("auth"), written("auth"),
+                                     f"needs {label_of('auth.url')} (the auth service, e.g. "
+                                     "http://authelia:9091/api/authz/forward-auth)"))
+            return None
+        return AuthSpec(kind="forward", forward=ForwardAuthSpec(
+            url=values["auth.url"], response_headers=values.get("auth.response_headers", ()),
+            request_headers=values.get("auth.request_headers"),
+            timeout=values.get("auth.timeout")))
+    if kind == "jwt":
+        return AuthSpec(scopes=values.get("auth.scopes", ()), audience=values.get("auth.audience"))
+    return None
 
 
 def parse_labels(

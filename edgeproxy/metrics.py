@@ -77,6 +77,14 @@ class Metrics:
                                    "Requests refused with 429", ["route"], registry=r)
         self.auth_failures = Counter("edgeproxy_auth_failures", "Requests refused by JWT auth",
                                      ["route", "reason"], registry=r)
+        # Every access refusal: kind is jwt, basic, forward or ip (the allow/deny lists);
+        # auth_failures above keeps its JWT-only series for existing dashboards.
+        self.access_refusals = Counter("edgeproxy_access_refusals",
+                                       "Requests refused by an access policy (IP list or auth)",
+                                       ["route", "kind", "reason"], registry=r)
+        self.bcrypt_checks = Counter("edgeproxy_basic_auth_bcrypt_checks",
+                                     "bcrypt password checks run (basic-auth cache misses)",
+                                     registry=r)
         self.docker_reconnects = Counter("edgeproxy_docker_reconnects",
                                          "Times the Docker connection was lost and retried",
                                          registry=r)

@@ -483,14 +483,30 @@ class _MiddlewareMapper:
                 f"`htpasswd -nbB {user} 'PASSWORD'` (double every $ in a compose file)"))
         if kept:
             self._set("auth.users", ",".join(kept))
-        else:
+        users_file = mw.options.get("usersfile", "").strip()
+        if users_file:
+            self._set("auth.users_file", users_file)
+            self.route.notes.append(f"router {self.route.router.name}: {users_file} was a path "
+                                    "in Traefik's container: mount it into edgeproxy's (bcrypt "
+                                    "entries only)")
+        if not kept and not users_file:
             self.route.fail_closed = True
             if "users" not in mw.options:
-                self.drop(mw, "", "no users label (usersfile is not carried over)")
+                self.drop(mw, "", "no users")
             else:
                 self.route.notes.append(f"router {self.route.router.name}: no bcrypt user left; "
                                         "the route is disabled until gateway.auth.users is set")
-        self._unknown(mw, {"users"})
+        realm = mw.options.get("realm", "").strip()
+        if realm:
+            self._set("auth.realm", realm)
+        # Traefik forwards the Authorization header unless removeHeader=true; edgeproxy
+        # removes it unless told to keep it.
+        if mw.options.get("removeheader", "false").strip().lower() != "true":
+            self._set("auth.keep_authorization", "true")
+            self.route.notes.append(f"router {self.route.router.name}: the replica keeps "
+                                    "getting the client's Authorization header, as with Traefik; "
+                                    "drop gateway.auth.keep_authorization if it does not read it")
+        self._unknown(mw, {"users", "usersfile", "realm", "removeheader"})
 
     def _forwardauth(self, mw: Middleware) -> None:
         address = mw.options.get("address", "").strip()
@@ -499,11 +515,13 @@ class _MiddlewareMapper:
             return
         self._set("auth", "forward")
         self._set("auth.url", address)
-        headers = mw.options.get("authresponseheaders")
-        if headers:
-            self._set("auth.response_headers", ",".join(_split(headers)))
+        for option, key in (("authresponseheaders", "auth.response_headers"),
+                            ("authrequestheaders", "auth.request_headers")):
+            headers = mw.options.get(option)
+            if headers:
+                self._set(key, ",".join(_split(headers)))
         for option in mw.options:
-            if option not in ("address", "authresponseheaders"):
+            if option not in ("address", "authresponseheaders", "authrequestheaders"):
                 # Not access-deciding: the check itself is carried over.
                 key = mw.keys[option]
                 self.route.dropped.append(Dropped(key, mw.options[option],

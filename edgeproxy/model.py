@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgeproxy.policies.basic import BasicAuthSpec
+from edgeproxy.policies.forwardauth import ForwardAuthSpec
+from edgeproxy.policies.iplist import IpRules
 from edgeproxy.policies.ratelimit import RateLimitSpec
 from edgeproxy.transform import NO_HEADER_RULES, CorsSpec, HeaderRules, Rewrite
 
@@ -53,12 +56,19 @@ class HealthSpec:
     passes: int = 2
 
 
+AuthKind = Literal["jwt", "basic", "forward"]
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSpec:
-    """gateway.auth=jwt: every scope in `scopes` is required; `audience` overrides the global."""
+    """gateway.auth: one kind per route. jwt: every scope in `scopes` is required, `audience`
+    overrides the global; basic and forward carry their own spec."""
 
     scopes: tuple[str, ...] = ()
     audience: str | None = None
+    kind: AuthKind = "jwt"
+    basic: BasicAuthSpec | None = None
+    forward: ForwardAuthSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +84,7 @@ class RouteSpec:
     read_timeout: float | None = None  # None: EDGEPROXY_READ_TIMEOUT
     health: HealthSpec | None = None
     auth: AuthSpec | None = None
+    ip: IpRules | None = None  # gateway.ip.allow / gateway.ip.deny, compiled
     ratelimit: RateLimitSpec | None = None
     request_headers: HeaderRules = NO_HEADER_RULES
     response_headers: HeaderRules = NO_HEADER_RULES
@@ -140,6 +151,11 @@ class Route:
         pool = tuple(u for u in self.upstreams if u.eligible)
         object.__setattr__(self, "pool", pool)
         object.__setattr__(self, "sequence", weighted_sequence([u.weight for u in pool]))
+
+    def __reduce__(self) -> tuple[type[Route], tuple[str, str, RouteSpec, tuple[Upstream, ...]]]:
+        # Sent to the workers without the derived fields: each process rebuilds them and
+        # starts its own balancer counter (itertools.count stops pickling in Python 3.14).
+        return (Route, (self.name, self.source, self.spec, self.upstreams))
 
 
 def weighted_sequence(weights: list[int]) -> tuple[int, ...]:

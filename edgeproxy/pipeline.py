@@ -14,18 +14,21 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+import aiohttp
 import structlog
 from multidict import CIMultiDict
 
 from edgeproxy import headers as h
-from edgeproxy.acme import AcmeManager
+from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
 from edgeproxy.decide import Edge, decide
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, RequestView
+from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.policies.auth import AuthFailure, Identity, JwtConfig, JwtVerifier
+from edgeproxy.policies.access import Access, AccessContext, Grant
+from edgeproxy.policies.auth import JwtConfig, JwtVerifier
+from edgeproxy.policies.basic import BasicVerifier
 from edgeproxy.policies.ratelimit import (
     InMemoryLimiter,
     Limiter,
@@ -34,6 +37,7 @@ from edgeproxy.policies.ratelimit import (
     client_key,
     ratelimit_headers,
 )
+from edgeproxy.requestcheck import check_credentials, check_forwarded_host
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
@@ -42,8 +46,8 @@ from edgeproxy.upstream import (
     ResponseLimits,
     UpstreamError,
     UpstreamPool,
-    UpstreamResponse,
 )
+from edgeproxy.upstream_h2 import H2_SCHEMES, H2Pool, H2Settings  # edgeproxy-h2
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -67,7 +71,7 @@ class Front(Protocol[R_co]):
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> R_co: ...
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec, ex: Exchange) -> R_co:
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec, ex: Exchange) -> R_co:
         """Write the replica's answer; raise UpstreamFailed only while no byte of it has
         reached the client (the pipeline may then try another replica)."""
 
@@ -141,6 +145,8 @@ class Proxy(Generic[R]):
         metrics: Metrics | None = None,
         verifier: JwtVerifier | None = None,
         limiter: Limiter | None = None,
+        session: aiohttp.ClientSession | None = None,
+        basic: BasicVerifier | None = None,
     ) -> None:
         self.settings = settings
         self._table = table
@@ -149,6 +155,11 @@ class Proxy(Generic[R]):
         if not self.metrics.count_in_flight:
             self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.verifier = verifier or JwtVerifier(JwtConfig())
+        # The forward-auth session is the front's (one ClientSession per process); a proxy
+        # without one (unit tests) has no forward auth.
+        self.access = Access(self.verifier,
+                             basic or BasicVerifier(on_hash=self.metrics.bcrypt_checks.inc),
+                             session, self.metrics, settings.read_timeout)
         self.limiter: Limiter = limiter or LocalLimiter()
         self.edge = Edge(redirect_port=settings.tls_redirect_port)
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
@@ -156,8 +167,11 @@ class Proxy(Generic[R]):
             settings.connect_timeout, settings.read_timeout,
             limits=ResponseLimits(settings.max_response_header_size,
                                   settings.max_response_headers))
+        # edgeproxy-h2: replicas with gateway.scheme=h2c/h2 get multiplexed HTTP/2 connections.
+        self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
+                                     settings.read_timeout))
         self._certs: CertStore | None = None
-        self._acme: AcmeManager | None = None
+        self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
         self._trusted = settings.trusted_proxies
         self._log = fast_access_logger(settings.log_format,
@@ -170,7 +184,7 @@ class Proxy(Generic[R]):
         table: RouteTable = self._table()
         return table
 
-    def tls(self, store: CertStore, acme: AcmeManager) -> None:
+    def tls(self, store: CertStore, acme: ChallengeAnswers) -> None:
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
         self._acme = acme
@@ -184,13 +198,16 @@ class Proxy(Generic[R]):
                 "acme": self._acme.status() if self._acme is not None else []}
 
     def close(self) -> None:
-        """Close pooled connections to replicas."""
+        """Close pooled connections to replicas and stop the bcrypt threads."""
         self._pool.close()
+        self._h2.close()  # edgeproxy-h2
+        self.access.basic.close()
 
     # --- the pipeline ------------------------------------------------------------------------
 
-    async def run(self, front: Front[R]) -> R:
-        """Answer one request through its front; log and count it."""
+    async def run(self, front: Front[R], early: Refusal | None = None) -> R:
+        """Answer one request through its front; log and count it. `early` is the front's
+        own refusal of the request (e.g. a framing the protocol does not allow)."""
         start = time.perf_counter()
         view = front.view
         ex = Exchange(h.request_id(view.headers))
@@ -199,6 +216,9 @@ class Proxy(Generic[R]):
         if metrics.count_in_flight:
             metrics.in_flight.inc()
         try:
+            if early is not None:
+                ex.error = early.code
+                return front.refuse(early, ex)
             return await self._serve(front, view, ex)
         except asyncio.CancelledError:
             ex.status = 499  # the client went away first (nginx's convention in the log)
@@ -229,6 +249,7 @@ class Proxy(Generic[R]):
                     client=ex.client or h.client_address(view.peer, view.headers, self._trusted),
                     error=ex.error, retries=ex.retries,
                     protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
+                    grpc_status=ex.grpc_status,  # edgeproxy-h2
                 )
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
@@ -251,14 +272,31 @@ class Proxy(Generic[R]):
         trusted_peer = bool(self._trusted) and h.is_trusted(peer, self._trusted)
         client = h.client_address(peer, view.headers, self._trusted)
         ex.client = client
-        identity: Identity | None = None
+        # Credentials this route's policies read: sent twice, we would check one and the
+        # replica might read the other (Authorization is checked on every route, in decide).
+        rl_key = spec.ratelimit.key if spec.ratelimit is not None else ""
+        refusal = (check_credentials(view.headers, (rl_key[7:],))
+                   if rl_key.startswith("header:") else None) or (
+            check_forwarded_host(view.headers) if trusted_peer else None)
+        if refusal is not None:
+            ex.error = refusal.code
+            return front.refuse(refusal, ex)
+        # Access checks in the documented order: IP lists, then auth, then the rate limit.
+        if spec.ip is not None and not spec.ip.allows(client):
+            return front.refuse(self.access.ip_refused(route, client, ex), ex)
+        grant: Grant | None = None
         if spec.auth is not None:
-            checked = await self._authenticate(route, view, ex)
+            checked = await self.access.authenticate(
+                route, spec.auth, view,
+                AccessContext(client, peer, trusted_peer, view.secure, plan.origin_target,
+                              plan.authority), ex)
             if isinstance(checked, Refusal):
                 return front.refuse(checked, ex)
-            identity = checked
+            if isinstance(checked, LocalAnswer):
+                return front.answer(checked, ex)
+            grant = checked
         if spec.ratelimit is not None:
-            refused = await self._rate_limit(route, spec.ratelimit, client, identity, view, ex)
+            refused = await self._rate_limit(route, spec.ratelimit, client, grant, view, ex)
             if refused is not None:
                 return front.refuse(refused, ex)
         upstream = self.balancer.pick(route)
@@ -274,15 +312,15 @@ class Proxy(Generic[R]):
                 f"request body of {length} bytes exceeds the limit of {limit}",
                 {"Connection": "close"}), ex)
         auth: tuple[str, str] | None = None
-        if identity is not None:
-            auth = (identity.subject, " ".join(identity.scopes))
+        if grant is not None and grant.subject is not None:
+            auth = (grant.subject, " ".join(grant.scopes))
             if _CONTROL.search(auth[0]) or _CONTROL.search(auth[1]):
                 # A signed token can still carry CR/LF in sub or scope: never a header.
                 return front.refuse(Refusal(
                     401, "invalid_token", "the token's sub or scope holds control characters",
                     {"WWW-Authenticate": 'Bearer error="invalid_token"'}), ex)
         hop = h.HopInfo(peer, client, "https" if view.secure else "http", ex.rid, trusted_peer)
-        raw_headers = view.raw_headers
+        raw_headers = view.raw_headers if grant is None else grant.edit(view.raw_headers)
         if plan.authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
                            (b"Host", plan.authority.encode()))
@@ -339,14 +377,22 @@ class Proxy(Generic[R]):
                 balancer.release(current)
 
     async def _attempt(self, route: Route, upstream: Upstream, method: str, target: str,
-                       head: h.UpstreamHead, body: CountedBody | None) -> UpstreamResponse:
+                       head: h.UpstreamHead, body: CountedBody | None) -> ReplicaResponse:
         """One try against one replica: its answer's head, or UpstreamFailed."""
         spec = route.spec
         chunked = body is not None and not head.has_length
         try:
+            if upstream.scheme in H2_SCHEMES:  # edgeproxy-h2: HTTP/2 to the replica
+                tls = (self._h2.tls_context(spec.tls_verify, spec.tls_ca)
+                       if upstream.scheme == "h2" else None)
+                return await self._h2.request(
+                    Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
+                    method, target, upstream.address, head,
+                    body.stream() if body is not None else None,
+                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout)
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
-                endpoint, head.serialize(method, target, upstream.address, chunked), method,
+                endpoint, head.parts(method, target, upstream.address, chunked), method,
                 body.stream() if body is not None else None, chunked,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
                 idempotent=method in IDEMPOTENT)
@@ -357,30 +403,11 @@ class Proxy(Generic[R]):
 
     # --- policies ----------------------------------------------------------------------------
 
-    async def _authenticate(self, route: Route, view: RequestView,
-                            ex: Exchange) -> Identity | Refusal:
-        """The JWT identity of the request, or the refusal to answer with."""
-        auth = route.spec.auth
-        assert auth is not None  # noqa: S101 - the caller checks
-        try:
-            authorization = view.headers.get("Authorization")
-            identity = self.verifier.cached(authorization, auth.audience, auth.scopes)
-            if identity is None:
-                identity = await self.verifier.verify(
-                    authorization, audience=auth.audience, scopes=auth.scopes)
-            return identity
-        except AuthFailure as exc:
-            ex.error = "auth:" + exc.cause
-            self.metrics.auth_failures.labels(route.name, exc.cause).inc()
-            challenge = exc.www_authenticate()
-            return Refusal(exc.status, exc.error or "auth_unavailable", exc.description,
-                           {"WWW-Authenticate": challenge} if challenge else None)
-
     async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
-                          identity: Identity | None, view: RequestView,
+                          grant: Grant | None, view: RequestView,
                           ex: Exchange) -> Refusal | None:
         """Take a token; the refusal to answer with, or None to go on."""
-        key = client_key(spec, ip=client, subject=identity.subject if identity else None,
+        key = client_key(spec, ip=client, subject=grant.subject if grant else None,
                          headers=view.headers)
         limiter = self.limiter
         if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine per request

@@ -173,6 +173,23 @@ def _algorithms(text: str) -> tuple[str, ...]:
     return parse_algorithms(text)
 
 
+def parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
+    """'admin.internal, proxy:8081' -> ((name, port or None), ...), names lower-cased."""
+    from edgeproxy.requestcheck import HostError, parse_host
+
+    out: list[tuple[str, int | None]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(parse_host(part))
+        except HostError:
+            raise ValueError("comma-separated host names or addresses with an optional port, "
+                             "e.g. admin.internal,proxy:8081") from None
+    return tuple(out)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()) if text.strip() else None
 
@@ -234,6 +251,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "0.0.0.0:8080", parse_address, "address for proxied traffic"),
     Option("admin_listen", "127.0.0.1:8081", parse_address,
            "address for /healthz and /routes (keep it private)"),
+    Option("admin_hosts", "", parse_hosts,
+           "extra Host names the admin listener answers (DNS-rebinding guard), e.g. "
+           "admin.internal,proxy:8081"),
     Option("workers", "auto", _workers,
            "processes serving the listen port (SO_REUSEPORT); auto = one per core"),
     Option("tls_listen", "", _optional_address,
@@ -274,8 +294,12 @@ OPTIONS: tuple[Option, ...] = (
            "a request head must arrive within this long, else 408 and close (0 = off)"),
     Option("ws_max_message", "4m", parse_size,
            "largest WebSocket message relayed (bigger: closed with 1009); 0 = unlimited"),
-    Option("max_header_size", "16k", parse_size,
-           "largest request line or header line -> 431 (aiohttp's limit per line)"),
+    Option("max_header_size", "32k", _positive_size,
+           "largest request head (request line and all headers) -> 431 (nginx's 4 x 8k)"),
+    Option("max_headers", "100", _positive_int, "most header lines in a request head -> 431 (Envoy)"),
+    Option("max_uri_size", "8k", _positive_size, "longest request target -> 414 (nginx's 8k)"),
+    Option("keepalive_timeout", "75s", _positive(parse_duration),
+           "how long an idle client connection is kept between requests (nginx's 75s)"),
     Option("max_response_header_size", "64k", _positive_size,
            "largest response head a replica may send (status line, headers, 1xx heads, "
            "trailers) -> 502"),
@@ -314,6 +338,25 @@ OPTIONS: tuple[Option, ...] = (
            "extra tries on another replica when a connection fails (idempotent requests also "
            "after a reset)"),
     Option("retry_after", "5", _positive_int, "Retry-After seconds on 503 when a route has no replica"),
+    # --- edgeproxy-h2: HTTP/2 at the edge and to the replicas ---
+    Option("h2c", "false", parse_bool,
+           "accept HTTP/2 with prior knowledge (h2c, e.g. gRPC) on the plain listener"),
+    Option("h2_max_concurrent_streams", "128", _positive_int,
+           "SETTINGS_MAX_CONCURRENT_STREAMS at the edge (nginx's http2_max_concurrent_streams)"),
+    Option("h2_max_header_list_size", "60k", _positive_size,
+           "largest HTTP/2 request header list, and header block before decoding (Envoy's "
+           "max_request_headers_kb) -> GOAWAY"),
+    Option("h2_max_resets", "256", _positive_int,
+           "client RST_STREAMs per connection per second before GOAWAY (rapid reset, "
+           "CVE-2023-44487; 2x the streams, as nginx's fix)"),
+    Option("h2_max_control_frames", "1000", _positive_int,
+           "PING and SETTINGS frames per connection per second before GOAWAY (Envoy's "
+           "max_outbound_control_frames)"),
+    Option("h2_idle_timeout", "75s", parse_duration,
+           "close an HTTP/2 connection with no open stream after this long (nginx's "
+           "keepalive_timeout)"),
+    Option("h2_upstream_streams", "100", _positive_int,
+           "most concurrent streams per HTTP/2 connection to a replica (gateway.scheme=h2c/h2)"),
 )
 
 
@@ -323,6 +366,7 @@ class Settings:
 
     listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
     admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
+    admin_hosts: tuple[tuple[str, int | None], ...] = ()
     workers: int = 1
     tls_listen: Address | None = None
     tls_certs_dir: Path | None = None
@@ -349,7 +393,10 @@ class Settings:
     max_body_size: int = 10 * 1024**2
     header_timeout: float = 30.0
     ws_max_message: int = 4 * 1024**2
-    max_header_size: int = 16 * 1024
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_uri_size: int = 8 * 1024
+    keepalive_timeout: float = 75.0
     max_response_header_size: int = 64 * 1024
     max_response_headers: int = 100
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -374,6 +421,14 @@ class Settings:
     eject_time: float = 5.0
     retries: int = 2
     retry_after: int = 5
+    # edgeproxy-h2
+    h2c: bool = False
+    h2_max_concurrent_streams: int = 128
+    h2_max_header_list_size: int = 60 * 1024
+    h2_max_resets: int = 256
+    h2_max_control_frames: int = 1000
+    h2_idle_timeout: float = 75.0
+    h2_upstream_streams: int = 100
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

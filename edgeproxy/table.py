@@ -188,8 +188,11 @@ def build_table(
                 route=fr.name if fr.serving else None, errors=fr.errors))
             if not fr.serving:
                 continue
-        file_groups.append(_Group(fr.spec, "file", (0, 0.0, 0, fr.name), fr.name,
-                                  list(fr.upstreams), []))
+        ups = list(fr.upstreams)
+        if failing and fr.spec.health is not None:
+            # An active check takes a routes-file replica out just as it does a container's.
+            ups = [_judged(u, failing) for u in ups]
+        file_groups.append(_Group(fr.spec, "file", (0, 0.0, 0, fr.name), fr.name, ups, []))
 
     for c in sorted(containers, key=lambda c: (c.created, c.seen, c.name)):
         try:
@@ -218,11 +221,8 @@ def build_table(
                 continue
         upstream = Upstream(routing.spec.scheme, address, port, c.name, c.id, state, why,
                             routing.weight)
-        if failing and upstream.eligible and routing.spec.health is not None:
-            reason = failing.get(upstream.key)
-            if reason is not None:
-                upstream = dataclasses.replace(upstream, state="unhealthy",
-                                               reason="active health check: " + reason)
+        if failing and routing.spec.health is not None:
+            upstream = _judged(upstream, failing)
         group = groups.get(routing.spec)
         if group is None:
             group = groups[routing.spec] = _Group(routing.spec, "docker",
@@ -233,6 +233,14 @@ def build_table(
     held_groups = [_Group(spec, "held", (2, 0.0, 0, name), name) for name, spec in held
                    if spec not in groups]
     return _compile(file_groups + list(groups.values()) + held_groups, decisions)
+
+
+def _judged(u: Upstream, failing: Mapping[str, str]) -> Upstream:
+    """`u`, marked unhealthy when its active health check fails."""
+    reason = failing.get(u.key) if u.eligible else None
+    if reason is None:
+        return u
+    return dataclasses.replace(u, state="unhealthy", reason="active health check: " + reason)
 
 
 def _compile(groups: list[_Group], decisions: list[Decision]) -> RouteTable:

@@ -467,6 +467,11 @@ class UpstreamResponse:
         """The response headers as a multidict (built on demand)."""
         return self._conn.response_headers()
 
+    @property
+    def trailers(self) -> None:
+        """HTTP/1.1 trailers are not forwarded (see `_Connection.on_header`)."""
+        return None
+
     def failure(self) -> BaseException | None:
         """The error that already ended this answer early (a truncated body), else None."""
         return self._conn.failure()
@@ -574,7 +579,7 @@ class UpstreamPool:
     async def request(
         self,
         endpoint: Endpoint,
-        head: bytes,
+        head: bytes | list[bytes],
         method: str,
         body: AsyncIterator[bytes] | None,
         chunked: bool,
@@ -583,7 +588,8 @@ class UpstreamPool:
         read_timeout: float | None = None,
         idempotent: bool = False,
     ) -> UpstreamResponse:
-        """Send one request (head already serialised) and wait for the response head."""
+        """Send one request (its head serialised, or in pieces joined only to be written) and
+        wait for the response head."""
         ct = connect_timeout or self.connect_timeout
         rt = read_timeout or self.read_timeout
         conn = self._take(endpoint)
@@ -602,12 +608,15 @@ class UpstreamPool:
             conn = await self._connect(endpoint, ct)
         return await self._send(endpoint, conn, head, method, body, chunked, rt)
 
-    async def _send(self, endpoint: Endpoint, conn: _Connection, head: bytes, method: str,
+    async def _send(self, endpoint: Endpoint, conn: _Connection, head: bytes | list[bytes],
+                    method: str,
                     body: AsyncIterator[bytes] | None, chunked: bool,
                     read_timeout: float) -> UpstreamResponse:
         conn._reset_response(head=method == "HEAD")
         try:
-            await conn.write(head)
+            # Joined here and dropped once written: a slow request body (the replica waits
+            # for it) must not keep a second copy of a large head alive.
+            await conn.write(head if isinstance(head, bytes) else b"".join(head))
         except ConnectionError as exc:
             if conn.transport is not None:
                 conn.transport.abort()

@@ -29,8 +29,9 @@ class Watcher:
         self.table = RouteTable()
         self.swaps = 0
         self.last_swap = 0.0
-        self.docker_connected: bool | None = None if settings.docker else False
-        self._containers: dict[str, Container] = {}
+        # Per provider source: True/False once it has connected or failed, None before.
+        self.sources_connected: dict[str, bool | None] = {"docker": None} if settings.docker else {}
+        self._containers: dict[str, dict[str, Container]] = {}  # source -> id -> container
         self._stopping: dict[str, float] = {}  # container id -> when the stop/kill arrived
         self._file_routes: tuple[FileRoute, ...] = ()
         self._seen: dict[str, int] = {}
@@ -49,7 +50,29 @@ class Watcher:
         self._warned: set[tuple[str, str]] = set()
         self.changed = asyncio.Condition()
 
-    # --- provider inputs (called on the event loop) -----------------------------------------
+    # --- provider inputs: the providers.Observations interface, called on the event loop --
+
+    @property
+    def docker_connected(self) -> bool | None:
+        """The Docker provider's connection: None while connecting, False when disabled."""
+        if not self.settings.docker:
+            return False
+        return self.sources_connected.get("docker")
+
+    def connected(self, up: bool, source: str = "docker") -> None:
+        """A provider's connection came up or went down."""
+        self.sources_connected[source] = up
+
+    def observed_lag(self, seconds: float, source: str = "docker") -> None:
+        """Event-to-observation lag of a provider (a metric)."""
+        if self.on_event_lag is not None:
+            self.on_event_lag(seconds)
+
+    def _all_containers(self) -> dict[str, Container]:
+        out: dict[str, Container] = {}
+        for items in self._containers.values():
+            out.update(items)
+        return out
 
     def _stamp(self, c: Container) -> Container:
         """Keep the order in which containers were first seen (tie-break for conflicts)."""
@@ -58,27 +81,28 @@ class Watcher:
             seen = self._seen[c.id] = next(self._seen_counter)
         return c if c.seen == seen else dataclasses.replace(c, seen=seen)
 
-    def resync(self, containers: Iterable[Container]) -> None:
-        """Replace every Docker observation with a fresh list."""
-        self._containers = {c.id: self._stamp(c) for c in containers}
-        self._seen = {cid: n for cid, n in self._seen.items() if cid in self._containers}
+    def resync(self, containers: Iterable[Container], source: str = "docker") -> None:
+        """Replace every observation of `source` with a fresh list (other sources stay)."""
+        self._containers[source] = {c.id: self._stamp(c) for c in containers}
+        known = self._all_containers()
+        self._seen = {cid: n for cid, n in self._seen.items() if cid in known}
         # Keep a recent stop mark on a container that is still running (it may be mid graceful
         # stop); drop old ones: a start may have been missed while disconnected, and a stale
         # mark would drain the replica forever.
         now = time.monotonic()
         self._stopping = {cid: t for cid, t in self._stopping.items()
-                          if cid in self._containers and now - t < _STOP_MARK_TTL
-                          and self._containers[cid].state == "running"}
+                          if cid in known and now - t < _STOP_MARK_TTL
+                          and known[cid].state == "running"}
         self._mark()
 
-    def update(self, container: Container) -> None:
-        """One container changed (from an inspect after an event)."""
-        self._containers[container.id] = self._stamp(container)
+    def update(self, container: Container, source: str = "docker") -> None:
+        """One container of `source` changed (from an inspect after an event)."""
+        self._containers.setdefault(source, {})[container.id] = self._stamp(container)
         self._mark()
 
-    def remove(self, container_id: str) -> None:
-        """A container was destroyed."""
-        self._containers.pop(container_id, None)
+    def remove(self, container_id: str, source: str = "docker") -> None:
+        """A container of `source` was destroyed."""
+        self._containers.get(source, {}).pop(container_id, None)
         self._seen.pop(container_id, None)
         self._stopping.pop(container_id, None)
         self._mark()
@@ -137,7 +161,7 @@ class Watcher:
     def _build_once(self) -> RouteTable:
         containers = [
             dataclasses.replace(c, stopping=True) if c.id in self._stopping else c
-            for c in self._containers.values()
+            for c in self._all_containers().values()
         ]
         s = self.settings
         return build_table(containers, self._file_routes, label_prefix=s.label_prefix,

@@ -1,8 +1,11 @@
-"""Several worker processes on one port (SO_REUSEPORT), supervised by a small parent.
+"""Several worker processes on one port (SO_REUSEPORT) and one control plane, supervised by a
+small parent.
 
-Each worker discovers routes itself (one Docker event stream each), so every worker holds the
-same live table without any coordination. Worker 0 also serves the admin listener; metrics are
-summed over all workers through prometheus_client's multiprocess folder.
+The control plane (its own process) holds the only Docker connection, the only active health
+prober, ACME and the routes-file watcher, and serves the admin listener; it publishes each new
+table to the workers over a Unix socket in a private runtime directory. Workers hold the data
+plane only. The supervisor restarts any of them that dies; metrics are summed over all processes
+through prometheus_client's multiprocess folder.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from edgeproxy.logs import get_logger
 from edgeproxy.settings import Settings
 
 EXIT_LISTEN_FAILED = 3  # a worker could not bind: restarting would not help
+CONTROL = -1  # the control plane's index among the supervised children
 
 
-def run_worker(settings: Settings, index: int) -> int:
-    """Run one worker to completion; its exit code."""
-    from edgeproxy.server import ListenError, serve
+def run_worker(settings: Settings, index: int, control_path: str | None = None,
+               restarted: bool = False) -> int:
+    """Run one worker (or, with index CONTROL, the control plane) to completion; its exit code."""
+    from edgeproxy.server import ListenError, serve, serve_control
 
     runner: Callable[..., object]
     try:
@@ -37,7 +42,10 @@ def run_worker(settings: Settings, index: int) -> int:
     else:  # pragma: no cover - optional speed-up (extra "fast")
         runner = uvloop.run
     try:
-        runner(serve(settings, worker=index))
+        if index == CONTROL and control_path is not None:
+            runner(serve_control(settings, control_path, restarted=restarted))
+        else:
+            runner(serve(settings, worker=index, control_path=control_path))
     except ListenError as exc:
         sys.stderr.write(f"edgeproxy: {exc}\n")  # one write: print() makes two, and workers race
         sys.stderr.flush()
@@ -55,7 +63,8 @@ def run(settings: Settings) -> int:
 
 
 class Supervisor:
-    """Forks the workers, forwards SIGTERM/SIGINT, restarts a worker that crashes."""
+    """Forks the control plane and the workers, forwards SIGTERM/SIGINT, restarts whichever
+    crashes."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -64,15 +73,23 @@ class Supervisor:
         self.failed_listen = False
         self.log = get_logger("supervisor")
         self.metrics_dir = tempfile.mkdtemp(prefix="edgeproxy-metrics-")
+        # mkdtemp makes it 0700: only this user reaches the control socket.
+        self.runtime_dir = tempfile.mkdtemp(prefix="edgeproxy-run-")
+        self.control_path = os.path.join(self.runtime_dir, "control.sock")
+        self.control_starts = 0
 
     def _spawn(self, index: int) -> None:
+        restarted = False
+        if index == CONTROL:
+            restarted = self.control_starts > 0
+            self.control_starts += 1
         pid = os.fork()
         if pid == 0:  # child
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = run_worker(self.settings, index)
+                code = run_worker(self.settings, index, self.control_path, restarted)
             except BaseException:  # noqa: BLE001 - os._exit below would swallow the traceback
                 traceback.print_exc()
             finally:
@@ -100,6 +117,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._signal)
         self.log.info("workers_starting", workers=self.settings.workers, pid=os.getpid())
         try:
+            self._spawn(CONTROL)
             for i in range(self.settings.workers):
                 self._spawn(i)
             restarts: dict[int, float] = {}
@@ -124,13 +142,15 @@ class Supervisor:
                 last = restarts.get(index, 0.0)
                 delay = 1.0 if time.monotonic() - last < 10 else 0.0
                 restarts[index] = time.monotonic()
-                self.log.error("worker_died", worker=index, pid=pid, exit_code=code,
-                               restart_in_s=delay)
+                self.log.error("control_died" if index == CONTROL else "worker_died",
+                               worker="control" if index == CONTROL else index, pid=pid,
+                               exit_code=code, restart_in_s=delay)
                 time.sleep(delay)
                 if not self.stopping:
                     self._spawn(index)
         finally:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
         return 1 if self.failed_listen else 0
 
     def _mark_dead(self, pid: int) -> None:

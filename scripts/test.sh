@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose)
+packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose
+          apache2-utils nghttp2-client)
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg -s "$pkg" 2>/dev/null)" == *$'\nStatus: install ok installed\n'* ]] || missing+=("$pkg")

@@ -15,9 +15,11 @@ Security rules kept here on purpose (see ../shared/REFERENCE.md, JWT):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -329,6 +331,60 @@ def _claims_failure(exc: jwt.PyJWTError) -> AuthFailure:
     return _invalid("malformed_token")
 
 
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+_WHITESPACE = re.compile(r"\s")
+
+
+class _Duplicate(ValueError):
+    """A JSON object names one member twice."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise _Duplicate(name)
+        out[name] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def claims_problem(token: str, claims: Mapping[str, Any]) -> str | None:
+    """What PyJWT lets through and we refuse in a signature-checked token, or None.
+
+    - NumericDate claims (`exp`, `nbf`, `iat`) must be JSON numbers (RFC 7519 2): PyJWT runs
+      them through int(), so `"exp": "9999999999"` (a string) or `true` would pass, and an
+      integer too large for a float would break our cache's expiry;
+    - the header and the claims set must not name a member twice (RFC 7519 4: we take the
+      last, a replica parsing the token again may take the first), nor hold NaN or Infinity,
+      which Python's JSON parser accepts and JSON does not have.
+    """
+    for name in _NUMERIC_DATES:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name} must be a number (NumericDate), not {type(value).__name__}"
+        try:
+            if not math.isfinite(float(value)):
+                raise OverflowError
+        except OverflowError:
+            return f"{name} is out of range"
+    for part, what in ((0, "header"), (1, "claims")):
+        segment = token.split(".", 2)[part]
+        try:
+            json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)),
+                       object_pairs_hook=_unique_members, parse_constant=_no_constant)
+        except _Duplicate as exc:
+            return f"the {what} names {str(exc)!r} twice"
+        except ValueError as exc:  # already parsed by PyJWT: only NaN/Infinity get here
+            return f"the {what} is not plain JSON ({exc})"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who a verified token speaks for: `sub` ('' when absent), its scopes, and its `exp`."""
@@ -339,13 +395,17 @@ class Identity:
 
 
 def token_scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """Scopes from `scope` and `scp`, each a space-separated string or a list of strings."""
+    """Scopes from `scope` and `scp`, each a space-separated string or a list of strings.
+
+    A list item holding whitespace is no scope (RFC 6749 3.3 scope-token) and is dropped: the
+    replica gets the scopes space-separated in X-Auth-Scopes, where `["read write"]` would read
+    as two scopes the proxy never granted."""
     out: dict[str, None] = {}
     for name in ("scope", "scp"):
         value = claims.get(name)
         items = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
         for item in items:
-            if isinstance(item, str) and item:
+            if isinstance(item, str) and item and not _WHITESPACE.search(item):
                 out[item] = None
     return tuple(out)
 
@@ -573,6 +633,9 @@ class JwtVerifier:
                 continue
             except jwt.PyJWTError as exc:
                 raise _claims_failure(exc) from None
+            problem = claims_problem(token, claims)
+            if problem is not None:
+                raise _invalid("invalid_claim", problem)
             return Identity(str(claims.get("sub") or ""), token_scopes(claims),
                             float(claims["exp"]))
         raise _invalid("bad_signature")

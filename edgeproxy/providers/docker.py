@@ -21,7 +21,7 @@ import requests.exceptions
 
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Container
-from edgeproxy.watcher import Watcher
+from edgeproxy.providers import Observations
 
 # Kill signals that are reloads, not stops; anything else (SIGTERM, SIGKILL, and custom stop
 # signals such as httpd's SIGWINCH) takes the replica out of rotation at once.
@@ -176,12 +176,18 @@ class _DaemonPool:
 
 
 class DockerProvider:
-    """Runs the blocking docker SDK in a thread and posts observations to the watcher."""
+    """Runs the blocking docker SDK in a thread and posts observations to the sink (on the
+    sink's event loop). Observations are reported under `source` ("docker")."""
 
-    def __init__(self, watcher: Watcher, loop: asyncio.AbstractEventLoop,
-                 client_factory: Callable[[], Any] | None = None, *, quiet: bool = False) -> None:
-        self._watcher = watcher
-        # Every worker runs a provider: one of them (quiet=False) explains failures.
+    source = "docker"
+
+    def __init__(self, sink: Observations, loop: asyncio.AbstractEventLoop,
+                 client_factory: Callable[[], Any] | None = None,
+                 backoff_max: float = 30.0, *, quiet: bool = False) -> None:
+        self._sink = sink
+        self._backoff_max = backoff_max
+        self._state: bool | None = None  # connected, as last reported
+        # Only one provider (quiet=False) explains failures at warning level.
         self._quiet = quiet
         self.status = DiscoveryStatus(since=time.time())
         self._warned_at = -WARN_EVERY
@@ -226,7 +232,7 @@ class DockerProvider:
                 items = api.containers(all=True)
                 containers = [container_from_list(i) for i in items]
                 self._seq.clear()  # inspects still in flight predate this list: drop them
-                self._post(functools.partial(self._watcher.resync, containers))
+                self._post(functools.partial(self._sink.resync, containers, self.source))
                 self._post(functools.partial(self._connected, len(containers), first))
                 first = False
                 backoff = 0.25
@@ -244,7 +250,7 @@ class DockerProvider:
                 self._post(functools.partial(self._disconnected, reason, backoff))
                 self._close_quietly()
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._watcher.settings.docker_backoff_max)
+                backoff = min(backoff * 2, self._backoff_max)
 
     def _close_quietly(self) -> None:
         with contextlib.suppress(Exception):
@@ -252,8 +258,9 @@ class DockerProvider:
                 self._api.close()
 
     def _connected(self, count: int, first: bool) -> None:
-        was = self._watcher.docker_connected
-        self._watcher.docker_connected = True
+        was = self._state
+        self._state = True
+        self._sink.connected(True, self.source)
         before, now = self.status, time.time()
         self.status = DiscoveryStatus("connected", since=now)
         event = "docker_connected" if first else "docker_resynced"
@@ -276,7 +283,7 @@ class DockerProvider:
         now = time.monotonic()
         if self._quiet:
             self._log.debug("docker_unreachable", **fields)
-        elif self._watcher.docker_connected is not False:  # was connected, or first attempt
+        elif self._state is not False:  # was connected, or first attempt
             self._warned_at = now
             self._log.warning("docker_disconnected", **fields)
         elif now - self._warned_at >= WARN_EVERY:
@@ -285,7 +292,8 @@ class DockerProvider:
             self._log.warning("docker_unreachable", **fields)
         else:
             self._log.debug("docker_unreachable", **fields)
-        self._watcher.docker_connected = False
+        self._state = False
+        self._sink.connected(False, self.source)
 
     def _follow(self, api: Any, events: Iterator[Mapping[str, Any]]) -> None:
         for ev in events:
@@ -306,13 +314,13 @@ class DockerProvider:
             cid = actor.get("ID") or ev.get("id")
         if not cid or action.startswith(_IGNORED_ACTIONS):
             return
-        w = self._watcher
+        w, source = self._sink, self.source
         signal = str(attrs.get("signal", ""))
         if (action == "kill" and signal not in _RELOAD_SIGNALS) or action == "stop":
             self._post(lambda: w.stopping(cid))
             return
         if action == "destroy":
-            self._post(lambda: w.remove(cid))
+            self._post(lambda: w.remove(cid, source))
             self._seq.pop(cid, None)
             return
         if action in ("start", "restart", "unpause"):
@@ -329,7 +337,7 @@ class DockerProvider:
         try:
             doc = api.inspect_container(cid)
         except docker.errors.NotFound:
-            self._post(lambda: self._watcher.remove(cid))
+            self._post(lambda: self._sink.remove(cid, self.source))
             return
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             self._log.warning("docker_inspect_failed", container=cid[:12], error=str(exc)[:200])
@@ -346,7 +354,6 @@ class DockerProvider:
     def _apply(self, c: Container, cid: str, seq: int, event_time: float | None) -> None:
         if self._seq.get(cid) != seq:
             return
-        self._watcher.update(c)
-        lag = self._watcher.on_event_lag
-        if lag is not None and event_time is not None:
-            lag(max(0.0, time.time() - event_time))
+        self._sink.update(c, self.source)
+        if event_time is not None:
+            self._sink.observed_lag(max(0.0, time.time() - event_time), self.source)

@@ -15,11 +15,12 @@ from yarl import URL
 from edgeproxy.labels import LabelError, LabelsInvalid, build_routing, parse_options
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Upstream
+from edgeproxy.providers import Observations
 from edgeproxy.table import FileRoute
-from edgeproxy.watcher import Watcher
 
 T = TypeVar("T")
-_CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
+_CONTAINER_ONLY = ("port", "network", "enable", "weight")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "h2c": 80, "h2": 443}
 
 
 class RoutesFileError(ValueError):
@@ -59,13 +60,13 @@ def parse_upstream(url_text: str) -> Upstream:
         url = URL(url_text)
     except (ValueError, TypeError):
         raise ValueError(f"{url_text!r} is not a URL") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"{url_text!r}: the scheme must be http or https")
+    if url.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"{url_text!r}: the scheme must be http, https, h2c or h2")
     if not url.host:
         raise ValueError(f"{url_text!r}: no host")
     if url.raw_path not in ("", "/") or url.raw_query_string or url.fragment:
         raise ValueError(f"{url_text!r}: give scheme://host:port only, no path or query")
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = url.port or _DEFAULT_PORTS[url.scheme]
     return Upstream(url.scheme, url.host, port, url_text)
 
 
@@ -129,8 +130,15 @@ def parse_routes_each(doc: Mapping[str, Any]) -> tuple[list[FileRoute], dict[str
         if len(schemes) > 1:
             errors.append(LabelError(f"routes.{name}.upstreams", str(raw_ups),
                                      "all upstreams of a route must use the same scheme"))
-        elif schemes == {"https"}:
-            values["scheme"] = "https"  # from the URLs: tls.* keys then apply
+        elif "scheme" in values and schemes - {"http", str(values["scheme"])}:
+            # `scheme` applies to http:// URLs; a URL naming another scheme contradicts it.
+            errors.append(LabelError(f"routes.{name}.scheme", str(values["scheme"]),
+                                     f"the upstream URLs say {sorted(schemes)[0]}; give http:// "
+                                     "URLs with scheme, or the scheme in the URLs"))
+        elif "scheme" in values:
+            upstreams = [dataclasses.replace(u, scheme=str(values["scheme"])) for u in upstreams]
+        elif schemes and schemes != {"http"}:
+            values["scheme"] = next(iter(schemes))  # from the URLs: tls.* keys then apply
         errors.extend(errs)
         if "path" not in table and "host" not in table:
             errors.append(LabelError(f"routes.{name}.path", "", "missing: give path or host"))
@@ -178,9 +186,9 @@ def _load(path: Path, parse: Callable[[Mapping[str, Any]], T]) -> T:
 class FileProvider:
     """Polls the routes file's metadata and reloads it when it changes."""
 
-    def __init__(self, watcher: Watcher, path: Path, interval: float, *,
+    def __init__(self, sink: Observations, path: Path, interval: float, *,
                  quiet: bool = False) -> None:
-        self._watcher = watcher
+        self._sink = sink
         self._path = path
         self._interval = interval
         self._log = get_logger("routes_file")
@@ -223,7 +231,7 @@ class FileProvider:
                           error=reason, kept_previous=False)
         self._last_good = {r.name: r for r in routes} | {
             n: self._last_good[n] for n in invalid if n in self._last_good}
-        self._watcher.set_file_routes([good[n] for n in sorted(good)])
+        self._sink.set_file_routes([good[n] for n in sorted(good)])
         self._say("info", "routes_file_loaded", path=str(self._path), routes=len(routes),
                   invalid=sorted(invalid) or None)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +197,32 @@ def test_policies_from_docker_labels(docker_engine: None, tmp_path: Path) -> Non
         answers = [echo("k") for _ in range(4)]
         assert [r.status_code for r in answers] == [200, 200, 200, 429]
         assert all("RateLimit-Policy" in r.headers for r in answers)
+
+
+def test_basic_auth_and_ip_list_from_docker_labels(docker_engine: None, tmp_path: Path) -> None:
+    # An entry as `htpasswd -nbB alice pw-alice` wrote it; labels take it with single '$'.
+    entry = "alice:$2y$05$60chqj1SQq0tnFQyHYLlD.oL1feUdPNrSuOsvtyejP5WIuczv8Q6."
+    path = "/" + unique("adm")
+    run_container(unique("c"), {"gateway.path": path, "gateway.strip_prefix": "true",
+                                "gateway.auth": "basic", "gateway.auth.users": entry,
+                                "gateway.auth.realm": "Admin",
+                                "gateway.ip.allow": "127.0.0.0/8"})
+    weak = unique("c")
+    run_container(weak, {"gateway.path": "/" + unique("weak"), "gateway.auth": "basic",
+                         "gateway.auth.users": "bob:$apr1$lY3otKbC$9N//qdbIrmu4Iwwo2O8pC."})
+    good = {"Authorization": "Basic " + base64.b64encode(b"alice:pw-alice").decode()}
+    with run_proxy(tmp_path) as p:
+        ready = wait_for(lambda: (r := requests.get(p.url(path + "/cgi-bin/echo"), headers=good,
+                                                    timeout=5)).status_code == 200 and r,
+                         10, what="labelled route")
+        echoed = engine.parse_echo(ready.text)
+        assert echoed["HTTP_X_AUTH_SUBJECT"] == "alice"
+        assert "HTTP_AUTHORIZATION" not in echoed
+        r = requests.get(p.url(path + "/"), timeout=5)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith(
+            'Basic realm="Admin"')
+        policies = next(r for r in p.admin("/routes")["routes"] if path in r["paths"])["policies"]
+        assert policies["auth"]["type"] == "basic" and policies["ip"]["allow"] == ["127.0.0.0/8"]
+        skipped = next(c for c in p.admin("/containers")["containers"]
+                       if c["container"] == weak)
+        assert "htpasswd -nbB bob" in json.dumps(skipped)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import ssl
+from pathlib import Path
 
-from edgeproxy.health import judge, probe_targets
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from edgeproxy.health import HealthMonitor, ProbeEndpoint, judge, probe_plan, probe_targets
 from edgeproxy.model import Container, HealthSpec, RouteSpec, Upstream
 from edgeproxy.table import FileRoute, build_table
 
@@ -121,3 +128,94 @@ def test_a_new_spec_is_a_new_target() -> None:
 
 def test_empty_table_has_no_targets() -> None:
     assert probe_targets(build_table([])) == set()
+
+
+# --- a failing check takes a routes-file replica out -------------------------------------------
+
+def test_a_failing_check_takes_a_routes_file_replica_out() -> None:
+    spec = RouteSpec(paths=("/legacy",), health=SPEC)
+    ups = (Upstream("http", "10.0.0.5", 8080, "http://10.0.0.5:8080"),
+           Upstream("http", "10.0.0.6", 8080, "http://10.0.0.6:8080"))
+    table = build_table([], [FileRoute("legacy", spec, ups)],
+                        failing={ups[0].key: "GET /healthz answered 500, expected 200-399"})
+    [route] = table.routes
+    bad, good = route.upstreams
+    assert (bad.state, bad.reason) == (
+        "unhealthy", "active health check: GET /healthz answered 500, expected 200-399")
+    assert route.pool == (good,)
+    # still probed, so it can come back
+    assert bad.key in {t[0] for t in probe_targets(table)}
+
+
+def test_a_failing_key_is_ignored_on_a_route_without_a_check() -> None:
+    ups = (Upstream("http", "10.0.0.5", 8080, "http://10.0.0.5:8080"),)
+    table = build_table([], [FileRoute("plain", RouteSpec(paths=("/p",)), ups)],
+                        failing={ups[0].key: "stale"})
+    assert table.routes[0].upstreams[0].state == "running"
+
+
+# --- probes use the forwarding endpoint settings -----------------------------------------------
+
+def test_an_https_replica_is_probed_with_the_routes_tls_settings() -> None:
+    spec = RouteSpec(paths=("/s",), health=SPEC, scheme="https", tls_verify=True,
+                     tls_ca="/etc/ca.pem", tls_server_name="orders.internal")
+    ups = (Upstream("https", "10.0.0.5", 8443, "https://10.0.0.5:8443"),)
+    [(_, endpoint)] = probe_plan(build_table([], [FileRoute("s", spec, ups)]))
+    assert endpoint == ProbeEndpoint("https", True, "/etc/ca.pem", "orders.internal")
+    plain = build_table([container("a", "10.0.0.1")])
+    assert {e for _, e in probe_plan(plain)} == {ProbeEndpoint()}
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+class _TlsBackend:
+    """An HTTPS server answering 200 on any path and counting hits."""
+
+    def __init__(self, ca: trustme.CA, name: str) -> None:
+        self.hits = 0
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(name).configure_cert(self.ctx)
+
+    async def __aenter__(self) -> int:
+        async def handle(_: web.Request) -> web.Response:
+            self.hits += 1
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.ctx)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.runner.cleanup()
+
+
+def test_probe_once_speaks_tls_with_the_routes_ca_and_server_name(
+        ca: trustme.CA, tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def main() -> tuple[str | None, str | None, str | None, int]:
+        backend = _TlsBackend(ca, "orders.internal")
+        async with backend as port, aiohttp.ClientSession() as session:
+            monitor = HealthMonitor(session, lambda *_: None)
+            good = await monitor._probe_once(
+                "127.0.0.1", port, SPEC,
+                ProbeEndpoint("https", True, str(ca_file), "orders.internal"))
+            # the wrong name fails verification, as forwarding would
+            wrong = await monitor._probe_once(
+                "127.0.0.1", port, SPEC, ProbeEndpoint("https", True, str(ca_file), "other"))
+            unverified = await monitor._probe_once(
+                "127.0.0.1", port, SPEC, ProbeEndpoint("https", False))
+            return good, wrong, unverified, backend.hits
+
+    good, wrong, unverified, hits = asyncio.run(main())
+    assert good is None and unverified is None
+    assert wrong is not None and wrong.startswith("GET /healthz failed")
+    assert hits == 2

@@ -811,11 +811,18 @@ def test_auth_jwt(value: str) -> None:
     assert _routing({"gateway.path": "/", "gateway.auth": value}).spec.auth == AuthSpec()
 
 
-@pytest.mark.parametrize("value", ["", " ", "basic", "oauth2", "jwt,basic", "jwt ;", "bearer", "true",
-                                   "none"])
+@pytest.mark.parametrize("value", ["", " ", "oauth2", "jwt ;", "bearer", "true", "none", "digest"])
 def test_bad_auth(value: str) -> None:
     assert _errors({"gateway.path": "/", "gateway.auth": value}) == [
-        LabelError("gateway.auth", value, "jwt (the only authentication scheme)")
+        LabelError("gateway.auth", value, "jwt, basic or forward")
+    ]
+
+
+@pytest.mark.parametrize("value", ["jwt,basic", "basic forward", "forward, jwt"])
+def test_one_auth_kind_per_route(value: str) -> None:
+    assert _errors({"gateway.path": "/", "gateway.auth": value}) == [
+        LabelError("gateway.auth", value, "one of jwt, basic or forward: a route has one auth "
+                   "kind (put routes that need another kind on another path or host)")
     ]
 
 
@@ -975,8 +982,8 @@ def test_policy_combinations_are_reported_together() -> None:
 
 def test_bad_policy_values_are_reported_before_combinations() -> None:
     # A bad gateway.auth is reported as such, not also as 'auth.scopes needs gateway.auth=jwt'.
-    assert _errors({"gateway.path": "/", "gateway.auth": "basic", "gateway.auth.scopes": "a"}) == [
-        LabelError("gateway.auth", "basic", "jwt (the only authentication scheme)")
+    assert _errors({"gateway.path": "/", "gateway.auth": "oauth2", "gateway.auth.scopes": "a"}) == [
+        LabelError("gateway.auth", "oauth2", "jwt, basic or forward")
     ]
 
 

@@ -283,10 +283,9 @@ def test_a_second_route_on_one_container_is_reported_not_merged() -> None:
                "route on this container" in line for line in not_carried(out))
 
 
-# Access control: the labels another branch adds (gateway.auth=basic|forward, gateway.ip.allow)
-# are not known to `edgeproxy check` here yet, so these tests assert the text only.
+# Access control: gateway.auth=basic|forward and gateway.ip.allow.
 
-def test_basicauth_documentation_example_has_md5_hashes_and_is_migrated_disabled() -> None:
+def test_basicauth_documentation_example_has_md5_hashes_and_is_migrated_disabled(checked) -> None:  # type: ignore[no-untyped-def]
     # doc.traefik.io/traefik/middlewares/http/basicauth/ (Docker example)
     rc, out, _ = migrate("""\
         services:
@@ -301,7 +300,9 @@ def test_basicauth_documentation_example_has_md5_hashes_and_is_migrated_disabled
     # Never exposed without the check it had: disabled until a bcrypt user is added.
     assert gateway_labels(out, "app") == {"gateway.enable": "false",
                                           "gateway.host": "app.example.com",
-                                          "gateway.auth": "basic"}
+                                          "gateway.auth": "basic",
+                                          "gateway.auth.keep_authorization": "true"}
+    assert checked(out)[0] == 0  # not routed (enable=false), so nothing to complain about
     lines = not_carried(out)
     assert len(lines) == 2
     assert ("user 'test' has an MD5 (apr1) hash; edgeproxy accepts bcrypt only: make one with "
@@ -309,7 +310,7 @@ def test_basicauth_documentation_example_has_md5_hashes_and_is_migrated_disabled
     assert "test:$$apr1$$H6uskkkW$$IgXLP6ewTrSuBkTrqE8wj/" in lines[0]  # still a compose value
 
 
-def test_bcrypt_users_are_carried_with_compose_dollars() -> None:
+def test_bcrypt_users_are_carried_with_compose_dollars(checked) -> None:  # type: ignore[no-untyped-def]
     bcrypt = "$$2y$$05$$c4WoMPo3SXsafkva.HHa6uXQZWr7oboPiC2bT/r7q1BB8I2s0BRqC"
     rc, out, _ = migrate(f"""\
         services:
@@ -319,13 +320,19 @@ def test_bcrypt_users_are_carried_with_compose_dollars() -> None:
               - "traefik.http.routers.app.rule=Host(`app.example.com`)"
               - "traefik.http.routers.app.middlewares=auth"
               - "traefik.http.middlewares.auth.basicauth.users=user:{bcrypt}"
+              - "traefik.http.middlewares.auth.basicauth.realm=Staff"
+              - "traefik.http.middlewares.auth.basicauth.removeheader=true"
         """)
-    assert rc == 0
+    assert rc == 0, out
+    assert gateway_labels(out, "app")["gateway.auth.realm"] == "Staff"
+    assert "gateway.auth.keep_authorization" not in gateway_labels(out, "app")
+    rc, text = checked(out)
+    assert rc == 0, text
     assert gateway_labels(out, "app")["gateway.auth.users"] == f"user:{bcrypt}"
     assert f'"gateway.auth.users=user:{bcrypt}"' in out
 
 
-def test_forwardauth_and_ipallowlist_documentation_examples() -> None:
+def test_forwardauth_and_ipallowlist_documentation_examples(checked) -> None:  # type: ignore[no-untyped-def]
     # doc.traefik.io/traefik/middlewares/http/forwardauth/ and .../ipallowlist/ (Docker examples)
     rc, out, _ = migrate("""\
         services:
@@ -347,6 +354,8 @@ def test_forwardauth_and_ipallowlist_documentation_examples() -> None:
     assert rc == 1
     assert [line.split(": ", 3)[2] for line in not_carried(out)] == [
         "traefik.http.middlewares.test-auth.forwardauth.trustForwardHeader=true"]
+    rc, text = checked(out)
+    assert rc == 0, text
 
 
 def test_a_middleware_from_another_provider_disables_the_route() -> None:

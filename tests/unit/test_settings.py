@@ -148,6 +148,9 @@ def test_cidr_lists(value: str, networks: tuple[str, ...]) -> None:
         ("EDGEPROXY_DEBOUNCE", "0", "debounce", 0.0),
         ("EDGEPROXY_DOCKER", "false", "docker", False),
         ("EDGEPROXY_ADMIN_LISTEN", "[::1]:8081", "admin_listen", Address("::1", 8081)),
+        ("EDGEPROXY_ADMIN_HOSTS", "", "admin_hosts", ()),
+        ("EDGEPROXY_ADMIN_HOSTS", " Admin.Internal , proxy:8081,[::1]:9000 ", "admin_hosts",
+         (("admin.internal", None), ("proxy", 8081), ("::1", 9000))),
         ("EDGEPROXY_WORKERS", "1", "workers", 1),
         ("EDGEPROXY_WORKERS", " 4 ", "workers", 4),
         ("EDGEPROXY_WORKERS", "256", "workers", 256),
@@ -170,6 +173,8 @@ SIZE = "a size such as 1048576, 512k, 10m or 1g"
 ADDRESS = "host:port, e.g. 0.0.0.0:8080 or [::]:8080"
 CIDRS = "comma-separated CIDRs, e.g. 10.0.0.0/8,172.16.0.0/12"
 WORKERS = "auto (one per core) or a whole number from 1 to 256"
+ADMIN_HOSTS = ("comma-separated host names or addresses with an optional port, e.g. "
+               "admin.internal,proxy:8081")
 
 
 @pytest.mark.parametrize(
@@ -196,6 +201,9 @@ WORKERS = "auto (one per core) or a whole number from 1 to 256"
         ("EDGEPROXY_LISTEN", "[::1]", ADDRESS),
         ("EDGEPROXY_LISTEN", "0.0.0.0:\u00b2", ADDRESS),
         ("EDGEPROXY_ADMIN_LISTEN", "localhost", ADDRESS),
+        ("EDGEPROXY_ADMIN_HOSTS", "admin.internal,evil/x", ADMIN_HOSTS),
+        ("EDGEPROXY_ADMIN_HOSTS", "admin.internal:", ADMIN_HOSTS),
+        ("EDGEPROXY_ADMIN_HOSTS", "http://admin.internal", ADMIN_HOSTS),
         ("EDGEPROXY_EXPOSED_BY_DEFAULT", "maybe", "true or false"),
         ("EDGEPROXY_DOCKER", "", "true or false"),
         ("EDGEPROXY_TRUSTED_PROXIES", "10.0.0.0/33", CIDRS),

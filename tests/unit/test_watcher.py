@@ -208,3 +208,27 @@ def test_active_health_reports_reach_the_table(clock: FakeTime) -> None:
     w.set_active_health(key, None)
     [u] = route_named(w.build(), "orders").upstreams
     assert (u.state, u.reason) == ("running", "")
+
+
+# --- observations keyed by source -------------------------------------------------------------
+
+def test_a_resync_of_one_source_keeps_the_others(clock: FakeTime) -> None:
+    w = watcher(hold=0)
+    other = {"gateway.path": "/pay", "com.docker.compose.service": "pay"}
+    w.resync([container("a")], source="docker")
+    w.resync([container("b", other, ip="10.0.0.3")], source="swarm")
+    assert [r.name for r in w.build().routes] == ["orders", "pay"]
+    w.resync([], source="docker")  # Docker's list is empty now: Swarm's items stay
+    assert summary(w.build()) == [("pay", "docker", ["shop-b"])]
+    w.remove("b" * 16, source="docker")  # not Docker's item: nothing happens
+    assert [r.name for r in w.build().routes] == ["pay"]
+    w.remove("b" * 16, source="swarm")
+    assert w.build().routes == ()
+
+
+def test_connected_is_kept_per_source() -> None:
+    w = Watcher(Settings(docker=True))
+    assert w.docker_connected is None
+    w.connected(True)
+    w.connected(False, source="swarm")
+    assert w.docker_connected is True and w.sources_connected == {"docker": True, "swarm": False}

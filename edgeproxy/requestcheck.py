@@ -1,0 +1,154 @@
+"""Semantic checks of a parsed request head, before it is matched or forwarded (pure).
+
+aiohttp's llhttp parser already refuses what cannot be framed (CL+TE, two Content-Lengths, two
+Hosts, an HTTP/1.1 request without Host, obs-fold, bare LF). What it lets through and we refuse
+here, each answered the way nginx answers it:
+
+- a protocol version other than HTTP/1.x (llhttp accepts `HTTP/2.0` as a request line) -> 505;
+- a Host (or absolute-form authority) that is not reg-name / IPv4 / [IPv6] with an optional
+  numeric port (RFC 9112 3.2, RFC 3986 3.2.2) -> 400, before it can select a route or reach a
+  replica raw in `Host` or `X-Forwarded-Host`;
+- `Transfer-Encoding` other than exactly `chunked` -> 501, and any `Transfer-Encoding` on an
+  HTTP/1.0 request -> 400 (RFC 9112 6.1: its framing is faulty);
+- a credential header sent twice (`Authorization` on every route, the header a route's rate
+  limit is keyed on there) -> 400: we would check one and a replica might read the other;
+- a `Sec-WebSocket-Key` that is not base64 of 16 bytes (RFC 6455 4.1) -> 400.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from multidict import MultiMapping
+
+from edgeproxy.exchange import Refusal
+
+# A DNS-style host name: labels of letters, digits, '-' and '_' (Docker service names carry
+# '_'), one optional trailing dot. Stricter than RFC 3986 reg-name on purpose: its sub-delims
+# (`,;=!$&'()*+`) and percent-escapes name no host a replica can have, and only serve to split
+# X-Forwarded-Host lists or Forwarded parameters differently in another parser.
+_REG_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+_MAX_NAME = 254  # 253 octets of DNS name, plus the trailing dot (RFC 1035 2.3.4)
+_IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_WS_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")  # base64 of exactly 16 bytes (RFC 6455 4.1)
+_CHUNKED = "chunked"
+# Host values already found valid: a site has a handful, and a dict probe costs a tenth of
+# parsing one again on every request.
+_GOOD_HOSTS: dict[str, None] = {}
+_GOOD_HOSTS_MAX = 4096
+
+
+class HostError(ValueError):
+    """A Host value or authority that is not host[:port] (answered with 400)."""
+
+
+# The connection's framing can't be trusted after these refusals.
+CLOSE = {"Connection": "close"}
+
+
+def parse_host(value: str) -> tuple[str, int | None]:
+    """Split a Host value or URL authority into (lower-case name, port or None).
+
+    The name is a DNS-style name (without its trailing dot), a dotted IPv4 address, or an IPv6
+    address without brackets. Raises HostError naming the value for anything else: userinfo,
+    '/', spaces, non-ASCII, an empty or non-numeric port, a port over 65535, zone ids."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise HostError(f"host {value!r} opens '[' without closing it")
+        literal, rest = value[1:end], value[end + 1:]
+        try:
+            # ipaddress alone would take zone ids (fe80::1%eth0) and non-ASCII digits.
+            if not _IPV6_CHARS.fullmatch(literal):
+                raise ValueError(literal)
+            address = ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise HostError(f"host {value!r} is not a valid [IPv6] address") from None
+        name = address.compressed
+    else:
+        name, colon, port_text = value.partition(":")
+        rest = colon + port_text
+        if not _REG_NAME.fullmatch(name) or len(name) > _MAX_NAME:
+            raise HostError(f"host {value!r} is not a host name or address (expected letters, "
+                            "digits, '-', '_' and '.', then an optional :port)")
+        name = name.lower().rstrip(".")
+    if not rest:
+        return name, None
+    if rest[0] != ":" or not _PORT.fullmatch(rest[1:]) or int(rest[1:]) > 65535:
+        raise HostError(f"host {value!r} has a port that is not a number from 0 to 65535")
+    return name, int(rest[1:])
+
+
+def host_problem(value: str) -> str | None:
+    """None when `value` is a valid Host value, else why not (for a 400's message)."""
+    try:
+        parse_host(value)
+    except HostError as exc:
+        return str(exc)
+    return None
+
+
+def check_http1(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal | None:
+    """What is wrong with an HTTP/1.x request head that llhttp let through, or None: the
+    version, Transfer-Encoding and Sec-WebSocket-Key (the HTTP/1.1 front's own checks)."""
+    if version[0] != 1:
+        # llhttp hands us HTTP/2.0 request lines; answering them as HTTP/1.1 would let a
+        # client believe it talks h2 over this connection.
+        return Refusal(505, "http_version_not_supported",
+                       f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", CLOSE)
+    te = headers.get("Transfer-Encoding")
+    if te is not None:
+        if version < (1, 1):
+            return Refusal(400, "bad_request", "Transfer-Encoding is not defined for HTTP/1.0 "
+                           "(RFC 9112 6.1); send Content-Length", CLOSE)
+        if te.strip().lower() != _CHUNKED:
+            # nginx's answer too: a coding we don't apply would be dropped or misframed.
+            return Refusal(501, "unsupported_transfer_encoding",
+                           f"Transfer-Encoding {te!r} is not supported; only 'chunked' is", CLOSE)
+    keys = headers.getall("Sec-WebSocket-Key", ())
+    if keys and (len(keys) > 1 or not _WS_KEY.fullmatch(keys[0])):
+        return Refusal(400, "bad_websocket_handshake", "Sec-WebSocket-Key must appear once and "
+                       "be the base64 encoding of 16 bytes (RFC 6455 4.1)")
+    return None
+
+
+def check_request(headers: MultiMapping[str]) -> Refusal | None:
+    """What is wrong with any request whatever its route and protocol, or None: the Host
+    syntax and a repeated Authorization. Part of `decide`, so /explain reports it too.
+
+    Cheap for an ordinary request: a few lookups in the C multidict and a dict probe."""
+    host = headers.get("Host")
+    if host is not None and host not in _GOOD_HOSTS:
+        problem = host_problem(host)
+        if problem is not None:
+            return Refusal(400, "bad_host", problem)
+        if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:  # a flood of made-up names can't grow it
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS[host] = None
+    if len(headers.getall("Authorization", ())) > 1:
+        return Refusal(400, "duplicate_credentials", "the request carries more than one "
+                       "Authorization header; send exactly one")
+    return None
+
+
+def check_credentials(headers: MultiMapping[str], names: tuple[str, ...]) -> Refusal | None:
+    """A 400 when one of a route's credential headers (`names`) appears more than once."""
+    for name in names:
+        if len(headers.getall(name, ())) > 1:
+            return Refusal(400, "duplicate_credentials", f"the request carries more than one "
+                           f"{name} header, which this route reads as a credential; send "
+                           "exactly one")
+    return None
+
+
+def check_forwarded_host(headers: MultiMapping[str]) -> Refusal | None:
+    """A 400 when a trusted proxy's X-Forwarded-Host (kept and forwarded as it is) holds
+    anything but comma-separated valid hosts."""
+    for value in headers.getall("X-Forwarded-Host", ()):
+        for part in value.split(","):
+            problem = host_problem(part.strip())
+            if problem is not None:
+                return Refusal(400, "bad_host", "X-Forwarded-Host: " + problem)
+    return None
