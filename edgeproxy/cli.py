@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-p", "--project-name", default=None, metavar="NAME",
                        help="the Compose project name, which prefixes network names (default: "
                        "COMPOSE_PROJECT_NAME, else the file's name:, else its folder's name)")
+    migrate = sub.add_parser("migrate", help="print compose files with gateway.* labels in place "
+                             "of Traefik labels and nginx-proxy variables, offline (exit 1 when "
+                             "something was not carried over: see its comment)")
+    migrate.add_argument("files", nargs="+", metavar="compose.yml")
+    how = migrate.add_mutually_exclusive_group()
+    how.add_argument("--keep", dest="replace", action="store_false", default=False,
+                     help="add the gateway labels beside the old ones (the default)")
+    how.add_argument("--replace", dest="replace", action="store_true",
+                     help="remove the old labels and variables that were carried over")
     explain = sub.add_parser("explain", help="ask the running proxy which route, policies and "
                              "replica a request would get, without sending it")
     explain.add_argument("url", help="e.g. http://api.example.com/orders/7")
@@ -66,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
         return run_check(list(args.files), label_prefix=prefix, project=args.project_name)
+    if args.command == "migrate":
+        from edgeproxy.migrate import run_migrate
+
+        prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
+        return run_migrate(list(args.files), replace=args.replace, prefix=prefix)
     if args.command == "explain":
         return _explain(args)
     try:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from edgeproxy.logs import get_logger
-from edgeproxy.model import Container, Route, RouteSpec
+from edgeproxy.model import Container, Route, RouteSpec, Upstream
 from edgeproxy.settings import Settings
 from edgeproxy.table import FileRoute, RouteTable, build_table
 
@@ -24,6 +24,8 @@ class Watcher:
 
     def __init__(self, settings: Settings, quiet: bool = False) -> None:
         self.settings = settings
+        # True in every worker but the first: they keep the same table without reporting it.
+        self.quiet = quiet
         self.table = RouteTable()
         self.swaps = 0
         self.last_swap = 0.0
@@ -242,14 +244,83 @@ class Watcher:
             if prev is None:
                 self._log.info("route_added", route=name, **_summary(r))
                 self.changes.append({"time": now, "event": "route_added", "route": name,
-                                     **_summary(r)})
+                                     **_summary(r), "what": describe_change(None, r)})
             elif prev != r:
-                self._log.info("route_changed", route=name, **_summary(r))
+                what = describe_change(prev, r)
+                self._log.info("route_changed", route=name, what=what, **_summary(r))
                 self.changes.append({"time": now, "event": "route_changed", "route": name,
-                                     **_summary(r)})
+                                     **_summary(r), "what": what})
         for name in sorted(before.keys() - after.keys()):
             self._log.info("route_removed", route=name)
-            self.changes.append({"time": now, "event": "route_removed", "route": name})
+            self.changes.append({"time": now, "event": "route_removed", "route": name,
+                                 "what": describe_change(before[name], None)})
+
+
+# RouteSpec fields as the labels name them (gateway.<key>), for change descriptions.
+_SETTING_NAMES = {"hosts": "host", "paths": "path", "connect_timeout": "timeout.connect",
+                  "read_timeout": "timeout.read", "request_headers": "request.headers",
+                  "response_headers": "response.headers", "tls_verify": "tls.verify",
+                  "tls_ca": "tls.ca", "tls_server_name": "tls.server_name",
+                  "tls_redirect": "tls.redirect", "hsts": "tls.hsts",
+                  "hsts_subdomains": "tls.hsts.subdomains", "health": "health.*",
+                  "auth": "auth.*", "cors": "cors.*"}
+
+
+def _setting_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value) or "none"
+    if isinstance(value, (str, int, float)):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return ""  # a structured setting (health, auth, headers...): its name says enough
+
+
+def _replica(u: Upstream) -> str:
+    # A routes-file replica is named by its URL, which already holds the address.
+    # A stopped container has no address: nothing to say where it is.
+    return u.name if u.address in u.name or not u.host else f"{u.name} at {u.address}"
+
+
+def describe_change(old: Route | None, new: Route | None) -> list[str]:
+    """What changed between two versions of a route, one short line per difference: which
+    replica (added, removed, its state, address or weight) and which setting."""
+    if new is None:
+        assert old is not None  # noqa: S101 - one side is always given
+        return [f"last replica gone: {', '.join(u.name for u in old.upstreams) or 'none'}"
+                if old.upstreams else "removed"]
+    if old is None:
+        return [f"replica {_replica(u)} ({u.state})" for u in new.upstreams]
+    out: list[str] = []
+    if old.source != new.source:
+        out.append(f"source {old.source} -> {new.source}")
+    for f in dataclasses.fields(new.spec):
+        before, after = getattr(old.spec, f.name), getattr(new.spec, f.name)
+        if before != after:
+            name = _SETTING_NAMES.get(f.name, f.name)
+            a, b = _setting_text(before), _setting_text(after)
+            out.append(f"{name} {a} -> {b}" if a and b else f"{name} changed")
+    was = {u.name: u for u in old.upstreams}
+    now = {u.name: u for u in new.upstreams}
+    for name, u in now.items():
+        p = was.get(name)
+        if p is None:
+            out.append(f"replica {_replica(u)} added ({u.state})")
+            continue
+        if p.state != u.state:
+            out.append(f"replica {name} {p.state} -> {u.state}"
+                       + (f" ({u.reason})" if u.reason else ""))
+        elif p.reason != u.reason and u.reason:
+            out.append(f"replica {name}: {u.reason}")
+        if p.address != u.address and p.host and u.host:  # losing the address = stopping
+            out.append(f"replica {name} moved {p.address} -> {u.address}")
+        if p.weight != u.weight:
+            out.append(f"replica {name} weight {p.weight} -> {u.weight}")
+    for name in sorted(was.keys() - now.keys()):
+        out.append(f"replica {name} removed")
+    return out or ["changed"]
 
 
 def _summary(r: Route) -> dict[str, object]:

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,8 +167,13 @@ CARDS_JS = """JSON.stringify(Object.fromEntries(
     text: card.innerText,
     states: [...card.querySelectorAll('tr[data-replica]')].map((r) => r.dataset.state),
     badges: [...card.querySelectorAll('tr[data-replica] .badge')].map((b) => b.textContent),
-    rps: card.querySelector('.stat b').textContent,
-    errors: card.querySelectorAll('.stat b')[1].textContent,
+    rps: card.querySelector('[data-stat=rps] b').textContent,
+    c4xx: card.querySelector('[data-stat=pct_4xx] b').textContent,
+    c5xx: card.querySelector('[data-stat=pct_5xx] b').textContent,
+    p99: card.querySelector('[data-stat=p99] b').textContent,
+    sparks: Object.fromEntries([...card.querySelectorAll('[data-spark]')].map((s) =>
+      [s.dataset.spark, {points: Number(s.dataset.points),
+                         lines: [...s.querySelectorAll('polyline')].map((l) => l.getAttribute('points'))}])),
   }])))"""
 
 
@@ -241,23 +247,49 @@ async def _follow_a_container(proxy: ProxyProcess, tmp: Path) -> None:
             return await answers(path + "/") == 200
 
         await until(serving, 10, f"{path}/ answering 200 through the proxy")
+        # The container's route: 200s and, from the replica itself, 404s (4xx, not errors of
+        # ours); the dead route: all 5xx. The page must tell them apart.
         for _ in range(5):
             assert await answers(path + "/") == 200
+            assert await answers(path + "/missing") == 404
+            assert await answers(path + "/missing2") == 404
             assert await answers("/dead") >= 500
 
         async def rates_shown() -> dict[str, dict[str, Any]] | None:
             now = await cards(page, proxy)
             live, dead = now.get(name), now.get("dead")
-            # Not "0%" for the live route: a request racing httpd's start may have failed.
-            ok = (live and live["rps"] not in (NO_VALUE, "0.0") and live["errors"].endswith("%")
-                  and dead and dead["rps"] not in (NO_VALUE, "0.0") and dead["errors"] == "100%")
+            ok = (live and live["rps"] not in (NO_VALUE, "0.0") and live["c4xx"] not in (NO_VALUE, "0%")
+                  and live["c5xx"].endswith("%") and live["p99"].endswith("ms")
+                  and dead and dead["rps"] not in (NO_VALUE, "0.0") and dead["c5xx"] == "100%"
+                  and dead["c4xx"] == "0%")
             return now if ok else None
 
-        await until(rates_shown, 5, "req/s and error % on the page")
+        shown = await until(rates_shown, 5, "req/s, 4xx %, 5xx % and p99 on the page")
+        # Some 200s raced httpd's start at most; roughly two in three answers were 404s.
+        assert 40 <= float(shown[name]["c4xx"].rstrip("%")) <= 70, shown[name]
+
+        # Sparklines: drawn server-side points, one per 5 s; two points make a line.
+        async def sparks_drawn() -> dict[str, Any] | None:
+            for _ in range(3):  # keep some traffic flowing while the points accumulate
+                await answers(path + "/missing")
+                await answers("/dead")
+            card = (await cards(page, proxy)).get(name)
+            sparks = card["sparks"] if card else {}
+            ok = (set(sparks) == {"rps", "p99", "errors"}
+                  and all(s["points"] >= 2 for s in sparks.values())
+                  and len(sparks["errors"]["lines"]) == 2 and all(sparks["errors"]["lines"]))
+            return card if ok else None
+
+        await until(sparks_drawn, 20, "sparklines of rate, p99 and errors")
         problems = await page.evaluate("document.getElementById('problems').innerText")
         assert bad in problems and xss in problems
         assert await page.evaluate("document.querySelector('img') === null && !window.__xss")
         await page.screenshot(tmp / "dashboard-live.png")
+        # "Recent changes" says what changed, not only that something did.
+        added = await page.evaluate(
+            f"document.querySelector('#changes li[data-event=route_added][data-route={json.dumps(name)}]')"
+            "?.innerText")
+        assert added and f"replica {name}" in added, added
 
         await asyncio.to_thread(engine.docker, "stop", name)
 
@@ -267,6 +299,10 @@ async def _follow_a_container(proxy: ProxyProcess, tmp: Path) -> None:
 
         card = await until(replica_stopped, 10, f"{name}'s replica shown stopped")
         assert card["badges"] == ["stopped"]
+        changed = await until(lambda: page.evaluate(
+            f"document.querySelector('#changes li[data-event=route_changed][data-route={json.dumps(name)}]')"
+            "?.innerText"), 5, "the change listed")
+        assert re.search(rf"replica {name} \w+ -> (stopped|draining)", changed), changed
         await page.screenshot(tmp / "dashboard-stopped.png")
 
         await asyncio.to_thread(engine.docker, "rm", "-f", name, bad)
@@ -318,30 +354,3 @@ def test_events_stream_headers_disconnect_and_shutdown(proxy: ProxyProcess) -> N
     assert proxy.proc.wait(10) == 0
     assert trouble(proxy.log_text()) == []
 
-
-def test_rates_from_counter_deltas() -> None:
-    """The numbers behind req/s and error %: sliding window, idle gaps, routes seen late."""
-    from edgeproxy.dashboard import RateMeter, collect_requests
-    from edgeproxy.metrics import Metrics
-    from edgeproxy.table import RouteTable
-
-    metrics = Metrics(RouteTable)
-    for status in (200, 200, 502, 404):
-        metrics.observe_request("a", "GET", status, 0.01)
-    metrics.observe_request(None, "BREW", 404, 0.01)
-    assert collect_requests(metrics)() == {"a": (4.0, 1.0), "": (1.0, 0.0)}
-
-    now, totals = [0.0], {"a": (0.0, 0.0)}
-    meter = RateMeter(lambda: dict(totals), window=5.0, clock=lambda: now[0])
-    assert meter.traffic()["a"].rps is None  # one sample: no rate yet
-    now[0], totals["a"] = 1.0, (10.0, 2.0)
-    a = meter.traffic()["a"]
-    assert (a.rps, a.errors_ps, a.as_json()["error_pct"]) == (10.0, 2.0, 20.0)
-    now[0] = 7.0  # quiet since: the window moves past the burst
-    assert meter.traffic()["a"].rps == 0.0
-    now[0], totals["a"] = 100.0, (40.0, 2.0)  # nobody watched for a while: no stale average
-    assert meter.traffic()["a"].rps is None
-    now[0], totals["a"], totals["b"] = 102.0, (50.0, 2.0), (3.0, 3.0)
-    traffic = meter.traffic()
-    assert traffic["a"].rps == 5.0
-    assert traffic["b"].rps == 1.5 and traffic["b"].as_json()["error_pct"] == 100.0

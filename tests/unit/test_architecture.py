@@ -22,7 +22,8 @@ def loaded_after(code: str) -> set[str]:
 
 @pytest.mark.parametrize("module", ["edgeproxy.model", "edgeproxy.labels", "edgeproxy.table",
                                     "edgeproxy.paths", "edgeproxy.transform",
-                                    "edgeproxy.watcher", "edgeproxy.check"])
+                                    "edgeproxy.watcher", "edgeproxy.check",
+                                    "edgeproxy.migrate"])
 def test_pure_modules_load_no_io_library(module: str) -> None:
     assert loaded_after(f"import {module}") & set(IO_LIBRARIES) == set()
 
