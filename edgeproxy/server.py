@@ -30,7 +30,7 @@ from edgeproxy.feed import TableFeed
 from edgeproxy.http1 import http1_handler, make_session
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
-from edgeproxy.pipeline import Proxy
+from edgeproxy.pipeline import BodyMalformed, Proxy
 from edgeproxy.policies.auth import JwtVerifier, jwt_config_problem
 from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.settings import Address, Settings, unknown_settings
@@ -202,6 +202,12 @@ class _ProxyRequestHandler(RequestHandler):
         self._disarm_header_timer()
         if isinstance(message, _ErrInfo):
             self._done = True  # the parser can't be trusted past an error; nothing more is read
+            if self._body is not None:
+                # It failed inside the body of the request being served (a bad chunk size):
+                # llhttp drops that body without a word, so its reader would wait for the
+                # replica's read timeout. It learns now, and the client gets a 400.
+                self._body.set_exception(BodyMalformed(message.message))
+                self._body = self._body_left = None
         elif not payload.is_eof():
             self._body = payload
             length = message.headers.get("Content-Length")

@@ -1,0 +1,79 @@
+"""An outside attacker's findings against the real proxy process, as raw-socket regressions:
+each sends the exact bytes that misbehaved and checks what a client (and the log) sees."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from helpers import ProxyProcess, run_backend, run_proxy, wait_for, write_routes
+
+READ_TIMEOUT = 20.0  # long: a request that waits for it instead of failing fast is caught
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, str]]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    with run_backend("hostile") as backend:
+        routes = write_routes(tmp / "routes.toml", {
+            "plain": {"path": "/plain", "upstreams": [backend]},
+            "ws": {"path": "/ws", "upstreams": [backend]},
+        })
+        with run_proxy(tmp, docker="false", routes_file=str(routes),
+                       read_timeout=f"{READ_TIMEOUT:g}s") as p:
+            yield p, backend
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send `data`, read until the proxy closes (or `timeout`); the bytes and the seconds."""
+    start = time.monotonic()
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out, time.monotonic() - start
+
+
+def error_code(answer: bytes) -> str:
+    body = answer.partition(b"\r\n\r\n")[2]
+    return str(json.loads(body)["error"]["code"])
+
+
+def seen(backend: str) -> list[str]:
+    return list(requests.get(backend + "/__seen", timeout=5).json()["seen"])
+
+
+CHUNKED_POST = (b"POST /plain/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+NEXT = b"GET /plain/next HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.mark.parametrize("body", [
+    b"zz\r\nabc\r\n0\r\n\r\n",               # not hex
+    b"0x3\r\nabc\r\n0\r\n\r\n",              # a prefix llhttp refuses
+    b"3\nabc\n0\n\n",                        # bare LF after the size
+    b"3;a\x00\r\nabc\r\n0\r\n\r\n",          # NUL in a chunk extension
+    b"FFFFFFFFFFFFFFFFF1\r\nabc\r\n0\r\n\r\n",  # a size past 64 bits
+    b"3\r\nabc\r\nzz\r\n",                   # a good chunk, then a bad one
+], ids=["not-hex", "0x", "bare-lf", "nul-ext", "overflow", "late"])
+def test_malformed_chunked_body_is_400_at_once_and_closes(env: tuple[ProxyProcess, str],
+                                                          body: bytes) -> None:
+    # Found: llhttp drops a body whose chunk framing breaks without telling its reader, so the
+    # request hung until the replica's read timeout and got 408 client_timeout (or, if the
+    # client gave up first, a traceback in the log). A framing error is the client's 400.
+    p, _ = env
+    answer, took = exchange(p.port, CHUNKED_POST + body + NEXT, timeout=READ_TIMEOUT + 5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert error_code(answer) == "bad_request"
+    assert b"connection: close" in answer.lower()
+    assert took < READ_TIMEOUT / 2
+    assert answer.count(b"HTTP/1.1 ") == 1  # the pipelined request behind it is not served
+    log = p.log_text()
+    assert "Traceback" not in log and "proxy_error" not in log
