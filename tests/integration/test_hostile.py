@@ -77,3 +77,26 @@ def test_malformed_chunked_body_is_400_at_once_and_closes(env: tuple[ProxyProces
     assert answer.count(b"HTTP/1.1 ") == 1  # the pipelined request behind it is not served
     log = p.log_text()
     assert "Traceback" not in log and "proxy_error" not in log
+
+
+def test_client_leaving_mid_body_leaves_no_traceback(env: tuple[ProxyProcess, str]) -> None:
+    # Found: the task streaming the body upstream failed with ConnectionResetError after the
+    # request was cancelled, and asyncio logged "Task exception was never retrieved" with a
+    # traceback for what is only a client going away (499).
+    p, backend = env
+    before = sum(1 for e in p.events("access") if e.get("status") == 499)
+    heads = [b"POST /plain/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc",
+             CHUNKED_POST + b"3\r\nabc\r\n"]
+    for _ in range(3):
+        for head in heads:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+                count = len(seen(backend))
+                s.sendall(head)
+                # Leave once the replica has the head and waits for the rest of the body.
+                wait_for(lambda n=count: len(seen(backend)) > n, 5, what="the replica's request")
+    wait_for(lambda: sum(1 for e in p.events("access") if e.get("status") == 499) >= before + 6,
+             10, what="six 499s in the access log")
+    time.sleep(0.3)  # asyncio reports unseen task exceptions when the task is collected
+    log = p.log_text()
+    assert "exception was never retrieved" not in log
+    assert "Traceback" not in log
