@@ -100,3 +100,34 @@ def test_client_leaving_mid_body_leaves_no_traceback(env: tuple[ProxyProcess, st
     log = p.log_text()
     assert "exception was never retrieved" not in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /ws HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n",
+    b"PUT /ws HTTP/1.1\r\nHost: t\r\n",
+], ids=["post-with-body", "get-with-body", "put"])
+def test_websocket_upgrade_must_be_a_get_without_body(env: tuple[ProxyProcess, str],
+                                                      request_head: bytes) -> None:
+    # Found: a POST upgrade had its Content-Length copied onto the GET handshake towards the
+    # replica, which then waited for a body that never came: a 502 upstream_unreachable after
+    # the read timeout, a client's error blamed on the replica.
+    p, backend = env
+    before = seen(backend)
+    answer, took = exchange(p.port, request_head + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                            b"Sec-WebSocket-Version: 13\r\n"
+                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nhello",
+                            timeout=READ_TIMEOUT + 5)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert error_code(answer) == "bad_websocket_handshake"
+    assert took < READ_TIMEOUT / 2
+    assert seen(backend) == before  # the replica was never asked
+
+
+def test_websocket_get_upgrade_still_works(env: tuple[ProxyProcess, str]) -> None:
+    p, _ = env
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 101 ")
