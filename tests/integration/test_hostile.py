@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import requests
@@ -15,13 +18,41 @@ from helpers import ProxyProcess, run_backend, run_proxy, wait_for, write_routes
 READ_TIMEOUT = 20.0  # long: a request that waits for it instead of failing fast is caught
 
 
+class PathRuleAuth(BaseHTTPRequestHandler):
+    """A forward-auth service with a path rule, as Authelia's `resources` regexes are: only
+    X-Forwarded-Uri under /fwd/public/ passes. Records every URI it was asked about."""
+
+    asked: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        uri = self.headers.get("X-Forwarded-Uri", "")
+        self.asked.append(uri)
+        self.send_response(200 if uri.startswith("/fwd/public/") else 401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, str]]:
+def auth_service() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PathRuleAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/auth"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory,
+        auth_service: str) -> Iterator[tuple[ProxyProcess, str]]:
     tmp = tmp_path_factory.mktemp("hostile")
     with run_backend("hostile") as backend:
         routes = write_routes(tmp / "routes.toml", {
             "plain": {"path": "/plain", "upstreams": [backend]},
             "ws": {"path": "/ws", "upstreams": [backend]},
+            "fwd": {"path": "/fwd", "upstreams": [backend], "auth": "forward",
+                    "auth.url": auth_service},
         })
         with run_proxy(tmp, docker="false", routes_file=str(routes),
                        read_timeout=f"{READ_TIMEOUT:g}s") as p:
@@ -131,3 +162,30 @@ def test_websocket_get_upgrade_still_works(env: tuple[ProxyProcess, str]) -> Non
                   b"Sec-WebSocket-Version: 13\r\n"
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize("target", [
+    "/fwd/public/../secret", "/fwd/public/%2e%2e/secret", "/fwd/public/.%2E/secret?x=1",
+    "/fwd/public/./../secret",
+])
+def test_forward_auth_judges_the_path_the_replica_gets(env: tuple[ProxyProcess, str],
+                                                       target: str) -> None:
+    # Found: the auth service was told the raw target (/fwd/public/../secret), matched its
+    # /fwd/public/ rule and said yes, while the replica was sent the normalised /fwd/secret.
+    p, backend = env
+    before = seen(backend)
+    answer, _ = exchange(p.port, f"GET {target} HTTP/1.1\r\nHost: t\r\n"
+                         "Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert PathRuleAuth.asked[-1].split("?")[0] == "/fwd/secret"
+    assert seen(backend) == before
+
+
+def test_forward_auth_still_passes_the_public_path_with_its_query(
+        env: tuple[ProxyProcess, str]) -> None:
+    p, backend = env
+    answer, _ = exchange(p.port, b"GET /fwd/public/%61?q=%2e%2e HTTP/1.1\r\nHost: t\r\n"
+                         b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert PathRuleAuth.asked[-1] == "/fwd/public/a?q=%2e%2e"
+    assert seen(backend)[-1] == "GET /fwd/public/a?q=%2e%2e"
