@@ -189,3 +189,28 @@ def test_forward_auth_still_passes_the_public_path_with_its_query(
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert PathRuleAuth.asked[-1] == "/fwd/public/a?q=%2e%2e"
     assert seen(backend)[-1] == "GET /fwd/public/a?q=%2e%2e"
+
+
+SPOOFED = {
+    "X-Forwarded-Ssl": "on", "X-Forwarded-Scheme": "https", "Front-End-Https": "on",
+    "X-Forwarded-Server": "evil", "X-Forwarded-Prefix": "//evil.example", "X-Forwarded-Uri":
+    "/admin", "X-Forwarded-Method": "DELETE", "X-Original-URL": "/admin",
+    "X-Original-URI": "/admin", "X-Rewrite-URL": "/admin", "X-Forwarded-Port": "443",
+    "Forwarded": "for=10.0.0.1;proto=https",
+}
+
+
+def test_untrusted_client_cannot_claim_how_it_reached_us(env: tuple[ProxyProcess, str]) -> None:
+    # Found: only X-Forwarded-For/-Proto/-Host/-Port, X-Real-IP and Forwarded were replaced.
+    # Rack takes X-Forwarded-Ssl over X-Forwarded-Proto (plain HTTP passes for HTTPS),
+    # Spring builds links on X-Forwarded-Prefix, and IIS/Zend route on X-Original-URL: a
+    # client on the unprotected /plain route could name /admin to such a replica.
+    p, _ = env
+    head = "".join(f"{k}: {v}\r\n" for k, v in SPOOFED.items())
+    answer, _ = exchange(p.port, f"GET /plain/echo HTTP/1.1\r\nHost: t\r\n{head}"
+                         "Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    got = {k.lower(): v for k, v in json.loads(answer.partition(b"\r\n\r\n")[2])["headers"]}
+    assert not {k.lower() for k in SPOOFED} & got.keys()
+    assert got["x-forwarded-proto"] == "http"
+    assert got["x-real-ip"] == "127.0.0.1"
