@@ -164,6 +164,12 @@ class _ProxyRequestHandler(RequestHandler):
 
     def _measure_head(self, piece: bytes, complete: bool) -> _HeadRefused | None:
         """Count a head's next bytes against the limits, before the parser buffers them."""
+        carry = (self._carry + piece)[-3:]
+        if self._head_size == 0:
+            # Empty lines before a request line are allowed (RFC 9112 2.2) and llhttp skips
+            # them: they are no part of the head, whose first line (414 when too long) is the
+            # first one with bytes.
+            piece = piece.lstrip(b"\r\n")
         size = self._head_size + len(piece)
         lines = self._head_lines + piece.count(b"\n")
         if len(self._head_start) < _HEAD_START_KEPT:
@@ -183,7 +189,7 @@ class _ProxyRequestHandler(RequestHandler):
                                 f"the request head has more than {self.max_headers} headers")
         started = self._head_size == 0 and size > 0
         self._head_size, self._head_lines = size, lines
-        self._carry = (self._carry + piece)[-3:]
+        self._carry = carry
         if started and self._finished == self._request_count:
             self._arm_header_timer()  # the header timeout runs from a head's first byte
         return None

@@ -138,6 +138,20 @@ def test_malformed_body_of_a_request_refused_unread_closes_without_traceback(
     assert "Traceback" not in log and "Unhandled exception" not in log
 
 
+def test_empty_lines_before_a_request_line_do_not_turn_414_into_431(
+        env: tuple[ProxyProcess, str]) -> None:
+    # Found by the fuzzer: a leading empty line (which llhttp skips) made the request line
+    # look empty, so an overlong target was answered 431 instead of 414.
+    p, _ = env
+    for lead in (b"\n", b"\r\n", b"\r\n\r\n"):
+        answer, _ = exchange(p.port, lead + b"GET /plain/" + b"p" * 40_000 + b" HTTP/1.1\r\n"
+                             b"Host: t\r\n\r\n")
+        assert answer.startswith((b"HTTP/1.0 414 ", b"HTTP/1.1 414 ")), (lead, answer[:100])
+    answer, _ = exchange(p.port, b"\r\n" * 300 + b"GET /plain/x HTTP/1.1\r\nHost: t\r\n"
+                         b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+
+
 def test_client_leaving_mid_body_leaves_no_traceback(env: tuple[ProxyProcess, str]) -> None:
     # Found: the task streaming the body upstream failed with ConnectionResetError after the
     # request was cancelled, and asyncio logged "Task exception was never retrieved" with a
