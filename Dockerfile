@@ -34,11 +34,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/edgeproxy
 # Dependencies first, in their own layer, so that a code change does not reinstall
 # them.  They are read from setup.cfg, the one list: install_requires plus the "fast"
-# extra (uvloop, orjson), which the image always wants.  `.cach[e]` is a pattern so that
-# the wheelhouse is optional (a pattern may match nothing, with the classic builder and
-# BuildKit alike): this copies .cache/wheelhouse/* if there is one.
+# extra (uvloop, orjson) and the "otel" extra (OpenTelemetry SDK and OTLP/HTTP exporter,
+# imported only when OTEL_EXPORTER_OTLP_ENDPOINT is set), which the image always wants.
+# `.cach[e]` is a pattern so that the wheelhouse is optional (a pattern may match nothing,
+# with the classic builder and BuildKit alike): this copies .cache/wheelhouse/* if there is
+# one.
 COPY setup.cfg .cach[e]/wheelhouse /tmp/deps/
-RUN python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("/tmp/deps/setup.cfg"); print(c["options"]["install_requires"] + "\n" + c["options.extras_require"]["fast"])' \
+RUN python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("/tmp/deps/setup.cfg"); print(c["options"]["install_requires"] + "\n" + c["options.extras_require"]["fast"] + "\n" + c["options.extras_require"]["otel"])' \
         > /tmp/deps/requirements.txt \
     && /opt/edgeproxy/bin/pip install -r /tmp/deps/requirements.txt
 COPY setup.cfg setup.py README.md /src/

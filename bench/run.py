@@ -6,12 +6,15 @@ forwards /api/* to the backend and /sink/* to the sink over keep-alive upstream 
 sets X-Forwarded-For and writes an access log to a file.
 
     .venv/bin/python bench/run.py [--duration 10] [--connections 50]
-                                  [--only plain,auth,stream,basic,forward] [--scale]
-                                  [--out bench/results]
+                                  [--only plain,auth,stream,basic,forward,h2,grpc,otel]
+                                  [--baseline-src DIR] [--scale] [--out bench/results]
 
 `basic` (basic auth, every request with the same good credentials: edgeproxy's cache and
 Caddy's basic_auth with one bcrypt entry) and `forward` (forward auth to the backend nginx's
 /auth, which answers 200 with Remote-User, copied to the replica) run edgeproxy and Caddy only.
+The h2 and grpc scenarios (HTTP/2 over TLS at the edge, h2c to the replica) run against Caddy and
+edgeproxy only; they need h2load (Debian's nghttp2-client), openssl and grpcio, and are skipped
+with a note when one is missing. `otel` runs edgeproxy only, with tracing on.
 
 Nothing is installed: missing tools are named with the apt-get line that brings them, exit 2.
 Writes OUT/latest.json and, when matplotlib is importable, OUT/latest.png. The goals of the
@@ -42,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +56,14 @@ BODY = "0123456789abcdefghij"  # the backend's 20-byte answer
 TOOLS = ("wrk", "nginx", "haproxy", "caddy", "taskset", "curl")
 APT_LINE = "apt-get install -y wrk nginx-light haproxy caddy"
 PROXIES = ("direct", "nginx", "haproxy", "caddy", "edgeproxy")
-SCENARIOS = ("plain", "auth", "stream", "basic", "forward")
+SCENARIOS = ("plain", "auth", "stream", "basic", "forward", "h2", "grpc", "otel")
 # basic and forward run edgeproxy and Caddy only: nginx and HAProxy have no forward_auth twin.
 POLICY_SCENARIOS = ("basic", "forward")
 POLICY_PROXIES = ("caddy", "edgeproxy")
 BASIC_USER, BASIC_PASSWORD = "bench", "bench-password"
+H2_PROXIES = ("caddy", "edgeproxy")  # the HTTP/2 rows compare these two (the issue's goal)
+H2_CONNECTIONS, H2_STREAMS = 10, 10  # h2load -c10 -m10
+GRPC_CONCURRENCY = 20
 # The policy keys the auth scenario puts on edgeproxy's route (see the issue).
 AUTH_KEYS = {"auth": "jwt", "ratelimit": "100000000/s"}
 JWT_SECRET = secrets.token_hex(32)  # per run; the token is minted from it
@@ -428,6 +434,59 @@ http {{
 """
 
 
+def h2c_backend_conf(work: Path, port: int) -> str:
+    """The backend again, as HTTP/2 with prior knowledge (h2c) for the HTTP/2 rows."""
+    return _nginx_common(work, "backend-h2c") + f"""
+http {{
+{_nginx_temp_paths(work, "backend-h2c")}
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  http2_max_requests 1000000;
+  default_type text/plain;
+  server {{
+    listen 127.0.0.1:{port} http2 backlog=4096;
+    location / {{ return 200 "{BODY}"; }}
+  }}
+}}
+"""
+
+
+def caddy_h2_conf(work: Path, port: int, h2c: int, grpc_port: int, cert: Path,
+                  key: Path) -> str:
+    """Caddy with a TLS edge (HTTP/2 by ALPN) and h2c replicas, access log to a file."""
+    return f"""{{
+  admin off
+  auto_https off
+}}
+
+:{port} {{
+  bind 127.0.0.1
+  tls {cert} {key}
+  log {{
+    output file {work}/caddy-h2-access.log {{
+      roll_disabled
+    }}
+  }}
+  reverse_proxy /api/* h2c://127.0.0.1:{h2c}
+  reverse_proxy /test.Echo/* h2c://127.0.0.1:{grpc_port}
+}}
+"""
+
+
+def self_signed(work: Path) -> tuple[Path, Path]:
+    """A certificate for bench.test and 127.0.0.1 (openssl), for the TLS edge of the h2 rows."""
+    cert, key = work / "edge.crt", work / "edge.key"
+    out = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                          "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                          "/CN=bench.test", "-addext",
+                          "subjectAltName=DNS:bench.test,IP:127.0.0.1", "-keyout", str(key),
+                          "-out", str(cert)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise BenchError(f"openssl could not make a certificate: {out.stderr}")
+    return cert, key
+
+
 def nginx_conf(work: Path, port: int, backend: int, sink: int) -> str:
     """nginx as the proxy: upstream keep-alive pools, XFF, streamed bodies, access log to a file."""
     common = """
@@ -682,6 +741,12 @@ class Plan:
     sink_port: int
     big_file: Path
     edgeproxy_src: Path
+    # HTTP/2 rows: the h2c backend (nginx), the gRPC replica and the edge's self-signed pair.
+    h2c_port: int = 0
+    grpc_port: int = 0
+    cert: Path | None = None
+    key: Path | None = None
+    baseline_src: Path | None = None
 
 
 def _others(cpu: CpuWindow) -> str:
@@ -857,6 +922,143 @@ def run_proxy(procs: Processes, plan: Plan, proxy: str, scenarios: list[str]) ->
     return rows
 
 
+def h2_missing() -> list[str]:
+    """What the HTTP/2 rows need and this machine lacks."""
+    missing = [t for t in ("h2load", "openssl") if shutil.which(t) is None]
+    try:
+        import grpc  # noqa: F401 - only the grpc row needs it
+    except ImportError:
+        missing.append("grpcio (pip)")
+    return missing
+
+
+def wait_h2_ready(server: Server, plan: Plan, deadline_s: float = 20.0) -> None:
+    """Poll https://bench.test:port/api/hello over HTTP/2 (curl) until it answers BODY."""
+    deadline = time.monotonic() + deadline_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise BenchError(f"{server.name} exited with {server.proc.returncode}:\n"
+                             f"{server.log_tail()}")
+        out = subprocess.run(["curl", "-sS", "--http2", "--max-time", "2", "--cacert",
+                              str(plan.cert), "--resolve", f"bench.test:{server.port}:127.0.0.1",
+                              "-w", "\n%{http_version}",
+                              f"https://bench.test:{server.port}/api/hello"],
+                             capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout == f"{BODY}\n2":
+            return
+        last = (out.stdout + out.stderr).strip()[-200:]
+        time.sleep(0.1)
+    raise BenchError(f"{server.name} not ready over HTTP/2 on :{server.port} after "
+                     f"{deadline_s}s (last: {last}):\n{server.log_tail()}")
+
+
+def start_h2_proxy(plan: Plan, proxy: str) -> Server:
+    """Caddy or edgeproxy with a TLS edge on core 0 and h2c replicas."""
+    work, port = plan.work, free_port()
+    assert plan.cert is not None and plan.key is not None  # noqa: S101 - set by main
+    if proxy == "caddy":
+        conf = work / "Caddyfile-h2"
+        conf.write_text(caddy_h2_conf(work, port, plan.h2c_port, plan.grpc_port, plan.cert,
+                                      plan.key))
+        env = {"XDG_DATA_HOME": str(work / "caddy-data"),
+               "XDG_CONFIG_HOME": str(work / "caddy-cfg"), "HOME": str(work), "GOMAXPROCS": "1"}
+        server = plan.procs.start("caddy-h2", ["caddy", "run", "--config", str(conf),
+                                               "--adapter", "caddyfile"], core=PROXY_CORE,
+                                  log_path=work / "caddy-h2.out", port=port, env=env)
+    else:
+        routes = work / "routes-h2.toml"
+        routes.write_text(f'[routes.api]\npath = "/api"\nupstreams = '
+                          f'["h2c://127.0.0.1:{plan.h2c_port}"]\n\n'
+                          f'[routes.grpc]\npath = "/test.Echo"\nupstreams = '
+                          f'["h2c://127.0.0.1:{plan.grpc_port}"]\n')
+        env = edgeproxy_env(plan, free_port(), free_port(), routes)
+        env.update({"EDGEPROXY_TLS_LISTEN": f"127.0.0.1:{port}",
+                    "EDGEPROXY_TLS_CERT": str(plan.cert), "EDGEPROXY_TLS_KEY": str(plan.key)})
+        server = start_edgeproxy(plan, "edgeproxy-h2", env, port)
+    wait_h2_ready(server, plan)
+    return server
+
+
+def parse_h2load(out: str) -> tuple[float, int, int, float | None]:
+    """h2load output -> (req/s, requests done, failed or non-2xx, mean ms per request)."""
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored", out)
+    codes = re.search(r"status codes: (\d+) 2xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if not rate or not done or not codes:
+        raise BenchError(f"cannot read h2load output:\n{out}")
+    bad = int(done.group(3)) + int(done.group(1)) - int(codes.group(1))
+    mean_ms = None
+    if mean:
+        with contextlib.suppress(BenchError):
+            mean_ms = _ms(mean.group(1))
+    return float(rate.group(1)), int(done.group(1)), bad, mean_ms
+
+
+def measure_h2load(plan: Plan, server: Server, proxy: str) -> Row:
+    """h2load -c10 -m10 over TLS (ALPN h2) on the load core: req/s and the proxy's CPU."""
+    url = f"https://127.0.0.1:{server.port}/api/hello"
+    argv = ["taskset", "-c", LOAD_CORE, "h2load", f"-c{H2_CONNECTIONS}", f"-m{H2_STREAMS}",
+            "-t1", "--warm-up-time", f"{plan.warmup:g}", "-D", f"{plan.duration:g}", url]
+    log(f"[{proxy}] h2: h2load -c{H2_CONNECTIONS} -m{H2_STREAMS} for {plan.duration:g}s")
+    pids = server.pids()
+    with CpuWindow(plan.procs, pids) as cpu, RssSampler(pids) as sampler:
+        out = run_tool(argv, plan.warmup + plan.duration + 30)
+    if out.returncode != 0:
+        raise BenchError(f"h2load failed ({out.returncode}): {out.stderr or out.stdout}")
+    rate, done, bad, mean_ms = parse_h2load(out.stdout)
+    row = Row(proxy, "h2", rate, "req/s", rss_mb=sampler.max, cpu_cores=cpu.proxy_cores,
+              other_cores=_others(cpu), extra={"requests": done, "bad": bad,
+                                               "mean_ms": mean_ms})
+    if bad:
+        row.note = f"{bad} failed or non-2xx"
+    if cpu.disturbed:
+        row.note = (row.note + "; " if row.note else "") + "disturbed by other load"
+    log(f"[{proxy}] h2: {rate:,.0f} req/s {row.note}")
+    return row
+
+
+def measure_grpc(plan: Plan, server: Server, proxy: str) -> Row:
+    """Unary gRPC calls (grpcio, asyncio) over the TLS edge to the h2c gRPC replica."""
+    log(f"[{proxy}] grpc: {GRPC_CONCURRENCY} calls in flight for {plan.duration:g}s")
+    argv = ["taskset", "-c", LOAD_CORE, sys.executable, str(ROOT / "bench" / "grpc_load.py"),
+            f"127.0.0.1:{server.port}", str(plan.cert), "bench.test"]
+    run_tool([*argv, f"{plan.warmup:g}", str(GRPC_CONCURRENCY)], plan.warmup + 30)
+    pids = server.pids()
+    with CpuWindow(plan.procs, pids) as cpu, RssSampler(pids) as sampler:
+        out = run_tool([*argv, f"{plan.duration:g}", str(GRPC_CONCURRENCY)],
+                       plan.duration + 30)
+    if out.returncode != 0:
+        raise BenchError(f"grpc_load failed ({out.returncode}): {out.stderr or out.stdout}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    row = Row(proxy, "grpc", res["rate"], "calls/s", res["p50_ms"], res["p99_ms"],
+              sampler.max, cpu_cores=cpu.proxy_cores, other_cores=_others(cpu),
+              extra={"calls": res["calls"], "failed": res["failed"]})
+    if res["failed"]:
+        row.note = f"{res['failed']} failed calls"
+    if cpu.disturbed:
+        row.note = (row.note + "; " if row.note else "") + "disturbed by other load"
+    log(f"[{proxy}] grpc: {res['rate']:,.0f} calls/s {row.note}")
+    return row
+
+
+def run_h2(procs: Processes, plan: Plan, proxy: str, scenarios: list[str]) -> list[Row]:
+    """The HTTP/2 rows against one proxy, which runs alone."""
+    log(f"[{proxy}] starting with a TLS edge (h2) on core {PROXY_CORE}")
+    server = start_h2_proxy(plan, proxy)
+    rows: list[Row] = []
+    try:
+        if "h2" in scenarios:
+            rows.append(measure_h2load(plan, server, proxy))
+        if "grpc" in scenarios:
+            rows.append(measure_grpc(plan, server, proxy))
+    finally:
+        procs.stop(server)
+    return rows
+
+
 def run_auth(procs: Processes, plan: Plan) -> Row:
     """edgeproxy with a JWT-protected, rate-limited /api route and a valid token on every request.
 
@@ -887,6 +1089,64 @@ def run_auth(procs: Processes, plan: Plan) -> Row:
                            headers={"Authorization": f"Bearer {token}"})
     finally:
         procs.stop(server)
+
+
+# OpenTelemetry at 100 %: every request makes a server and a client span, exported to a
+# dummy collector on the load core (so its CPU is not the proxy's).
+OTEL_ENV = {"OTEL_TRACES_SAMPLER": "always_on", "OTEL_SERVICE_NAME": "edgeproxy-bench"}
+
+
+def run_otel(procs: Processes, plan: Plan) -> list[Row]:
+    """edgeproxy's plain route with tracing on (100 % sampling, a dummy collector), and with
+    --baseline-src, the plain route of that other edgeproxy (e.g. main, tracing off) in the
+    same run: the A/B for "tracing off costs nothing"."""
+    rows = []
+    if plan.baseline_src is not None:
+        base = replace(plan, edgeproxy_src=plan.baseline_src)
+        routes = plan.work / "routes-base.toml"
+        routes.write_text(routes_toml(plan.backend_port, plan.sink_port))
+        port = free_port()
+        log(f"[edgeproxy-base] plain: {plan.baseline_src}")
+        server = start_edgeproxy(base, "edgeproxy-base", edgeproxy_env(base, port, free_port(),
+                                                                       routes), port)
+        try:
+            wait_ready(server)
+            rows.append(measure_wrk(plan, server, port, "edgeproxy-base", "plain"))
+        finally:
+            procs.stop(server)
+    collector_port = free_port()
+    collector = procs.start("collector", [sys.executable, str(ROOT / "bench" / "collector.py"),
+                                          str(collector_port)], core=LOAD_CORE,
+                            log_path=plan.work / "collector.out", port=collector_port)
+    port, admin = free_port(), free_port()
+    routes = plan.work / "routes-otel.toml"
+    routes.write_text(routes_toml(plan.backend_port, plan.sink_port))
+    env = edgeproxy_env(plan, port, admin, routes)
+    env.update(OTEL_ENV, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}")
+    log("[edgeproxy] otel: tracing on, 100 % sampled, to a dummy collector")
+    server = start_edgeproxy(plan, "edgeproxy-otel", env, port)
+    try:
+        wait_ready(collector, "/", check=lambda status, _: status == 200)
+        wait_ready(server)
+        row = measure_wrk(plan, server, port, "edgeproxy", "otel")
+        time.sleep(0.5)  # one more export interval's worth of spans
+        stats = json.loads(http_get(collector_port, "/")[1])
+        metrics = http_get(admin, "/metrics")[1].decode()
+        dropped = sum(float(v) for v in re.findall(
+            r"^edgeproxy_trace_spans_dropped_total\{[^}]*\} (\S+)$", metrics, re.M))
+        row.extra.update(collector_exports=stats["exports"], collector_bytes=stats["bytes"],
+                         spans_dropped=dropped)
+        if not stats["exports"]:
+            row.note = (row.note + "; " if row.note else "") + "no span reached the collector"
+        elif dropped:
+            row.note = (row.note + "; " if row.note else "") + f"{dropped:.0f} spans dropped"
+        rows.append(row)
+    except BenchError as exc:
+        rows.append(Row("edgeproxy", "otel", note=f"failed: {exc.summary()}"))
+    finally:
+        procs.stop(server)
+        procs.stop(collector)
+    return rows
 
 
 def _auth_unsupported_reason(server: Server, with_token: tuple[int, bytes],
@@ -1028,6 +1288,11 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
     p99 = (edge.p99_ms / caddy.p99_ms if edge and caddy and edge.p99_ms and caddy.p99_ms
            else None)
     goal("plain p99 x Caddy", p99, "<=", 1.5, edge, caddy)
+    otel, base = find("edgeproxy", "otel"), find("edgeproxy-base", "plain")
+    goal("otel 100 % sampled req/s x plain", otel.rate / edge.rate
+         if otel and edge and otel.rate and edge.rate else None, ">=", 0.6, otel, edge)
+    goal("plain req/s x --baseline-src plain", edge.rate / base.rate
+         if base and edge and base.rate and edge.rate else None, ">=", 0.95, edge, base)
     auth = find("edgeproxy", "auth")
     goal("auth+ratelimit req/s x Caddy plain", auth.x_caddy if auth else None, ">=", 0.8, auth,
          caddy)
@@ -1041,6 +1306,10 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
         r, ref = find("edgeproxy", sc), find("nginx", sc)
         goal(f"{sc} MB/s x nginx", r.x_nginx if r else None, ">=", 0.5, r, ref)
         goal(f"{sc} RSS growth MB", r.rss_growth_mb if r else None, "<=", 20)
+    for sc in ("h2", "grpc"):  # HTTP/2 over TLS, h2c replica: >= 0.7x Caddy per core
+        r, ref = find("edgeproxy", sc), find("caddy", sc)
+        goal(f"{sc} req/s x Caddy", r.x_caddy if r else None, ">=", 0.7, r, ref)
+        goal(f"{sc} req per CPU-second x Caddy's", _per_cpu_ratio(r, ref), ">=", 0.7, r, ref)
     big = next((r for r in rows if r.proxy == "edgeproxy" and r.scenario.startswith("scale-")
                 and r.scenario != "scale-0"), None)
     goal(f"RSS MB with {big.extra['routes'] if big else 1000} routes", big.rss_mb if big else None,
@@ -1185,8 +1454,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="wrk measurements per row; the fastest counts (for a shared machine)")
     p.add_argument("--only", default=",".join(SCENARIOS),
-                   help="comma-separated scenarios: plain, auth, stream, basic, forward "
-                        "(default: all; basic and forward run Caddy and edgeproxy only)")
+                   help="comma-separated scenarios: plain, auth, stream, basic, forward, h2, "
+                        "grpc, otel (default: all; basic, forward, h2 and grpc run Caddy and "
+                        "edgeproxy only, otel edgeproxy only)")
     p.add_argument("--proxies", default=",".join(PROXIES),
                    help="comma-separated: direct, nginx, haproxy, caddy, edgeproxy (default: all)")
     p.add_argument("--nice", type=int, default=0,
@@ -1202,6 +1472,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edgeproxy-src", type=Path, default=ROOT,
                    help="directory holding the edgeproxy package to run (default: this checkout;"
                         " e.g. a `git worktree` of a commit while the working tree is mid-edit)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="with the otel scenario: also measure the plain route of the edgeproxy "
+                        "in this directory (e.g. an export of main) in the same run")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1274,7 +1547,7 @@ def main(argv: list[str] | None = None) -> int:
                     connections=args.connections, stream_mb=args.stream_mb,
                     stream_runs=args.stream_runs, repeat=args.repeat, backend_port=free_port(),
                     sink_port=free_port(), big_file=make_files(work, args.stream_mb),
-                    edgeproxy_src=args.edgeproxy_src)
+                    edgeproxy_src=args.edgeproxy_src, baseline_src=args.baseline_src)
         (work / "backend.conf").write_text(backend_conf(work, plan.backend_port))
         backend = procs.start("backend", ["nginx", "-p", str(work), "-e",
                                           str(work / "backend-error.log"), "-c",
@@ -1286,6 +1559,25 @@ def main(argv: list[str] | None = None) -> int:
                            log_path=work / "sink.out", port=plan.sink_port)
         wait_ready(backend)
         wait_ready(sink, "/", check=lambda status, body: status == 200)
+        h2_rows = [s for s in args.only if s in ("h2", "grpc")]
+        missing_h2 = h2_missing() if h2_rows else []
+        if h2_rows and not missing_h2:
+            plan.cert, plan.key = self_signed(work)
+            plan.h2c_port, plan.grpc_port = free_port(), free_port()
+            (work / "backend-h2c.conf").write_text(h2c_backend_conf(work, plan.h2c_port))
+            procs.start("backend-h2c", ["nginx", "-p", str(work), "-e",
+                                        str(work / "backend-h2c-error.log"), "-c",
+                                        str(work / "backend-h2c.conf")],
+                        core=LOAD_CORE, log_path=work / "backend-h2c.out", port=plan.h2c_port)
+            procs.start("grpc-echo", [sys.executable, str(ROOT / "bench" / "grpc_echo.py"),
+                                      str(plan.grpc_port)], core=LOAD_CORE,
+                        log_path=work / "grpc-echo.out", port=plan.grpc_port)
+        elif h2_rows:
+            log(f"h2/grpc rows skipped: missing {', '.join(missing_h2)} "
+                "(apt-get install -y nghttp2-client openssl; pip install grpcio)")
+            rows += [Row(p, s, note=f"skipped: missing {', '.join(missing_h2)}")
+                     for p in H2_PROXIES for s in h2_rows]
+            h2_rows = []
         per_proxy = [s for s in args.only if s in ("plain", "stream")]
         for proxy in args.proxies:
             if per_proxy:
@@ -1303,6 +1595,14 @@ def main(argv: list[str] | None = None) -> int:
                     except BenchError as exc:
                         log(f"[{proxy}] {scenario} failed: {exc}")
                         rows.append(Row(proxy, scenario, note=f"failed: {exc.summary()}"))
+            if proxy in H2_PROXIES and h2_rows:
+                try:
+                    rows += run_h2(procs, plan, proxy, h2_rows)
+                except BenchError as exc:
+                    log(f"[{proxy}] h2 failed: {exc}")
+                    rows.append(Row(proxy, h2_rows[0], note=f"failed: {exc.summary()}"))
+            if proxy == "edgeproxy" and "otel" in args.only:
+                rows += run_otel(procs, plan)
         if args.scale:
             try:
                 rows += run_scale(procs, plan, args.scale_routes)

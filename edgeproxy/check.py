@@ -462,6 +462,15 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
             found.items.append(f"{paths[index]}: service {name}: note: {kind} {label}={raw!r} "
                                f"not checked: it needs {', '.join(missing)} from the environment")
     latest = max(index for _, index in ours.values())
+    endpoint = f"{prefix}.swarm.endpoint"
+    if section == "deploy.labels" and endpoint in values:
+        # A Swarm provider's key, not a label the core parses (edgeproxy/providers/swarm.py).
+        value = values.pop(endpoint)
+        if value.strip().lower() not in ("vip", "tasks") and endpoint not in unresolved:
+            found.items.append(_problem(paths[ours[endpoint][1]], name,
+                                        f"{kind} {endpoint}={value!r}", "vip or tasks",
+                                        f"{endpoint} expects vip or tasks, e.g. {endpoint}=vip"))
+            return None
     try:
         result = parse_labels(values, prefix)
     except LabelsInvalid as exc:
@@ -483,6 +492,13 @@ def _check_section(name: str, section: str, labels: dict[str, tuple[str, int]], 
                                            _fix(err, key, given, prefix)))
         return None if errors else _Routed(None, False, latest)
     if not isinstance(result, Routing):
+        return None
+    port = f"{prefix}.port"
+    if section == "deploy.labels" and port not in ours:
+        found.items.append(_problem(
+            paths[latest], name, f"{kind} {port}", "missing: Swarm does no port detection, so "
+            "the service is skipped without it",
+            f"add {port} under deploy.labels, e.g. {port}=8080 (the port the service listens on)"))
         return None
     if not unresolved:
         found.claims.append(_Claim(name, section, result.spec, latest))
@@ -559,8 +575,9 @@ def _deploy_only(name: str, service: _Service, paths: list[str], prefix: str) ->
     """A warning for gateway labels only under deploy.labels: plain Compose drops those."""
     dotted = prefix + "."
     plain = service.sections["labels"]
+    swarm_only = f"{dotted}swarm.endpoint"  # a Swarm provider key: never one for containers
     missing = [(k, i) for k, (v, i) in service.sections["deploy.labels"].items()
-               if k.startswith(dotted) and plain.get(k, ("", -1))[0] != v]
+               if k.startswith(dotted) and k != swarm_only and plain.get(k, ("", -1))[0] != v]
     if not missing:
         return None
     file = paths[max(i for _, i in missing)]

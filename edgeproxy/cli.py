@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgeproxy.policies.config import jwt_config
 
         jwt_config(settings)  # reads the key file: a bad path is a settings error, exit 2
+        from edgeproxy.tracing import check_env
+
+        check_env()  # OTEL_*: a protocol we cannot export with is a settings error, exit 2
         if settings.tls_listen is not None:
             from edgeproxy.tls import CertError, CertStore
 
@@ -92,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2
+    if settings.swarm == "true":
+        from edgeproxy.providers.swarm import SwarmModeError, probe
+
+        try:
+            probe(settings)
+        except SwarmModeError as exc:
+            print(f"edgeproxy: {exc}", file=sys.stderr)
+            return 2
     code = run(settings)
     return 1 if code == EXIT_LISTEN_FAILED else code
 

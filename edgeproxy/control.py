@@ -22,7 +22,7 @@ import os
 import pickle
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgeproxy.acme import AcmeManager
@@ -33,10 +33,11 @@ from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.providers.docker import DiscoveryStatus, DockerProvider
 from edgeproxy.providers.files import FileProvider
+from edgeproxy.providers.swarm import SwarmProvider, start_swarm
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore
-from edgeproxy.watcher import Watcher
+from edgeproxy.watcher import SwarmAwareWatcher, Watcher
 
 STARTUP_GRACE = 5.0
 """Seconds a first start waits for Docker's first list before publishing the table it has: a
@@ -190,7 +191,9 @@ class ControlPlane:
         self.metrics = metrics
         self.publisher = publisher
         self.restarted = restarted
-        self.watcher = Watcher(settings)
+        swarm_on = settings.docker and settings.swarm != "false"
+        self.watcher: Watcher = (SwarmAwareWatcher if swarm_on else Watcher)(settings)
+        self._swarm: SwarmProvider | None = None
         self.store: CertStore | None = None
         self.acme: AcmeManager | None = None
         self.ready = asyncio.Event()
@@ -242,6 +245,13 @@ class ControlPlane:
                                           backoff_max=settings.docker_backoff_max)
             self._docker.on_reconnect = metrics.docker_reconnects.inc
             self._docker.start()
+        if isinstance(watcher, SwarmAwareWatcher):
+            aware = watcher
+
+            def remember(containers: Mapping[str, str]) -> None:
+                aware.task_of = dict(containers)  # one reference swap, read on the loop
+
+            self._swarm = start_swarm(watcher, loop, settings, remember)
         if self.publisher is None:
             self.ready.set()
         else:
@@ -272,6 +282,8 @@ class ControlPlane:
         """Stop providers, probes, ACME and every task."""
         if self._docker is not None:
             self._docker.stop()
+        if self._swarm is not None:
+            self._swarm.stop()
         if self._monitor is not None:
             await self._monitor.close()
         if self.acme is not None:

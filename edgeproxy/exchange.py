@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 
 from edgeproxy.headers import Headers, RawHeaders
 from edgeproxy.transform import HeaderRules
+
+if TYPE_CHECKING:
+    from edgeproxy.tracing import ServerTrace
 
 
 class RequestView(Protocol):
@@ -49,6 +52,35 @@ class RequestView(Protocol):
     def body(self) -> AsyncIterator[bytes]: ...
 
 
+class ReplicaResponse(Protocol):
+    """A replica's answer as a front's `relay` reads it, whatever the protocol to the replica
+    (HTTP/1.1 pool: `upstream.UpstreamResponse`; HTTP/2 pool: `upstream_h2.H2Response`)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def raw_headers(self) -> RawHeaders: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def trailers(self) -> RawHeaders | None:
+        """Trailers, once the body was read to its end (None from HTTP/1.1 replicas)."""
+
+    def failure(self) -> BaseException | None: ...
+
+    def complete_body(self) -> bytes | None: ...
+
+    def iter_body(self) -> AsyncIterator[bytes]: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Refusal:
     """The proxy's own error answer: the JSON error shape, with `code` from the README's table."""
@@ -83,13 +115,18 @@ class Exchange:
     route: str | None = None
     upstream: str | None = None
     client: str | None = None
-    bytes: int = 0
+    bytes: int = 0  # response body bytes sent to the client
+    request_bytes: int = 0  # request body bytes read from the client
     error: str | None = None
     retries: int = 0
     # Headers of ours that every answer to this request carries (HSTS, CORS, RateLimit).
     extra_headers: dict[str, str] | None = None
     # The route's response-header rules, applied once to whatever answer the client gets.
     rules: HeaderRules | None = None
+    # gRPC calls: the grpc-status the client got (the replica's, or the proxy's refusal's).
+    grpc_status: int | None = None
+    # The request's server span while tracing is on (edgeproxy.tracing), else None.
+    trace: ServerTrace | None = None
 
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Add headers that every answer to this request will carry."""

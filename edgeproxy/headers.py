@@ -150,10 +150,14 @@ class UpstreamHead:
         return cls(["".join(f"{n}: {v}\r\n" for n, v in headers.items()).encode(
             "utf-8", "surrogateescape")], "Host" in headers, "Content-Length" in headers)
 
-    def parts(self, method: str, target: str, host: str, chunked: bool) -> list[bytes]:
-        """The whole head for one try, in pieces: request line, headers, framing, blank line."""
+    def parts(self, method: str, target: str, host: str, chunked: bool,
+              extra: bytes = b"") -> list[bytes]:
+        """The whole head for one try, in pieces: request line, headers, `extra` header lines
+        of this try (its traceparent), framing, blank line."""
         parts = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"),
                  *self.pieces]
+        if extra:
+            parts.append(extra)
         if not self.has_host:  # HTTP/1.0 clients may send none; HTTP/1.1 replicas need one
             parts.append(b"Host: %s\r\n" % host.encode("utf-8", "surrogateescape"))
         if chunked:
@@ -161,9 +165,10 @@ class UpstreamHead:
         parts.append(b"\r\n")
         return parts
 
-    def serialize(self, method: str, target: str, host: str, chunked: bool) -> bytes:
+    def serialize(self, method: str, target: str, host: str, chunked: bool,
+                  extra: bytes = b"") -> bytes:
         """The whole head for one try as one bytes object."""
-        return b"".join(self.parts(method, target, host, chunked))
+        return b"".join(self.parts(method, target, host, chunked, extra))
 
 
 def upstream_head(raw: RawHeaders, hop: HopInfo,

@@ -17,17 +17,25 @@ from yarl import URL
 
 from edgeproxy import headers as h
 from edgeproxy.errors import error_response
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, add_vary, merge_headers
+from edgeproxy.exchange import (
+    Exchange,
+    LocalAnswer,
+    Refusal,
+    ReplicaResponse,
+    add_vary,
+    merge_headers,
+)
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.requestcheck import check_http1
 from edgeproxy.settings import Settings
 from edgeproxy.transform import gzip_compressor, should_compress
-from edgeproxy.upstream import UpstreamError, UpstreamResponse
+from edgeproxy.upstream import UpstreamError
 
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _WRITE_WAIT = 64 * 1024  # unsent bytes past which a small answer waits for the client
 _EMPTY_BODY = frozenset((204, 304))
+_BUFFER_SMALL = 64 * 1024  # an answer up to this size is read whole before its head is sent
 
 
 def make_session(settings: Settings) -> aiohttp.ClientSession:
@@ -139,7 +147,7 @@ class Http1Request:
         _finish(resp.headers, ex)
         return resp
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec,
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec,
                     ex: Exchange) -> web.StreamResponse:
         """Write the replica's answer to the client: one write when small and unchanged,
         else through aiohttp with header rules and compression, streaming the body."""
@@ -148,6 +156,13 @@ class Http1Request:
         status = resp.status
         ex.status = status
         whole = None if spec.compress else resp.complete_body()
+        length = resp.content_length
+        if (whole is None and not spec.compress and method != "HEAD" and length is not None
+                and length <= _BUFFER_SMALL and status not in _EMPTY_BODY):
+            # A small answer whose body is still on its way is read whole before anything is
+            # sent: a replica that dies between its head and its body (a rolling update) then
+            # costs a retry on another replica, not a broken answer to the client.
+            whole = await _read_whole(resp)
         extra = ex.extra_headers
         if (whole is not None and not spec.response_headers and method != "HEAD"
                 and status not in _EMPTY_BODY and not (extra and "Vary" in extra)
@@ -279,6 +294,17 @@ class Http1Request:
             if not ws.closed:
                 await ws.close()
         return ws
+
+
+async def _read_whole(resp: ReplicaResponse) -> bytes:
+    """The rest of a small answer's body; UpstreamFailed (nothing sent yet) if it breaks off."""
+    chunks: list[bytes] = []
+    try:
+        async for chunk in resp.iter_body():
+            chunks.append(chunk)
+    except UpstreamError as exc:
+        raise UpstreamFailed("upstream_error", False, exc.detail) from None
+    return b"".join(chunks)
 
 
 def _finish(headers: CIMultiDict[str], ex: Exchange) -> None:

@@ -14,7 +14,7 @@ from edgeproxy.policies.basic import BasicAuthSpec, parse_realm, parse_users, pa
 from edgeproxy.policies.forwardauth import ForwardAuthSpec, parse_auth_url, parse_copied_headers
 from edgeproxy.policies.iplist import IpRules, parse_cidrs
 from edgeproxy.policies.ratelimit import RateLimitSpec, parse_ratelimit, parse_ratelimit_key
-from edgeproxy.settings import parse_duration, parse_size
+from edgeproxy.settings import parse_bool, parse_duration, parse_size
 from edgeproxy.transform import (
     SIMPLE_METHODS,
     CorsSpec,
@@ -123,14 +123,7 @@ def parse_port(value: str) -> int:
     return int(value)
 
 
-def parse_flag(value: str) -> bool:
-    """'true'/'false' (also yes/no, 1/0) -> bool."""
-    v = value.strip().lower()
-    if v in ("true", "1", "yes", "on"):
-        return True
-    if v in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("true or false")
+parse_flag = parse_bool  # one bool grammar for labels and settings: true/false, yes/no, on/off, 1/0
 
 
 def parse_network(value: str) -> str:
@@ -236,10 +229,10 @@ def parse_audience(value: str) -> str:
 
 
 def parse_scheme(value: str) -> str:
-    """How to reach the replicas: http or https."""
+    """How to reach the replicas: http, https, h2c (HTTP/2 cleartext) or h2 (HTTP/2 over TLS)."""
     v = value.strip().lower()
-    if v not in ("http", "https"):
-        raise ValueError("http or https")
+    if v not in ("http", "https", "h2c", "h2"):
+        raise ValueError("http, https, h2c or h2")
     return v
 
 
@@ -538,11 +531,11 @@ def build_routing(
         errors.append(LabelError(label_of(cors_keys[0]), written(cors_keys[0]),
                                  f"needs {label_of('cors.origins')} (e.g. https://app.example.com)"))
     scheme = values.get("scheme", "http")
-    if scheme != "https":
+    if scheme not in ("https", "h2"):  # the schemes over TLS
         for key in ("tls.verify", "tls.ca", "tls.server_name"):
             if key in values:
                 errors.append(LabelError(label_of(key), written(key),
-                                         f"needs {label_of('scheme')}=https"))
+                                         f"needs {label_of('scheme')}=https or h2"))
     edge_tls = values.get("tls")
     hosts = values.get("host", ())
     if edge_tls == "acme" and (not hosts or any(h.startswith("*.") for h in hosts)):

@@ -30,6 +30,9 @@ class Container:
     created: float
     stopping: bool = False  # a kill/stop event was seen: no new requests
     seen: int = 0  # order in which the proxy first saw it: breaks ties within one second
+    # Why the provider can't route it although its labels ask to be (e.g. a Swarm service
+    # without gateway.port: Swarm does no port detection); None: nothing in the way.
+    problem: str | None = None
 
     @property
     def service(self) -> str:

@@ -19,10 +19,11 @@ import structlog
 from multidict import CIMultiDict
 
 from edgeproxy import headers as h
+from edgeproxy import tracing as otel
 from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
 from edgeproxy.decide import Edge, decide
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, RequestView
+from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Route, RouteSpec, Upstream
@@ -46,8 +47,8 @@ from edgeproxy.upstream import (
     ResponseLimits,
     UpstreamError,
     UpstreamPool,
-    UpstreamResponse,
 )
+from edgeproxy.upstream_h2 import H2_SCHEMES, H2Pool, H2Settings  # edgeproxy-h2
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
@@ -56,6 +57,7 @@ _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
 _CLIENT_FAULTS = frozenset(("body_too_large", "client_timeout", "bad_request"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
+_NO_TRACE: dict[str, str] = {}  # the access log's trace fields while tracing is off
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -74,7 +76,7 @@ class Front(Protocol[R_co]):
 
     def answer(self, answer: LocalAnswer, ex: Exchange) -> R_co: ...
 
-    async def relay(self, resp: UpstreamResponse, spec: RouteSpec, ex: Exchange) -> R_co:
+    async def relay(self, resp: ReplicaResponse, spec: RouteSpec, ex: Exchange) -> R_co:
         """Write the replica's answer; raise UpstreamFailed only while no byte of it has
         reached the client (the pipeline may then try another replica)."""
 
@@ -179,6 +181,9 @@ class Proxy(Generic[R]):
             settings.connect_timeout, settings.read_timeout,
             limits=ResponseLimits(settings.max_response_header_size,
                                   settings.max_response_headers))
+        # edgeproxy-h2: replicas with gateway.scheme=h2c/h2 get multiplexed HTTP/2 connections.
+        self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
+                                     settings.read_timeout))
         self._certs: CertStore | None = None
         self._acme: ChallengeAnswers | None = None
         self._events = get_logger("proxy")
@@ -187,6 +192,8 @@ class Proxy(Generic[R]):
                                        **structlog.contextvars.get_contextvars())
         self._access = settings.access_log
         self.in_flight = 0
+        # OpenTelemetry: None unless OTEL_EXPORTER_OTLP_ENDPOINT is set (see edgeproxy.tracing).
+        self.tracing = otel.from_env(self.metrics.trace_spans_dropped)
 
     def table(self) -> RouteTable:
         """The live route table."""
@@ -197,6 +204,7 @@ class Proxy(Generic[R]):
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
         self._acme = acme
+        self.metrics.table_collector.certificates = store.certificates
         self.edge = Edge(store.covers, self.settings.tls_redirect_port, acme.challenge_response)
 
     def tls_status(self) -> dict[str, Any] | None:
@@ -207,9 +215,13 @@ class Proxy(Generic[R]):
                 "acme": self._acme.status() if self._acme is not None else []}
 
     def close(self) -> None:
-        """Close pooled connections to replicas and stop the bcrypt threads."""
+        """Close pooled connections to replicas, stop the bcrypt threads and send the spans
+        still queued."""
         self._pool.close()
+        self._h2.close()  # edgeproxy-h2
         self.access.basic.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     # --- the pipeline ------------------------------------------------------------------------
 
@@ -219,6 +231,9 @@ class Proxy(Generic[R]):
         start = time.perf_counter()
         view = front.view
         ex = Exchange(h.request_id(view.headers))
+        tracing = self.tracing
+        if tracing is not None:  # --- tracing hook: the server span (off: this check only)
+            ex.trace = tracing.start_server(view)
         self.in_flight += 1
         metrics = self.metrics
         if metrics.count_in_flight:
@@ -245,9 +260,13 @@ class Proxy(Generic[R]):
             if metrics.count_in_flight:
                 metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            metrics.observe_request(ex.route, view.method, ex.status, elapsed)
+            metrics.observe_request(ex.route, view.method, ex.status, elapsed, ex.request_bytes,
+                                    ex.bytes)
             if ex.retries:
                 metrics.retries.labels(ex.route or "").inc()
+            trace = ex.trace
+            if trace is not None:  # --- tracing hook: end the server span
+                trace.end(ex)
             if self._access:
                 self._log.info(
                     "access", method=view.method, path=view.target, status=ex.status,
@@ -257,6 +276,8 @@ class Proxy(Generic[R]):
                     client=ex.client or h.client_address(view.peer, view.headers, self._trusted),
                     error=ex.error, retries=ex.retries,
                     protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
+                    grpc_status=ex.grpc_status,  # edgeproxy-h2
+                    **(_NO_TRACE if trace is None else trace.log_fields()),
                 )
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
@@ -328,6 +349,8 @@ class Proxy(Generic[R]):
                     {"WWW-Authenticate": 'Bearer error="invalid_token"'}), ex)
         hop = h.HopInfo(peer, client, "https" if view.secure else "http", ex.rid, trusted_peer)
         raw_headers = view.raw_headers if grant is None else grant.edit(view.raw_headers)
+        if ex.trace is not None:  # --- tracing hook: the replica gets our traceparent instead
+            raw_headers = otel.without_trace_headers(raw_headers)
         if plan.authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
                            (b"Host", plan.authority.encode()))
@@ -339,13 +362,20 @@ class Proxy(Generic[R]):
             if auth is not None:
                 hdrs["X-Auth-Subject"], hdrs["X-Auth-Scopes"] = auth
             if websocket:
+                if ex.trace is not None:  # --- tracing hook: no client span, the server's
+                    ex.trace.inject(hdrs)
                 ex.upstream = upstream.address
                 return await front.websocket(route, upstream, plan.target, hdrs, ex)
             head = h.UpstreamHead.of(hdrs)
         else:  # no rules: straight from the client's header bytes to the replica's
             head = h.upstream_head(raw_headers, hop, auth)
-        body = CountedBody(view.body(), limit) if view.has_body else None
-        return await self._forward(front, route, upstream, plan.target, head, body, ex)
+        if not view.has_body:
+            return await self._forward(front, route, upstream, plan.target, head, None, ex)
+        body = CountedBody(view.body(), limit)
+        try:
+            return await self._forward(front, route, upstream, plan.target, head, body, ex)
+        finally:
+            ex.request_bytes = body.seen
 
     async def _forward(self, front: Front[R], route: Route, upstream: Upstream, target: str,
                        head: h.UpstreamHead, body: CountedBody | None, ex: Exchange) -> R:
@@ -354,20 +384,31 @@ class Proxy(Generic[R]):
         balancer = self.balancer
         method = front.view.method
         limit = body.limit if body is not None else 0
+        trace = ex.trace
         while True:
             tried.append(upstream)
             ex.upstream = upstream.address
             current = upstream
             balancer.acquire(current)
+            span = None
+            trace_lines = b""
+            if trace is not None:  # --- tracing hook: a client span per try
+                span, trace_lines = trace.start_client(method, current, target, len(tried) - 1)
+            replied: int | None = None
             try:
                 try:
-                    resp = await self._attempt(route, current, method, target, head, body)
+                    resp = await self._attempt(route, current, method, target, head, body,
+                                               trace_lines)
+                    replied = resp.status
                     try:
                         out = await front.relay(resp, route.spec, ex)
                     finally:
                         resp.release()
                 except UpstreamFailed as failure:
                     ex.error = failure.code
+                    if span is not None and trace is not None:  # --- tracing hook: try failed
+                        trace.end_client(span, replied, failure.code)
+                        span = None
                     if failure.code not in _CLIENT_FAULTS:
                         self.metrics.upstream_errors.labels(route.name, failure.code).inc()
                     if failure.code in _EJECTING:
@@ -382,16 +423,29 @@ class Proxy(Generic[R]):
                 return out
             finally:
                 balancer.release(current)
+                if span is not None and trace is not None:  # --- tracing hook: try answered
+                    trace.end_client(span, replied, None)
 
     async def _attempt(self, route: Route, upstream: Upstream, method: str, target: str,
-                       head: h.UpstreamHead, body: CountedBody | None) -> UpstreamResponse:
-        """One try against one replica: its answer's head, or UpstreamFailed."""
+                       head: h.UpstreamHead, body: CountedBody | None,
+                       trace_lines: bytes = b"") -> ReplicaResponse:
+        """One try against one replica: its answer's head, or UpstreamFailed. `trace_lines`
+        are this try's traceparent/tracestate header lines (tracing on)."""
         spec = route.spec
         chunked = body is not None and not head.has_length
         try:
+            if upstream.scheme in H2_SCHEMES:  # edgeproxy-h2: HTTP/2 to the replica
+                tls = (self._h2.tls_context(spec.tls_verify, spec.tls_ca)
+                       if upstream.scheme == "h2" else None)
+                return await self._h2.request(
+                    Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
+                    method, target, upstream.address, head,
+                    body.stream() if body is not None else None,
+                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout)
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
-                endpoint, head.parts(method, target, upstream.address, chunked), method,
+                endpoint, head.parts(method, target, upstream.address, chunked, trace_lines),
+                method,
                 body.stream() if body is not None else None, chunked,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
                 idempotent=method in IDEMPOTENT)

@@ -28,6 +28,7 @@ from edgeproxy.decide import Edge
 from edgeproxy.errors import error_response
 from edgeproxy.feed import TableFeed
 from edgeproxy.http1 import http1_handler, make_session
+from edgeproxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline import BodyMalformed, Proxy
@@ -164,12 +165,13 @@ class _ProxyRequestHandler(RequestHandler):
 
     def _measure_head(self, piece: bytes, complete: bool) -> _HeadRefused | None:
         """Count a head's next bytes against the limits, before the parser buffers them."""
-        carry = (self._carry + piece)[-3:]
         if self._head_size == 0:
-            # Empty lines before a request line are allowed (RFC 9112 2.2) and llhttp skips
-            # them: they are no part of the head, whose first line (414 when too long) is the
-            # first one with bytes.
+            # Empty lines before a request line are skipped (RFC 9112 2.2), by llhttp too:
+            # they are not part of the head, and must not make a long target look like a
+            # long header line.
             piece = piece.lstrip(b"\r\n")
+            if not piece:
+                return None
         size = self._head_size + len(piece)
         lines = self._head_lines + piece.count(b"\n")
         if len(self._head_start) < _HEAD_START_KEPT:
@@ -189,7 +191,7 @@ class _ProxyRequestHandler(RequestHandler):
                                 f"the request head has more than {self.max_headers} headers")
         started = self._head_size == 0 and size > 0
         self._head_size, self._head_lines = size, lines
-        self._carry = carry
+        self._carry = (self._carry + piece)[-3:]
         if started and self._finished == self._request_count:
             self._arm_header_timer()  # the header timeout runs from a head's first byte
         return None
@@ -524,9 +526,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     if admin_runner is not None:
         await admin_runner.setup()
         listeners.append((admin_runner, settings.admin_listen, None))
+    h2 = h2_front(proxy, settings)  # edgeproxy-h2
     try:
         if not stop.is_set():
-            await _listen(listeners, settings)
+            await _listen(listeners, settings, h2=(runner, h2))  # edgeproxy-h2
             if feed is not None:
                 feed.listening = True
                 feed.report_now()
@@ -543,7 +546,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
         if control is not None:
             await control.close()
         # Closes the listener first, then waits up to the drain timeout for in-flight requests.
+        h2_drain = asyncio.ensure_future(h2.shutdown(settings.drain_timeout))  # edgeproxy-h2
         await runner.cleanup()
+        await h2_drain  # edgeproxy-h2
         if admin_runner is not None:
             await admin_runner.cleanup()
         await _cancel(tasks)
@@ -623,11 +628,19 @@ async def serve_control(settings: Settings, control_path: str, restarted: bool =
 
 
 async def _listen(listeners: list[tuple[web.BaseRunner, Address, ssl.SSLContext | None]],
-                  settings: Settings, reuse: bool = True) -> None:
+                  settings: Settings, reuse: bool = True,
+                  h2: tuple[web.BaseRunner, H2Front] | None = None) -> None:
     for r, addr, context in listeners:
+        reuse_port = (reuse and settings.workers > 1) or None
         try:
+            # edgeproxy-h2: the proxy runner's TLS listener (ALPN h2) and, with EDGEPROXY_H2C,
+            # its plain one serve HTTP/2 too.
+            if h2 is not None and r is h2[0] and (context is not None or settings.h2c):
+                await H2Site(r, addr.host, addr.port, h2[1], ssl_context=context, backlog=1024,
+                             reuse_port=reuse_port).start()
+                continue
             await web.TCPSite(r, addr.host, addr.port, backlog=1024, ssl_context=context,
-                              reuse_port=(reuse and settings.workers > 1) or None).start()
+                              reuse_port=reuse_port).start()
         except OSError as exc:
             raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
 

@@ -278,6 +278,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("exposed_by_default", "true", parse_bool,
            "route labelled containers unless gateway.enable=false; false: only gateway.enable=true"),
     Option("docker", "true", parse_bool, "discover containers from Docker (DOCKER_HOST etc. apply)"),
+    Option("swarm", "auto", _choice("auto", "true", "false"),
+           "discover Swarm services and tasks: auto = when the daemon is an active manager"),
+    Option("swarm_poll", "1s", _positive(parse_duration),
+           "how often Swarm tasks are listed (Docker emits no task events)"),
     Option("connect_timeout", "5s", _positive(parse_duration), "upstream connect timeout"),
     Option("read_timeout", "60s", _positive(parse_duration),
            "upstream inactivity timeout (no bytes for this long -> 504); streams may run longer"),
@@ -338,70 +342,109 @@ OPTIONS: tuple[Option, ...] = (
            "extra tries on another replica when a connection fails (idempotent requests also "
            "after a reset)"),
     Option("retry_after", "5", _positive_int, "Retry-After seconds on 503 when a route has no replica"),
+    # --- edgeproxy-h2: HTTP/2 at the edge and to the replicas ---
+    Option("h2c", "false", parse_bool,
+           "accept HTTP/2 with prior knowledge (h2c, e.g. gRPC) on the plain listener"),
+    Option("h2_max_concurrent_streams", "128", _positive_int,
+           "SETTINGS_MAX_CONCURRENT_STREAMS at the edge (nginx's http2_max_concurrent_streams)"),
+    Option("h2_max_header_list_size", "60k", _positive_size,
+           "largest HTTP/2 request header list, and header block before decoding (Envoy's "
+           "max_request_headers_kb) -> GOAWAY"),
+    Option("h2_max_resets", "256", _positive_int,
+           "client RST_STREAMs per connection per second before GOAWAY (rapid reset, "
+           "CVE-2023-44487; 2x the streams, as nginx's fix)"),
+    Option("h2_max_control_frames", "1000", _positive_int,
+           "PING and SETTINGS frames per connection per second before GOAWAY (Envoy's "
+           "max_outbound_control_frames)"),
+    Option("h2_idle_timeout", "75s", parse_duration,
+           "close an HTTP/2 connection with no open stream after this long (nginx's "
+           "keepalive_timeout)"),
+    Option("h2_upstream_streams", "100", _positive_int,
+           "most concurrent streams per HTTP/2 connection to a replica (gateway.scheme=h2c/h2)"),
 )
+
+
+_BY_ATTR = {opt.attr: opt for opt in OPTIONS}
+
+
+def _default(attr: str, repr: bool = True) -> Any:
+    """The dataclass default of a setting: its OPTIONS default, parsed (one source of truth)."""
+    opt = _BY_ATTR[attr]
+    return field(default_factory=lambda: opt.parse(opt.default), repr=repr)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every EDGEPROXY_* setting, parsed and typed. Defaults are those in OPTIONS."""
+    """Every EDGEPROXY_* setting, parsed and typed. Each default is its OPTIONS default, parsed:
+    `Settings()` is what `load_settings({})` reads."""
 
-    listen: Address = field(default_factory=lambda: Address("0.0.0.0", 8080))
-    admin_listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
-    admin_hosts: tuple[tuple[str, int | None], ...] = ()
-    workers: int = 1
-    tls_listen: Address | None = None
-    tls_certs_dir: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_reload: float = 2.0
-    tls_redirect_port: int = 443
-    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
-    acme_email: str | None = None
-    acme_ca_bundle: Path | None = None
-    acme_renew_before: float = 30 * 86400.0
-    state_dir: Path = Path("/var/lib/edgeproxy")
-    label_prefix: str = "gateway"
-    network: str | None = None
-    exposed_by_default: bool = True
-    docker: bool = True
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0
-    drain_timeout: float = 8.0
-    debounce: float = 0.1
-    docker_backoff_max: float = 30.0
-    routes_file: Path | None = None
-    routes_file_poll: float = 1.0
-    max_body_size: int = 10 * 1024**2
-    header_timeout: float = 30.0
-    ws_max_message: int = 4 * 1024**2
-    max_header_size: int = 32 * 1024
-    max_headers: int = 100
-    max_uri_size: int = 8 * 1024
-    keepalive_timeout: float = 75.0
-    max_response_header_size: int = 64 * 1024
-    max_response_headers: int = 100
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    jwt_secret: str | None = field(default=None, repr=False)
-    jwt_public_key: str | None = field(default=None, repr=False)
-    jwt_public_key_file: Path | None = None
-    jwks_url: str | None = None
-    jwt_algorithms: tuple[str, ...] = ()
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_leeway: float = 30.0
-    jwks_timeout: float = 3.0
-    jwks_cooldown: float = 30.0
-    ratelimit_backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    ratelimit_failure: str = "open"
-    ratelimit_max_keys: int = 100_000
-    log_level: str = "info"
-    log_format: str = "json"
-    access_log: bool = True
-    hold_period: float = 30.0
-    eject_time: float = 5.0
-    retries: int = 2
-    retry_after: int = 5
+    listen: Address = _default("listen")
+    admin_listen: Address = _default("admin_listen")
+    admin_hosts: tuple[tuple[str, int | None], ...] = _default("admin_hosts")
+    workers: int = _default("workers")
+    tls_listen: Address | None = _default("tls_listen")
+    tls_certs_dir: Path | None = _default("tls_certs_dir")
+    tls_cert: Path | None = _default("tls_cert")
+    tls_key: Path | None = _default("tls_key")
+    tls_reload: float = _default("tls_reload")
+    tls_redirect_port: int = _default("tls_redirect_port")
+    acme_directory: str = _default("acme_directory")
+    acme_email: str | None = _default("acme_email")
+    acme_ca_bundle: Path | None = _default("acme_ca_bundle")
+    acme_renew_before: float = _default("acme_renew_before")
+    state_dir: Path = _default("state_dir")
+    label_prefix: str = _default("label_prefix")
+    network: str | None = _default("network")
+    exposed_by_default: bool = _default("exposed_by_default")
+    docker: bool = _default("docker")
+    swarm: str = _default("swarm")
+    swarm_poll: float = _default("swarm_poll")
+    connect_timeout: float = _default("connect_timeout")
+    read_timeout: float = _default("read_timeout")
+    drain_timeout: float = _default("drain_timeout")
+    debounce: float = _default("debounce")
+    docker_backoff_max: float = _default("docker_backoff_max")
+    routes_file: Path | None = _default("routes_file")
+    routes_file_poll: float = _default("routes_file_poll")
+    max_body_size: int = _default("max_body_size")
+    header_timeout: float = _default("header_timeout")
+    ws_max_message: int = _default("ws_max_message")
+    max_header_size: int = _default("max_header_size")
+    max_headers: int = _default("max_headers")
+    max_uri_size: int = _default("max_uri_size")
+    keepalive_timeout: float = _default("keepalive_timeout")
+    max_response_header_size: int = _default("max_response_header_size")
+    max_response_headers: int = _default("max_response_headers")
+    trusted_proxies: tuple[IPNetwork, ...] = _default("trusted_proxies")
+    jwt_secret: str | None = _default("jwt_secret", repr=False)
+    jwt_public_key: str | None = _default("jwt_public_key", repr=False)
+    jwt_public_key_file: Path | None = _default("jwt_public_key_file")
+    jwks_url: str | None = _default("jwks_url")
+    jwt_algorithms: tuple[str, ...] = _default("jwt_algorithms")
+    jwt_issuer: str | None = _default("jwt_issuer")
+    jwt_audience: str | None = _default("jwt_audience")
+    jwt_leeway: float = _default("jwt_leeway")
+    jwks_timeout: float = _default("jwks_timeout")
+    jwks_cooldown: float = _default("jwks_cooldown")
+    ratelimit_backend: str = _default("ratelimit_backend")
+    redis_url: str = _default("redis_url")
+    ratelimit_failure: str = _default("ratelimit_failure")
+    ratelimit_max_keys: int = _default("ratelimit_max_keys")
+    log_level: str = _default("log_level")
+    log_format: str = _default("log_format")
+    access_log: bool = _default("access_log")
+    hold_period: float = _default("hold_period")
+    eject_time: float = _default("eject_time")
+    retries: int = _default("retries")
+    retry_after: int = _default("retry_after")
+
+    h2c: bool = _default("h2c")
+    h2_max_concurrent_streams: int = _default("h2_max_concurrent_streams")
+    h2_max_header_list_size: int = _default("h2_max_header_list_size")
+    h2_max_resets: int = _default("h2_max_resets")
+    h2_max_control_frames: int = _default("h2_max_control_frames")
+    h2_idle_timeout: float = _default("h2_idle_timeout")
+    h2_upstream_streams: int = _default("h2_upstream_streams")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -208,6 +208,9 @@ def build_table(
         if isinstance(routing, NotRouted):
             decisions.append(Decision(c.name, False, routing.reason))
             continue
+        if c.problem is not None:
+            decisions.append(Decision(c.name, False, c.problem))
+            continue
         state, why = replica_state(c)
         port = pick_port(routing, c)
         address = ""

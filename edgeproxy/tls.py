@@ -42,7 +42,7 @@ TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ))
-ALPN_PROTOCOLS = ("http/1.1",)
+ALPN_PROTOCOLS = ("h2", "http/1.1")  # h2 first: HTTP/2 when the client offers it
 
 
 class CertError(ValueError):
@@ -120,7 +120,8 @@ def _matches(names: Iterable[str], server_name: str) -> bool:
 
 
 def server_context() -> ssl.SSLContext:
-    """A server SSLContext with our policy: TLS 1.2 minimum, AEAD ciphers, ALPN http/1.1.
+    """A server SSLContext with our policy: TLS 1.2 minimum, AEAD ciphers, ALPN h2 and
+    http/1.1.
 
     Every per-certificate context uses it too: after the SNI switch OpenSSL takes the ALPN
     callback from the new context."""

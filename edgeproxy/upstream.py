@@ -467,6 +467,11 @@ class UpstreamResponse:
         """The response headers as a multidict (built on demand)."""
         return self._conn.response_headers()
 
+    @property
+    def trailers(self) -> None:
+        """HTTP/1.1 trailers are not forwarded (see `_Connection.on_header`)."""
+        return None
+
     def failure(self) -> BaseException | None:
         """The error that already ended this answer early (a truncated body), else None."""
         return self._conn.failure()

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Container, Route, RouteSpec
@@ -269,3 +269,44 @@ class _Quiet:
         return None
 
     info = warning = error = debug = exception = _drop
+
+
+# Labels Docker puts on a Swarm task's container.
+_TASK_LABEL = "com.docker.swarm.task.id"
+_SERVICE_LABEL = "com.docker.swarm.service.id"
+
+
+class SwarmAwareWatcher(Watcher):
+    """The Watcher with what Swarm mode adds on the Docker side: once Swarm is on, task
+    containers are dropped from the Docker source (a task is routed as a task, never twice),
+    and a task container's stop or kill drains its task at once."""
+
+    def __init__(self, settings: Settings, quiet: bool = False) -> None:
+        super().__init__(settings, quiet)
+        self.swarm_active = False
+        self.task_of: Mapping[str, str] = {}  # container id -> task id, from the tasks list
+
+    def _is_task(self, c: Container) -> bool:
+        return self.swarm_active and (_TASK_LABEL in c.labels or _SERVICE_LABEL in c.labels)
+
+    def resync(self, items: Iterable[Container], source: str = "docker") -> None:
+        """Replace one source's observations; the Docker source without task containers."""
+        if source == "swarm" and not self.swarm_active:
+            self.swarm_active = True
+            docker_items = list(self._containers.get("docker", {}).values())
+            super().resync([c for c in docker_items if not self._is_task(c)], "docker")
+        if source == "docker":
+            items = [c for c in items if not self._is_task(c)]
+        super().resync(items, source)
+
+    def update(self, item: Container, source: str = "docker") -> None:
+        """One observation changed; a task's container is the Swarm source's business."""
+        if not (source == "docker" and self._is_task(item)):
+            super().update(item, source)
+
+    def stopping(self, item_id: str) -> None:
+        """A stop or kill arrived: for a task's container, drain the task too."""
+        super().stopping(item_id)
+        task = self.task_of.get(item_id)
+        if task is not None:
+            super().stopping(task)

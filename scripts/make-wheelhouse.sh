@@ -9,7 +9,7 @@
 #   IMAGE         the base image the wheels are for (the Dockerfiles' PYTHON_IMAGE)
 #   DIR           where the wheels go (default .cache/wheelhouse, where the Dockerfile looks)
 #   REQUIREMENTS  a requirements file, e.g. examples/whoami/requirements.txt; without it:
-#                 edgeproxy's setup.cfg install_requires and "fast" extra, plus pip,
+#                 edgeproxy's setup.cfg install_requires, "fast" and "otel" extras, plus pip,
 #                 setuptools and wheel
 #                 to build edgeproxy itself
 #
@@ -27,7 +27,7 @@ if [[ -n "${3:-}" ]]; then
     reqs=$(cat "$3")
 else
     cd "$(dirname "$0")/.."
-    reqs=$(python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("setup.cfg"); print(c["options"]["install_requires"] + "\n" + c["options.extras_require"]["fast"])')
+    reqs=$(python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("setup.cfg"); print(c["options"]["install_requires"] + "\n" + c["options.extras_require"]["fast"] + "\n" + c["options.extras_require"]["otel"])')
     reqs+=$'\npip\nsetuptools\nwheel'
 fi
 image_id=$(docker image inspect --format '{{.Id}}' "$image")

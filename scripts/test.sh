@@ -8,14 +8,17 @@
 # 2. starts dockerd (--live-restore) and builds the busybox test image
 #    (tests/engine.py; dockerd logs to /tmp/edgeproxy-dockerd.log);
 # 3. creates .venv and installs edgeproxy with its test extras;
-# 4. runs ruff, mypy --strict and pytest, all three even if one fails.
+# 4. runs ruff, mypy --strict and pytest, all three even if one fails;
+# 5. without PYTEST ARGS, then the Swarm stage (pytest tests/swarm): a second, swarm-mode
+#    dockerd beside the main one (tests/swarm_engine.py; logs to
+#    /tmp/edgeproxy-swarm-dockerd.log), which the main daemon never notices.
 # Setup failures stop the script at once; otherwise it exits with the code
 # of the first check that failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker.io busybox-static redis-server pebble chromium debootstrap docker-compose
-          apache2-utils)
+          apache2-utils nghttp2-client iproute2)
 missing=()
 for pkg in "${packages[@]}"; do
     [[ "$(dpkg -s "$pkg" 2>/dev/null)" == *$'\nStatus: install ok installed\n'* ]] || missing+=("$pkg")
@@ -50,4 +53,8 @@ check() {
 check .venv/bin/ruff check edgeproxy tests
 check .venv/bin/mypy --strict edgeproxy
 check .venv/bin/python -m pytest -q "$@"
+if (($# == 0)); then
+    # After the main suite: it needs the images tests/e2e builds (whoami, redis, the base).
+    check .venv/bin/python -m pytest -q -p no:cacheprovider tests/swarm
+fi
 exit "$status"

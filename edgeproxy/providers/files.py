@@ -19,7 +19,8 @@ from edgeproxy.providers import Observations
 from edgeproxy.table import FileRoute
 
 T = TypeVar("T")
-_CONTAINER_ONLY = ("port", "network", "enable", "weight", "scheme")
+_CONTAINER_ONLY = ("port", "network", "enable", "weight")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "h2c": 80, "h2": 443}
 
 
 class RoutesFileError(ValueError):
@@ -59,13 +60,13 @@ def parse_upstream(url_text: str) -> Upstream:
         url = URL(url_text)
     except (ValueError, TypeError):
         raise ValueError(f"{url_text!r} is not a URL") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"{url_text!r}: the scheme must be http or https")
+    if url.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"{url_text!r}: the scheme must be http, https, h2c or h2")
     if not url.host:
         raise ValueError(f"{url_text!r}: no host")
     if url.raw_path not in ("", "/") or url.raw_query_string or url.fragment:
         raise ValueError(f"{url_text!r}: give scheme://host:port only, no path or query")
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = url.port or _DEFAULT_PORTS[url.scheme]
     return Upstream(url.scheme, url.host, port, url_text)
 
 
@@ -129,8 +130,15 @@ def parse_routes_each(doc: Mapping[str, Any]) -> tuple[list[FileRoute], dict[str
         if len(schemes) > 1:
             errors.append(LabelError(f"routes.{name}.upstreams", str(raw_ups),
                                      "all upstreams of a route must use the same scheme"))
-        elif schemes == {"https"}:
-            values["scheme"] = "https"  # from the URLs: tls.* keys then apply
+        elif "scheme" in values and schemes - {"http", str(values["scheme"])}:
+            # `scheme` applies to http:// URLs; a URL naming another scheme contradicts it.
+            errors.append(LabelError(f"routes.{name}.scheme", str(values["scheme"]),
+                                     f"the upstream URLs say {sorted(schemes)[0]}; give http:// "
+                                     "URLs with scheme, or the scheme in the URLs"))
+        elif "scheme" in values:
+            upstreams = [dataclasses.replace(u, scheme=str(values["scheme"])) for u in upstreams]
+        elif schemes and schemes != {"http"}:
+            values["scheme"] = next(iter(schemes))  # from the URLs: tls.* keys then apply
         errors.extend(errs)
         if "path" not in table and "host" not in table:
             errors.append(LabelError(f"routes.{name}.path", "", "missing: give path or host"))

@@ -130,7 +130,7 @@ BAD = {  # suffix -> (labels, (label, value, reason)) for containers that must b
     "regex": ({"gateway.rewrite": r"^/v1/(.* => /api/\1"},
               ("gateway.rewrite", r"^/v1/(.* => /api/\1",
                "the regular expression '^/v1/(.*' is invalid: missing ),")),
-    "scheme": ({"gateway.scheme": "ftp"}, ("gateway.scheme", "ftp", "http or https")),
+    "scheme": ({"gateway.scheme": "ftp"}, ("gateway.scheme", "ftp", "http, https, h2c or h2")),
     "star": ({"gateway.cors.origins": "*", "gateway.cors.credentials": "true"},
              ("gateway.cors.credentials", "true",
               "browsers refuse credentials with gateway.cors.origins=*")),

@@ -520,9 +520,9 @@ def test_no_conflict_for_identical_settings_or_other_hosts(check: Check) -> None
           other:
             labels: {gateway.path: /api, gateway.host: api.example.com, gateway.lb: least_conn}
           swarm:
-            labels: {gateway.path: /s}
+            labels: {gateway.path: /s, gateway.port: 80}
             deploy:
-              labels: {gateway.path: /s}
+              labels: {gateway.path: /s, gateway.port: 80}
     """})
     assert (rc, lines) == (0, ["checking compose.yml", "ok: 4 service(s) routed, 0 not routed"])
 
@@ -741,3 +741,36 @@ def test_not_a_compose_file(check: Check, text: str, line: str) -> None:
 
 def test_no_files(check: Check) -> None:
     assert check({}) == (2, ["edgeproxy check: no compose files given"])
+
+
+# --- Swarm: deploy.labels are service labels ---------------------------------------------------------
+
+def test_deploy_labels_without_a_port_are_skipped_in_swarm(check: Check) -> None:
+    rc, lines = check({"stack.yml": """
+        services:
+          api:
+            labels: {gateway.path: /api}
+            deploy:
+              labels: {gateway.path: /api}
+    """})
+    assert (rc, lines[1:3]) == (1, [
+        "stack.yml: service api: deploy.labels gateway.port: missing: Swarm does no port "
+        "detection, so the service is skipped without it",
+        "  fix: add gateway.port under deploy.labels, e.g. gateway.port=8080 (the port the "
+        "service listens on)"])
+
+
+@pytest.mark.parametrize(("value", "rc"), [("vip", 0), ("tasks", 0), ("dns", 1)])
+def test_the_swarm_endpoint_key_is_read_under_deploy_labels(check: Check, value: str,
+                                                            rc: int) -> None:
+    got, lines = check({"stack.yml": f"""
+        services:
+          api:
+            labels: {{gateway.path: /api}}
+            deploy:
+              labels: {{gateway.path: /api, gateway.port: 80, gateway.swarm.endpoint: {value}}}
+    """})
+    assert got == rc, lines
+    if rc:
+        assert lines[1] == ("stack.yml: service api: deploy.labels "
+                            "gateway.swarm.endpoint='dns': vip or tasks")

@@ -103,9 +103,9 @@ ONLY_ORIGIN = "give scheme://host:port only, no path or query"
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("ftp://10.0.0.5", "'ftp://10.0.0.5': the scheme must be http or https"),
-        ("10.0.0.5:8080", "'10.0.0.5:8080': the scheme must be http or https"),
-        ("backend", "'backend': the scheme must be http or https"),
+        ("ftp://10.0.0.5", "'ftp://10.0.0.5': the scheme must be http, https, h2c or h2"),
+        ("10.0.0.5:8080", "'10.0.0.5:8080': the scheme must be http, https, h2c or h2"),
+        ("backend", "'backend': the scheme must be http, https, h2c or h2"),
         ("http://", "'http://': no host"),
         ("http://10.0.0.5:8080/api", f"'http://10.0.0.5:8080/api': {ONLY_ORIGIN}"),
         ("http://10.0.0.5?x=1", f"'http://10.0.0.5?x=1': {ONLY_ORIGIN}"),
@@ -203,7 +203,7 @@ def test_every_problem_in_one_error() -> None:
         "ok": {"path": "/ok", "upstreams": ["http://ok"]},
     }}
     assert _error(doc) == "; ".join([
-        "routes.a.upstreams='ftp://x': 'ftp://x': the scheme must be http or https",
+        "routes.a.upstreams='ftp://x': 'ftp://x': the scheme must be http, https, h2c or h2",
         "routes.b.upstreams='None': a non-empty list of URLs such as ['http://127.0.0.1:9001']",
         "routes.c.port='1': only meaningful on containers",
     ])
@@ -254,7 +254,7 @@ def test_file_errors_are_value_errors_from_the_file(tmp_path: Path) -> None:
     with pytest.raises(RoutesFileError) as info:
         load_routes_file(path)
     assert str(info.value) == ("routes.api.upstreams='ws://x': 'ws://x': the scheme must be "
-                               "http or https")
+                               "http, https, h2c or h2")
     assert isinstance(info.value, ValueError)
 
 
@@ -491,3 +491,32 @@ def test_route_that_turns_invalid_keeps_its_last_good_version(tmp_path: Path) ->
     provider.load_once()
     held = next(r for r in watcher.routes if r.name == "legacy")
     assert held.spec == legacy.spec and held.errors[0].value == "perhaps"
+
+
+@pytest.mark.parametrize(("url", "scheme", "port"), [
+    ("h2c://grpc.internal", "h2c", 80), ("h2c://grpc.internal:50051", "h2c", 50051),
+    ("h2://grpc.internal", "h2", 443),
+])
+def test_http2_upstream_urls(url: str, scheme: str, port: int) -> None:
+    [route] = parse_routes(_doc(path="/svc", upstreams=[url]))
+    assert route.upstreams == (Upstream(scheme, "grpc.internal", port, url),)
+    assert route.spec.scheme == scheme
+
+
+def test_scheme_key_applies_to_http_urls() -> None:
+    [route] = parse_routes(_doc(path="/svc", upstreams=["http://10.0.0.5:50051"], scheme="h2c"))
+    assert route.spec.scheme == "h2c"
+    assert [u.scheme for u in route.upstreams] == ["h2c"]
+    assert route.upstreams[0].address == "10.0.0.5:50051"
+
+
+def test_scheme_key_that_contradicts_the_urls() -> None:
+    assert _error(_doc(path="/svc", upstreams=["https://10.0.0.5"], scheme="h2c")) == (
+        "routes.api.scheme='h2c': the upstream URLs say https; give http:// URLs with "
+        "scheme, or the scheme in the URLs")
+
+
+def test_tls_keys_apply_to_h2_urls() -> None:
+    [route] = parse_routes(_doc(path="/svc", upstreams=["h2://10.0.0.5"],
+                                **{"tls.verify": False}))
+    assert route.spec.scheme == "h2" and route.spec.tls_verify is False

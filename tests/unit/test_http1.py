@@ -118,3 +118,43 @@ def test_truncated_streamed_body_cuts_the_client_connection() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 700_000
     _, headers, body = run(answer)
     assert headers["content-length"] == ["2000000"] and len(body) < 2_000_000
+
+
+def test_small_answer_cut_before_its_body_is_retried_on_another_replica() -> None:
+    # A rolling update: the replica dies between its head and its body. Nothing has reached
+    # the client yet, so the GET goes to the next replica instead of a broken answer.
+    async def go() -> bytes:
+        async def head_then_die(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+
+        dying = await asyncio.start_server(head_then_die, "127.0.0.1", 0)
+        good, good_port = await _replica(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        ups = (Upstream("http", "127.0.0.1", dying.sockets[0].getsockname()[1], "dying"),
+               Upstream("http", "127.0.0.1", good_port, "good"))
+        table = build_table([], [FileRoute("app", RouteSpec(), ups)])
+        settings = Settings(access_log=False)
+        proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: table)
+        session = make_session(settings)
+        front = await asyncio.get_running_loop().create_server(
+            web.Server(http1_handler(proxy, session, 1 << 20)), "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", front.sockets[0].getsockname()[1])
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return data
+        finally:
+            front.close()
+            dying.close()
+            good.close()
+            proxy.close()
+            await session.close()
+
+    raw = asyncio.run(go())
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"\r\n\r\nfresh"), raw

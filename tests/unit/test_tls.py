@@ -310,9 +310,11 @@ def test_protocol_policy(tmp_path: Path, ca: trustme.CA) -> None:
     assert store.context().minimum_version == ssl.TLSVersion.TLSv1_2
     with serving(store) as server:
         with connect(server.port, "a.example.com", client_context(ca), ["h2", "http/1.1"]) as p:
-            assert p.alpn == "http/1.1"
+            assert p.alpn == "h2"  # HTTP/2 when the client offers it
             assert p.version in ("TLSv1.2", "TLSv1.3")
-        with connect(server.port, "a.example.com", client_context(ca), ["h2"]) as p:
+        with connect(server.port, "a.example.com", client_context(ca), ["http/1.1"]) as p:
+            assert p.alpn == "http/1.1"
+        with connect(server.port, "a.example.com", client_context(ca), ["spdy/3"]) as p:
             assert p.alpn is None  # no overlap: no ALPN, the handshake still succeeds
         old = client_context(ca)
         old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED

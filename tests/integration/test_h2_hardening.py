@@ -1,0 +1,297 @@
+"""HTTP/2 attacks against the real proxy process, frame by frame: each is bounded by its
+EDGEPROXY_H2_* setting and answered with GOAWAY, and the proxy keeps serving others."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+import requests
+from hpack import Encoder
+
+from tests.h2_raw import (
+    DATA,
+    ENHANCE_YOUR_CALM,
+    GOAWAY,
+    HEADERS,
+    PROTOCOL_ERROR,
+    RST_STREAM,
+    SETTINGS,
+    RawH2,
+)
+from tests.helpers import ProxyProcess, run_backend, run_proxy, wait_for, write_routes
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    tmp = tmp_path_factory.mktemp("h2-hardening")
+    with run_backend("h2-backend") as backend:
+        routes = write_routes(tmp / "routes.toml", {"app": {"path": "/",
+                                                            "upstreams": [backend]}})
+        with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true",
+                       h2_max_concurrent_streams="8", h2_max_header_list_size="4k",
+                       h2_max_resets="20", h2_max_control_frames="50") as p:
+            yield p
+
+
+def still_serves(p: ProxyProcess) -> None:
+    """A fresh connection still gets an answer: the attack cost one connection only."""
+    c = RawH2(p.port)
+    try:
+        c.headers(1, "/ready")
+        head = c.until(HEADERS)
+        assert head is not None and head.stream_id == 1
+    finally:
+        c.close()
+
+
+def goaway_code(c: RawH2) -> int | None:
+    frame = c.until(GOAWAY)
+    return None if frame is None else frame.error_code
+
+
+def test_settings_announce_the_limits(proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        settings = c.until(SETTINGS)
+        assert settings is not None
+        values = settings.settings()
+        assert values[0x3] == 8  # SETTINGS_MAX_CONCURRENT_STREAMS
+        assert values[0x6] == 4096  # SETTINGS_MAX_HEADER_LIST_SIZE
+        assert values.get(0x2) == 0  # no server push
+    finally:
+        c.close()
+
+
+def test_rapid_reset_gets_goaway(proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        with c.batch():
+            for i in range(40):  # open and cancel at once, CVE-2023-44487
+                c.headers(1 + 2 * i, "/slow?seconds=5", end_stream=False)
+                c.rst(1 + 2 * i)
+        assert goaway_code(c) == ENHANCE_YOUR_CALM
+        assert c.closed()
+    finally:
+        c.close()
+    wait_for(lambda: proxy.events("h2_abuse"), what="an h2_abuse event")
+    assert proxy.events("h2_abuse")[0]["kind"] == "rapid_reset"
+    still_serves(proxy)
+
+
+def test_continuation_flood_is_cut_before_decoding(proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        block = Encoder().encode([(":method", "GET"), (":scheme", "http"),
+                                  (":authority", "t"), (":path", "/")])
+        # 60 CONTINUATION frames of 1 KiB, never END_HEADERS: h2 alone would hold 64.
+        c.raw_headers_block(1, block, [b"\x00" * 1024] * 60)
+        assert goaway_code(c) == ENHANCE_YOUR_CALM
+        assert c.closed()
+    finally:
+        c.close()
+    still_serves(proxy)
+
+
+def test_hpack_bomb_is_refused(proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        enc = Encoder()
+        first = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "t"),
+                            (":path", "/"), ("x-bomb", "a" * 3000)])
+        # Each further reference to the indexed 3 KB header costs one byte on the wire.
+        again = enc.encode([("x-bomb", "a" * 3000)])
+        assert len(again) <= 2
+        # 15 references: 48 KB decoded, under h2's own 64 KiB default but over our 4k.
+        c.raw_headers_block(1, first + again * 15, [b""], end=True)
+        assert goaway_code(c) == ENHANCE_YOUR_CALM
+    finally:
+        c.close()
+    still_serves(proxy)
+
+
+@pytest.mark.parametrize("flood", ["ping", "settings"])
+def test_control_frame_floods_get_goaway(proxy: ProxyProcess, flood: str) -> None:
+    c = RawH2(proxy.port)
+    try:
+        with c.batch():
+            for _ in range(200):
+                c.ping() if flood == "ping" else c.empty_settings()
+        assert goaway_code(c) == ENHANCE_YOUR_CALM
+    finally:
+        c.close()
+    still_serves(proxy)
+
+
+def test_streams_over_the_limit_are_refused(proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        with c.batch():
+            for i in range(8):  # bodies never finished: 8 streams stay open
+                c.headers(1 + 2 * i, "/echo", end_stream=False)
+            c.headers(17, "/echo", end_stream=False)  # one over SETTINGS_MAX_CONCURRENT_STREAMS
+        frame = c.until(GOAWAY)
+        assert frame is not None, "the proxy closed without a GOAWAY"
+        # h2 treats it as a connection error (RFC 9113 5.1.2 allows it); the last stream the
+        # proxy took is the 8th.
+        assert frame.error_code == PROTOCOL_ERROR
+        assert int.from_bytes(frame.payload[:4], "big") == 15
+    finally:
+        c.close()
+    still_serves(proxy)
+
+
+class _BigReplica:
+    """An HTTP/1.1 replica answering with an endless body, counting what it could send."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.sent = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+        conn.settimeout(0.5)
+        chunk = b"x" * 65536
+        while not self.stop.is_set():
+            try:
+                self.sent += conn.send(chunk)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+        conn.close()
+
+
+def test_a_client_that_does_not_read_pauses_the_replica(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("h2-slow-reader")
+    replica = _BigReplica()
+    routes = write_routes(tmp / "routes.toml", {
+        "big": {"path": "/", "upstreams": [f"http://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true") as p:
+        c = RawH2(p.port, window=65535)
+        try:
+            c.headers(1, "/big")
+            got = 0
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # read what the window allows, never update it
+                try:
+                    f = c.read_frame(0.5)
+                except TimeoutError:
+                    continue
+                if f is not None and f.type == DATA:
+                    got += len(f.payload)
+            assert got <= 65535
+            sent_then = replica.sent
+            time.sleep(1.0)  # the replica is blocked: nothing more leaves it
+            assert replica.sent == sent_then
+            # What the proxy holds is its read buffer and the sockets', not the answer.
+            assert replica.sent < 16 * 1024 * 1024, replica.sent
+            c.window_update(0, 1 << 20)
+            c.window_update(1, 1 << 20)
+            wait_for(lambda: replica.sent > sent_then, 5, what="the replica to resume")
+        finally:
+            replica.stop.set()
+            c.close()
+
+
+def test_silent_and_idle_connections_are_closed_and_sigterm_drains(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("h2-lifecycle")
+    with run_backend("h2-lifecycle") as backend:
+        routes = write_routes(tmp / "routes.toml", {"app": {"path": "/",
+                                                            "upstreams": [backend]}})
+        with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true",
+                       header_timeout="1s", h2_idle_timeout="1s", drain_timeout="10s") as p:
+            # Nothing sent at all: neither protocol has started, the connection still ends.
+            silent = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+            started = time.monotonic()
+            assert silent.recv(1) == b""
+            assert time.monotonic() - started < 5
+            silent.close()
+            # An HTTP/2 connection whose streams are done gets GOAWAY after the idle timeout.
+            idle = RawH2(p.port)
+            idle.headers(1, "/ready")
+            assert idle.until(HEADERS) is not None
+            goaway = idle.until(GOAWAY)
+            assert goaway is not None and goaway.error_code == 0
+            assert idle.closed()
+            idle.close()
+            # SIGTERM: a stream in flight is answered, then the connection goes.
+            busy = RawH2(p.port)
+            busy.headers(1, "/slow?s=1.5")
+            assert busy.until(SETTINGS) is not None
+            wait_for(lambda: "/slow" in requests.get(backend + "/__seen", timeout=2).text,
+                     what="the request to reach the replica")
+            p.proc.send_signal(signal.SIGTERM)
+            frame = busy.read_frame()
+            kinds = []
+            while frame is not None:
+                kinds.append(frame.type)
+                frame = busy.read_frame()
+            busy.close()
+            assert GOAWAY in kinds and HEADERS in kinds and DATA in kinds, kinds
+            assert kinds.index(GOAWAY) < kinds.index(HEADERS)  # told first, answered after
+            assert p.proc.wait(15) == 0
+
+
+class _ResettingReplica:
+    """An h2c replica (h2 itself, server side) that answers a head and some data, then resets
+    the stream with CANCEL."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    h2c.send_headers(event.stream_id, [(":status", "200")])
+                    h2c.send_data(event.stream_id, b"partial")
+                    conn.sendall(h2c.data_to_send())
+                    time.sleep(0.3)  # the head and data reach the client before the reset
+                    h2c.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+            conn.sendall(h2c.data_to_send())
+
+
+def test_a_replica_reset_reaches_the_client_with_its_code(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("h2-reset")
+    replica = _ResettingReplica()
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), h2c="true") as p:
+        c = RawH2(p.port)
+        try:
+            c.headers(1, "/x")
+            frame = c.until(RST_STREAM)
+            assert frame is not None and frame.stream_id == 1
+            assert frame.error_code == 8  # CANCEL, as the replica said
+        finally:
+            c.close()
