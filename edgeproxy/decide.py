@@ -52,7 +52,7 @@ class Plan:
     target: str
     authority: str | None = None
     extra_headers: dict[str, str] | None = None
-    origin_target: str = ""  # the client's target in origin form, as sent (forward auth's URI)
+    origin_target: str = ""  # the matched (normalised) path and the query: forward auth's URI
 
 
 Decision = Plan | Refusal | LocalAnswer
@@ -132,8 +132,10 @@ def decide(table: RouteTable, method: str, target: str, headers: Headers, secure
             return Refusal(400, "bad_rewrite", str(exc), route=route.name)
     if spec.add_prefix:
         fwd_path = spec.add_prefix + fwd_path
+    # The auth service decides on the path we matched and forward, never the raw one: told
+    # /public/../admin it would apply its /public rule while the replica serves /admin.
     return Plan(route, prefix, host, path, fwd_path + "?" + query if query else fwd_path,
-                authority, extra, asked)
+                authority, extra, path + "?" + query if query else path)
 
 
 def semicolon_confusion(table: RouteTable, host: str, path: str,

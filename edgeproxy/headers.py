@@ -24,9 +24,18 @@ HOP_BY_HOP = frozenset(
 )
 # Set only by the proxy; a client sending them is trying to impersonate an authenticated user.
 RESERVED_REQUEST = frozenset(("x-auth-subject", "x-auth-scopes"))
-# Replaced unless the peer is a trusted proxy.
+# Replaced (the first four) or removed unless the peer is a trusted proxy: what a client says
+# here about how it reached us is a claim only a proxy in front may make. Besides the ones we
+# set, the aliases frameworks read for the same facts: the scheme (Rack prefers
+# X-Forwarded-Ssl/-Scheme to X-Forwarded-Proto; Front-End-Https), the public path prefix
+# (Spring, ASP.NET, Werkzeug), the forward-auth names, and the original URL (IIS, Zend and old
+# Symfony route on X-Original-URL/X-Rewrite-URL: the replica would serve another path than
+# the route we matched and protected).
 FORWARDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                       "x-forwarded-port", "x-real-ip", "forwarded"))
+                       "x-forwarded-port", "x-real-ip", "forwarded", "x-forwarded-ssl",
+                       "x-forwarded-scheme", "front-end-https", "x-forwarded-server",
+                       "x-forwarded-prefix", "x-forwarded-uri", "x-forwarded-method",
+                       "x-original-url", "x-original-uri", "x-rewrite-url"))
 _RID_PREFIX = os.urandom(11).hex()
 _rid_counter = itertools.count(1)
 

@@ -52,6 +52,9 @@ from edgeproxy.upstream_h2 import H2_SCHEMES, H2Pool, H2Settings  # edgeproxy-h2
 
 # Failures that say the replica itself is in trouble (not the request): eject it for a while.
 _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
+# Failures of a try that are the client's doing: no replica's fault, and no other replica
+# would fare better.
+_CLIENT_FAULTS = frozenset(("body_too_large", "client_timeout", "bad_request"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 _NO_TRACE: dict[str, str] = {}  # the access log's trace fields while tracing is off
@@ -85,6 +88,11 @@ class BodyTooLarge(Exception):
     """The streamed request body passed the size limit."""
 
 
+class BodyMalformed(Exception):
+    """The client's request body broke its own framing (a bad chunk size, say): the front
+    raises it from `RequestView.body`."""
+
+
 class CountedBody:
     """Streams the client's body upstream, counting bytes against the limit."""
 
@@ -111,6 +119,7 @@ class UpstreamFailed(Exception):
     _STATUS: ClassVar[dict[str, int]] = {
         "upstream_unreachable": 502, "upstream_error": 502, "upstream_timeout": 504,
         "body_too_large": 413, "upstream_tls_error": 502, "client_timeout": 408,
+        "bad_request": 400,
     }
 
     def __init__(self, code: str, before_send: bool, detail: str = "") -> None:
@@ -127,6 +136,9 @@ class UpstreamFailed(Exception):
                            {"Connection": "close"})
         if self.code == "client_timeout":
             return Refusal(408, "client_timeout", "the request body stopped arriving",
+                           {"Connection": "close"})
+        if self.code == "bad_request":
+            return Refusal(400, "bad_request", f"malformed request body: {self.detail}",
                            {"Connection": "close"})
         what = {"upstream_unreachable": "refused the connection or is unreachable",
                 "upstream_timeout": "timed out", "upstream_error": "failed",
@@ -397,7 +409,7 @@ class Proxy(Generic[R]):
                     if span is not None and trace is not None:  # --- tracing hook: try failed
                         trace.end_client(span, replied, failure.code)
                         span = None
-                    if failure.code not in ("body_too_large", "client_timeout"):
+                    if failure.code not in _CLIENT_FAULTS:
                         self.metrics.upstream_errors.labels(route.name, failure.code).inc()
                     if failure.code in _EJECTING:
                         self._eject(route, current, failure)
@@ -439,6 +451,8 @@ class Proxy(Generic[R]):
                 idempotent=method in IDEMPOTENT)
         except BodyTooLarge:
             raise UpstreamFailed("body_too_large", False) from None
+        except BodyMalformed as exc:
+            raise UpstreamFailed("bad_request", False, str(exc)) from None
         except UpstreamError as exc:
             raise UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
 
@@ -482,6 +496,8 @@ class Proxy(Generic[R]):
                        body: CountedBody | None, failure: UpstreamFailed) -> Upstream | None:
         """Another replica to try, when retrying is safe and tries are left."""
         retries = route.spec.retries
+        if failure.code in _CLIENT_FAULTS:
+            return None
         if len(tried) > (self.settings.retries if retries is None else retries):
             return None
         # After sending, the replica may have acted on the request: only idempotent requests

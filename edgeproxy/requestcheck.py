@@ -12,7 +12,9 @@ here, each answered the way nginx answers it:
   HTTP/1.0 request -> 400 (RFC 9112 6.1: its framing is faulty);
 - a credential header sent twice (`Authorization` on every route, the header a route's rate
   limit is keyed on there) -> 400: we would check one and a replica might read the other;
-- a `Sec-WebSocket-Key` that is not base64 of 16 bytes (RFC 6455 4.1) -> 400.
+- a `Sec-WebSocket-Key` that is not base64 of 16 bytes (RFC 6455 4.1) -> 400;
+- a WebSocket upgrade that is not a GET without a body (RFC 6455 4.1) -> 400 and close: the
+  handshake towards the replica is a GET, and the client's body would be misread as frames.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ def host_problem(value: str) -> str | None:
     return None
 
 
-def check_http1(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal | None:
+def check_http1(version: tuple[int, int], headers: MultiMapping[str],
+                method: str = "GET") -> Refusal | None:
     """What is wrong with an HTTP/1.x request head that llhttp let through, or None: the
-    version, Transfer-Encoding and Sec-WebSocket-Key (the HTTP/1.1 front's own checks)."""
+    version, Transfer-Encoding and the WebSocket handshake (the HTTP/1.1 front's own checks)."""
     if version[0] != 1:
         # llhttp hands us HTTP/2.0 request lines; answering them as HTTP/1.1 would let a
         # client believe it talks h2 over this connection.
@@ -111,6 +114,16 @@ def check_http1(version: tuple[int, int], headers: MultiMapping[str]) -> Refusal
     if keys and (len(keys) > 1 or not _WS_KEY.fullmatch(keys[0])):
         return Refusal(400, "bad_websocket_handshake", "Sec-WebSocket-Key must appear once and "
                        "be the base64 encoding of 16 bytes (RFC 6455 4.1)")
+    upgrade = headers.get("Upgrade")
+    if upgrade is not None and upgrade.strip().lower() == "websocket":
+        body = te is not None or headers.get("Content-Length", "0").strip() != "0"
+        if method != "GET" or body:
+            # The replica's handshake is a GET: a POST's Content-Length sent along would leave
+            # the replica waiting for a body that never comes (a 502 blamed on it), and the
+            # client's body would be read as WebSocket frames.
+            got = method + (" with a body" if body else "")
+            return Refusal(400, "bad_websocket_handshake", "a WebSocket upgrade must be a GET "
+                           f"without a body (RFC 6455 4.1), not {got}", CLOSE)
     return None
 
 

@@ -31,7 +31,7 @@ from edgeproxy.http1 import http1_handler, make_session
 from edgeproxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
-from edgeproxy.pipeline import Proxy
+from edgeproxy.pipeline import BodyMalformed, Proxy
 from edgeproxy.policies.auth import JwtVerifier, jwt_config_problem
 from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.settings import Address, Settings, unknown_settings
@@ -210,6 +210,17 @@ class _ProxyRequestHandler(RequestHandler):
         self._disarm_header_timer()
         if isinstance(message, _ErrInfo):
             self._done = True  # the parser can't be trusted past an error; nothing more is read
+            if self._body is not None:
+                # It failed inside a request's body (a bad chunk size): llhttp drops that body
+                # without a word, so its reader would wait for the replica's read timeout.
+                if self._finished < self._request_count - 1:
+                    # Still being served: the handler learns now; its 400 closes.
+                    self._body.set_exception(BodyMalformed(message.message))
+                else:
+                    # Already answered, aiohttp only discards the rest: that ends here, and
+                    # the 400 queued behind it answers and closes.
+                    self._body.feed_eof()
+                self._body = self._body_left = None
         elif not payload.is_eof():
             self._body = payload
             length = message.headers.get("Content-Length")
@@ -247,7 +258,9 @@ class _ProxyRequestHandler(RequestHandler):
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
         self._finished += 1
-        if _says_close(resp):
+        # A body found malformed while it was answered without reading it (a 401, say):
+        # aiohttp would read on to discard it and log the error as unhandled. Close instead.
+        if _says_close(resp) or isinstance(request.content.exception(), BodyMalformed):
             self._close_after_answer()
         elif self._finished == self._request_count and self._head_size > 0:
             self._arm_header_timer()  # a head that began while the connection was busy

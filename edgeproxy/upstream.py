@@ -625,6 +625,9 @@ class UpstreamPool:
         sender: asyncio.Task[None] | None = None
         if body is not None:
             sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+            # Its failure is raised through _headers_or_body_failure, unless the request was
+            # cancelled first (the client left): then nobody else would ever look at it.
+            sender.add_done_callback(_observe)
         try:
             if sender is None:
                 await conn.headers_done
@@ -659,6 +662,12 @@ class UpstreamPool:
                 if c.transport is not None:
                     c.transport.close()
         self._idle.clear()
+
+
+def _observe(task: asyncio.Task[None]) -> None:
+    """Mark a finished body sender's exception as seen (asyncio logs unseen ones)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _send_body(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
