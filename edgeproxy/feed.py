@@ -6,7 +6,6 @@ reconnects with a short backoff; the control plane replays its current state on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pickle
 import time
@@ -88,8 +87,11 @@ class TableFeed:
                                   serving_table=self.generation)
             finally:
                 reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
+                # gather: the reporter's own cancellation is returned, while a cancellation of
+                # this task (shutdown) still propagates. Suppressing CancelledError here swallowed
+                # a shutdown that arrived just after the control plane went away: the worker then
+                # reconnected forever and never exited.
+                await asyncio.gather(reporter, return_exceptions=True)
                 self._writer = None
                 writer.close()
 

@@ -112,3 +112,4 @@ def test_the_manager_hands_certificates_and_tokens_to_the_control_plane(tmp_path
     acme._put_challenge("tok", "tok.key")
     acme._drop_challenge("tok")
     assert seen == [("tok", "tok.key"), ("tok", None)]
+
