@@ -34,7 +34,8 @@ def test_lines_from_three_workers_never_run_together(tmp_path: Path) -> None:
                    EDGEPROXY_LOG_LEVEL="debug", EDGEPROXY_ROUTES_FILE=str(routes),
                    EDGEPROXY_NOT_A_SETTING="1", PYTHONUNBUFFERED="1")
         proc = subprocess.Popen([sys.executable, "-m", "edgeproxy"], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         assert proc.stdout is not None
         chunks: list[bytes] = []
 
@@ -61,8 +62,15 @@ def test_lines_from_three_workers_never_run_together(tmp_path: Path) -> None:
             assert set(codes) == {200}, set(codes)
         finally:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            reader.join(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                # A worker that ignores SIGTERM must fail this test, not hang the whole run:
+                # the reader waits for every process holding the pipe.
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            finally:
+                reader.join(30)
     lines = b"".join(chunks).split(b"\n")
     assert lines[-1] == b""
     events = []
