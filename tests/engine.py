@@ -304,6 +304,10 @@ def ensure_dockerd(timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             raise EngineError(f"dockerd {pid} neither answers nor exits:\n{_log_tail()}")
         time.sleep(0.1)
+    if not Path("/sys/class/net/docker0").exists():
+        # The default bridge is gone (a second daemon's bridge handling has removed it on this
+        # machine): a running dockerd does not recreate it, a restarted one does.
+        restart_dockerd(max(1.0, deadline - time.monotonic()))
 
 
 def restart_dockerd(timeout: float = DEADLINE) -> None:
