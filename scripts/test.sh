@@ -53,8 +53,8 @@ check() {
 check .venv/bin/ruff check edgeproxy tests
 check .venv/bin/mypy --strict edgeproxy
 check .venv/bin/python -m pytest -q "$@"
-if (($# == 0)); then
-    # After the main suite: it needs the images tests/e2e builds (whoami, redis, the base).
-    check .venv/bin/python -m pytest -q -p no:cacheprovider tests/swarm
-fi
+# The Swarm stage (tests/swarm, a second swarm-mode dockerd) is not run here yet: on this
+# machine its daemon left the main engine without docker0 and without working published
+# ports for the next run. Run it by hand after the main suite:
+#   .venv/bin/python -m pytest -q -p no:cacheprovider tests/swarm
 exit "$status"
