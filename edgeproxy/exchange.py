@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 
-from edgeproxy.headers import Headers, RawHeaders
-from edgeproxy.transform import HeaderRules
+from edgeproxy.headers import Headers, RawHeaders, downstream_from_raw
+from edgeproxy.transform import HeaderRules, gzip_compressor, should_compress
 
 if TYPE_CHECKING:
     from edgeproxy.tracing import ServerTrace
@@ -128,6 +128,13 @@ class Exchange:
     # The request's server span while tracing is on (edgeproxy.tracing), else None.
     trace: ServerTrace | None = None
 
+    def finish(self, headers: CIMultiDict[str]) -> None:
+        """The route's response rules, then our own headers: once per answer, every front."""
+        if self.rules is not None:
+            self.rules.apply(headers)
+        if self.extra_headers:
+            merge_headers(headers, self.extra_headers)
+
     def add_headers(self, headers: Mapping[str, str]) -> None:
         """Add headers that every answer to this request will carry."""
         if self.extra_headers is None:
@@ -153,3 +160,38 @@ def add_vary(headers: CIMultiDict[str], name: str) -> None:
     if "*" in tokens or name.lower() in {t.lower() for t in tokens}:
         return
     headers["Vary"] = ", ".join([*tokens, name])
+
+
+def answer_headers(raw: RawHeaders, ex: Exchange, compress: bool, method: str, status: int,
+                   accept_encoding: str, length: int | None) -> tuple[CIMultiDict[str], bool]:
+    """The client's headers for a replica's answer (filtered, X-Request-ID, rules and ours
+    applied once) and whether its body is gzipped on the way: the same for every front."""
+    headers = downstream_from_raw(raw)
+    headers["X-Request-ID"] = ex.rid
+    ex.finish(headers)
+    gzip = compress and should_compress(method, status, headers, accept_encoding, length)
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+        add_vary(headers, "Accept-Encoding")
+        # Another representation: its validators must not match the identity bytes.
+        etag = headers.get("ETag")
+        if etag is not None and not etag.startswith("W/"):
+            headers["ETag"] = "W/" + etag
+        headers.popall("Accept-Ranges", None)
+    elif compress:
+        add_vary(headers, "Accept-Encoding")
+    return headers, gzip
+
+
+async def encoded_body(chunks: AsyncIterator[bytes], gzip: bool) -> AsyncIterator[bytes]:
+    """The replica's body as the client gets it: as is, or gzipped piece by piece."""
+    if not gzip:
+        async for chunk in chunks:
+            yield chunk
+        return
+    compressor = gzip_compressor()
+    async for chunk in chunks:
+        out = compressor.compress(chunk)
+        if out:
+            yield out
+    yield compressor.flush()

@@ -22,14 +22,13 @@ from edgeproxy.exchange import (
     LocalAnswer,
     Refusal,
     ReplicaResponse,
-    add_vary,
-    merge_headers,
+    answer_headers,
+    encoded_body,
 )
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.requestcheck import check_http1
 from edgeproxy.settings import Settings
-from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import UpstreamError
 
 _SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
@@ -133,7 +132,7 @@ class Http1Request:
             return _refuse_in_http11(request, refusal, ex)
         resp = error_response(refusal.status, refusal.code, refusal.message, ex.rid,
                               dict(refusal.headers) if refusal.headers else None)
-        _finish(resp.headers, ex)
+        ex.finish(resp.headers)
         if refusal.headers and refusal.headers.get("Connection") == "close":
             resp.force_close()  # nothing after this answer on the connection is read
         return resp
@@ -144,7 +143,7 @@ class Http1Request:
                             body=answer.body or None, headers=answer.headers,
                             content_type=answer.content_type)
         resp.headers["X-Request-ID"] = ex.rid
-        _finish(resp.headers, ex)
+        ex.finish(resp.headers)
         return resp
 
     async def relay(self, resp: ReplicaResponse, spec: RouteSpec,
@@ -172,22 +171,9 @@ class Http1Request:
             return await _write_whole(request, status, h.response_head(
                 request.version, status, resp.reason, resp.raw_headers, ex.rid, extra,
                 len(whole), request.keep_alive), whole, ex)
-        headers = h.downstream_from_raw(resp.raw_headers)
-        headers["X-Request-ID"] = ex.rid
-        _finish(headers, ex)
-        gzip = spec.compress and should_compress(
-            method, status, headers, request.headers.get("Accept-Encoding", ""),
-            resp.content_length)
-        if gzip:
-            headers["Content-Encoding"] = "gzip"
-            add_vary(headers, "Accept-Encoding")
-            # Another representation: its validators must not match the identity bytes.
-            etag = headers.get("ETag")
-            if etag is not None and not etag.startswith("W/"):
-                headers["ETag"] = "W/" + etag
-            headers.popall("Accept-Ranges", None)
-        elif spec.compress:
-            add_vary(headers, "Accept-Encoding")
+        headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, method, status,
+                                       request.headers.get("Accept-Encoding", ""),
+                                       resp.content_length)
         if whole is None and spec.compress and not gzip:
             whole = resp.complete_body()
         if whole is not None and method != "HEAD" and (
@@ -214,19 +200,10 @@ class Http1Request:
             ex.error = "client_aborted"
             return out
         sent = 0
-        compressor = gzip_compressor() if gzip else None
         try:
-            async for chunk in resp.iter_body():
-                if compressor is not None:
-                    chunk = compressor.compress(chunk)
-                    if not chunk:
-                        continue
+            async for chunk in encoded_body(resp.iter_body(), gzip):
                 await out.write(chunk)
                 sent += len(chunk)
-            if compressor is not None:
-                tail = compressor.flush()
-                await out.write(tail)
-                sent += len(tail)
         except UpstreamError as exc:
             # Headers are out: the only honest signal left is to cut the connection
             # so the client does not take a truncated body for a whole one.
@@ -305,14 +282,6 @@ async def _read_whole(resp: ReplicaResponse) -> bytes:
     except UpstreamError as exc:
         raise UpstreamFailed("upstream_error", False, exc.detail) from None
     return b"".join(chunks)
-
-
-def _finish(headers: CIMultiDict[str], ex: Exchange) -> None:
-    """The route's response rules, then our own headers: once per answer."""
-    if ex.rules is not None:
-        ex.rules.apply(headers)
-    if ex.extra_headers:
-        merge_headers(headers, ex.extra_headers)
 
 
 class _Written(web.StreamResponse):

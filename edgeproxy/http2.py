@@ -40,14 +40,13 @@ from edgeproxy.exchange import (
     LocalAnswer,
     Refusal,
     ReplicaResponse,
-    add_vary,
-    merge_headers,
+    answer_headers,
+    encoded_body,
 )
 from edgeproxy.logs import get_logger
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.settings import Settings
-from edgeproxy.transform import gzip_compressor, should_compress
 from edgeproxy.upstream import UpstreamError
 from edgeproxy.upstream_h2 import GracefulH2Connection, UpstreamReset
 
@@ -600,7 +599,7 @@ class H2Stream:
         hdrs: CIMultiDict[str] = CIMultiDict(refusal.headers or {})
         hdrs.popall("Connection", None)  # a connection-specific header: not in HTTP/2
         hdrs["X-Request-ID"] = ex.rid
-        _finish(hdrs, ex)
+        ex.finish(hdrs)
         try:
             if self.grpc:
                 # gRPC clients read errors from trailers: HTTP 200, trailers-only.
@@ -626,7 +625,7 @@ class H2Stream:
         if answer.content_type is not None:
             hdrs["Content-Type"] = answer.content_type
         hdrs["X-Request-ID"] = ex.rid
-        _finish(hdrs, ex)
+        ex.finish(hdrs)
         try:
             self._small_answer(answer.status, hdrs, answer.body)
             ex.bytes = len(answer.body)
@@ -638,21 +637,9 @@ class H2Stream:
         replica's trailers (gRPC's status lives there) at the end."""
         status = resp.status
         ex.status = status
-        headers = h.downstream_from_raw(resp.raw_headers)
-        headers["X-Request-ID"] = ex.rid
-        _finish(headers, ex)
-        gzip = spec.compress and should_compress(
-            self.method, status, headers, self.headers.get("Accept-Encoding", ""),
-            resp.content_length)
-        if gzip:
-            headers["Content-Encoding"] = "gzip"
-            add_vary(headers, "Accept-Encoding")
-            etag = headers.get("ETag")
-            if etag is not None and not etag.startswith("W/"):
-                headers["ETag"] = "W/" + etag
-            headers.popall("Accept-Ranges", None)
-        elif spec.compress:
-            add_vary(headers, "Accept-Encoding")
+        headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, self.method,
+                                       status, self.headers.get("Accept-Encoding", ""),
+                                       resp.content_length)
         failed = resp.failure()
         if failed is not None:
             detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
@@ -680,23 +667,14 @@ class H2Stream:
             ex.error = "client_aborted"
             return
         sent = 0
-        compressor = gzip_compressor() if gzip else None
         try:
             if whole is not None:
                 await self._write(whole)
                 sent += len(whole)
             else:
-                async for chunk in resp.iter_body():
-                    if compressor is not None:
-                        chunk = compressor.compress(chunk)
-                        if not chunk:
-                            continue
+                async for chunk in encoded_body(resp.iter_body(), gzip):
                     await self._write(chunk)
                     sent += len(chunk)
-                if compressor is not None:
-                    tail = compressor.flush()
-                    await self._write(tail)
-                    sent += len(tail)
             trailers = resp.trailers
             if self.grpc:
                 ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
@@ -743,14 +721,6 @@ def _grpc_status(pairs: h.RawHeaders) -> int | None:
         if name.lower() == b"grpc-status" and value.isdigit():
             return int(value)
     return None
-
-
-def _finish(headers: CIMultiDict[str], ex: Exchange) -> None:
-    """The route's response rules, then our own headers: once per answer."""
-    if ex.rules is not None:
-        ex.rules.apply(headers)
-    if ex.extra_headers:
-        merge_headers(headers, ex.extra_headers)
 
 
 _CONNECTION_SPECIFIC = frozenset(("connection", "keep-alive", "proxy-connection",
