@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def close_listener(sock: socket.socket, accepting: threading.Thread) -> None:
+    """Close a listening socket that `accepting` is blocked in accept() on.
+
+    close() alone leaves that thread blocked on the old socket, and a thread between reading the
+    descriptor's number and entering accept() lands on whatever socket the number is given to
+    next: a later test's server, whose connections it then steals and answers. shutdown() wakes
+    accept() (EINVAL on Linux); the number is released only once the thread has returned."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    accepting.join(5)
+    sock.close()
 
 
 def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,

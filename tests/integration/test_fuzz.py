@@ -37,7 +37,7 @@ from typing import Any
 import httptools
 import jwt
 import pytest
-from helpers import ProxyProcess, run_proxy, write_routes
+from helpers import ProxyProcess, close_listener, run_proxy, write_routes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,7 +121,8 @@ class Replica:
         self.heads: list[Head] = []
         self.errors: list[str] = []  # what the proxy sent that a strict parser refused
         self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     @property
     def url(self) -> str:
@@ -153,10 +154,13 @@ class Replica:
             self.heads.append(head)
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self._accepting)
         with self.lock:
             for conn in self._conns:
-                conn.close()
+                try:  # its thread's recv() returns and its `with` closes it: never a reused number
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class CountingReplica(Replica):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ProxyProcess, run_proxy, wait_for, write_routes
+from helpers import ProxyProcess, close_listener, run_proxy, wait_for, write_routes
 
 INJECTED = b"HTTP/1.1 200 OK\r\nSet-Cookie: injected=1\r\nContent-Length: 8\r\n\r\ninjected"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -38,7 +38,8 @@ class RawReplica:
         self.events: dict[str, threading.Event] = {}
         self.counters: dict[str, int] = {}
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
 
     def connection_of(self, path: str) -> int:
         return next(n for n, p in reversed(self.served) if p == path)
@@ -95,7 +96,7 @@ class RawReplica:
         return buf[length:]
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self._accepting)
 
 
 @pytest.fixture(scope="module")
