@@ -198,12 +198,17 @@ def test_websocket_upgrade_must_be_a_get_without_body(env: tuple[ProxyProcess, s
 
 
 def test_websocket_get_upgrade_still_works(env: tuple[ProxyProcess, str]) -> None:
-    p, _ = env
+    p, backend = env
+    closed = seen(backend).count("ws-closed 1000")
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Version: 13\r\n"
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 101 ")
+    # The replica records the close once the proxy has passed it on: wait for it, so that a
+    # later test comparing the replica's record does not see it arrive late.
+    wait_for(lambda: seen(backend).count("ws-closed 1000") > closed, 10,
+             what="the replica's record of the WebSocket close")
 
 
 @pytest.mark.parametrize("target", [
