@@ -63,6 +63,7 @@ LINGER_SECONDS = 2.0
 
 _HEAD_END = b"\r\n\r\n"
 _HEAD_START_KEPT = 128
+_EMPTY_LINE_START = (b"\r", b"\n")
 
 
 class _HeadRefused(Exception):
@@ -77,7 +78,9 @@ def _says_close(resp: web.StreamResponse) -> bool:
     """Whether an answer ends its connection: aiohttp's own flag or a `Connection: close`."""
     if not resp.keep_alive:
         return True
-    value = resp.headers.get("Connection", "")
+    value = resp.headers.get("Connection")
+    if not value:
+        return False
     return "close" in (token.strip().lower() for token in value.split(","))
 
 
@@ -118,6 +121,18 @@ class _ProxyRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return  # lingering after the last answer: discarded, never parsed
+        if (self._head_size == 0 and self._body is None and not self._carry
+                and data.find(_HEAD_END) == len(data) - 4 and len(data) <= self.max_head
+                and data[:1] not in _EMPTY_LINE_START
+                and data.count(b"\n") - 2 <= self.max_headers
+                and not (self._upgraded or self._payload_parser is not None or self._close
+                         or self._force_close or self._buffer_paused)):
+            # The usual read: one whole head, within the limits, nothing after it. It is
+            # parsed at once, so no header timer is armed for it (the cut below would find
+            # the same single piece; this only skips its bookkeeping).
+            self._head_start = data[:_HEAD_START_KEPT]  # a too long target is told by it
+            self._feed(data)
+            return
         pos = 0
         while pos < len(data) or not data:
             if (not data or self._upgraded or self._payload_parser is not None
