@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import ssl
@@ -72,6 +73,25 @@ class _HeadRefused(Exception):
     def __init__(self, status: int, code: str, text: str) -> None:
         super().__init__(text)
         self.status, self.code, self.text = status, code, text
+
+
+GC_GEN0_THRESHOLD = 20_000
+"""Allocations between two young-generation collections in a worker (CPython's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a worker that is up and listening.
+
+    Nearly everything a request allocates is freed by reference counting; what the collector
+    finds is little (about 2,000 objects in 60,000 requests, mostly closed upstream connections).
+    Yet at CPython's default threshold it ran a young collection every few requests and a full
+    one, walking every object of the heap, every few seconds: measured, a quarter of a worker's
+    CPU per request on the plain route. So: the heap built at start (modules, settings, the
+    table) moves out of the collector's sight (gc.freeze), and young collections run every
+    GC_GEN0_THRESHOLD allocations. Cyclic garbage still goes, only in larger batches."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _says_close(resp: web.StreamResponse) -> bool:
@@ -548,6 +568,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
             if feed is not None:
                 feed.listening = True
                 feed.report_now()
+            tune_gc()
             (log.info if worker == 0 else log.debug)(
                 "listening", proxy=str(settings.listen), pid=os.getpid(),
                 tls=str(settings.tls_listen) if settings.tls_listen else None,
