@@ -21,10 +21,10 @@ from aiohttp import web
 from prometheus_client import Metric
 
 from edgeproxy import __version__
-from edgeproxy import admin as admin_api  # the module, not names: admin may import us early
 from edgeproxy.dataview import DataPlaneView
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics, multiprocess_dir
+from edgeproxy.views import route_json
 from edgeproxy.watcher import Watcher
 
 PUSH_INTERVAL = 1.0
@@ -284,7 +284,7 @@ def snapshot(watcher: Watcher, proxy: DataPlaneView, meter: RateMeter,
     table = watcher.table
     routes = []
     for r in table.routes:
-        doc = admin_api.route_json(r, proxy.balancer)
+        doc = route_json(r, proxy.balancer)
         doc["traffic"] = traffic.get(r.name, idle).as_json()
         if history is not None:
             doc["history"] = history.series(r.name)

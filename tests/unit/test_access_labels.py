@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.admin import access_checks, policies_json
 from edgeproxy.check import run_check
 from edgeproxy.labels import LabelError, LabelsInvalid, Routing, parse_labels, suggest_key
 from edgeproxy.model import Route
@@ -17,6 +16,7 @@ from edgeproxy.policies.basic import BasicAuthSpec
 from edgeproxy.policies.forwardauth import ForwardAuthSpec
 from edgeproxy.policies.iplist import IpRules
 from edgeproxy.providers.files import parse_routes
+from edgeproxy.views import access_checks, policies_json
 
 ALICE = "alice:$2y$05$60chqj1SQq0tnFQyHYLlD.oL1feUdPNrSuOsvtyejP5WIuczv8Q6."
 URL = "http://authelia:9091/api/authz/forward-auth"
