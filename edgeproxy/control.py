@@ -28,12 +28,12 @@ from typing import Any
 from edgeproxy.acme import AcmeManager
 from edgeproxy.dataview import WorkerReports, WorkerStatus
 from edgeproxy.health import HealthMonitor
-from edgeproxy.http1 import make_session
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.providers.docker import DiscoveryStatus, DockerProvider
 from edgeproxy.providers.files import FileProvider
 from edgeproxy.providers.swarm import SwarmProvider, start_swarm
+from edgeproxy.session import make_session
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore

@@ -28,30 +28,11 @@ from edgeproxy.exchange import (
 from edgeproxy.model import Route, RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy, UpstreamFailed
 from edgeproxy.requestcheck import check_http1
-from edgeproxy.settings import Settings
 from edgeproxy.upstream import UpstreamError
 
-_SKIP_AUTO = frozenset(("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
 _WRITE_WAIT = 64 * 1024  # unsent bytes past which a small answer waits for the client
 _EMPTY_BODY = frozenset((204, 304))
 _BUFFER_SMALL = 64 * 1024  # an answer up to this size is read whole before its head is sent
-
-
-def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """One ClientSession for the process: no decompression, no invented headers, no cookies."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30,
-                                     enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
-                                    sock_read=settings.read_timeout)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=_SKIP_AUTO,
-        trust_env=False,
-        requote_redirect_url=False,
-    )
 
 
 def http1_handler(proxy: Proxy[web.StreamResponse], session: aiohttp.ClientSession,

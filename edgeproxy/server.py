@@ -27,13 +27,14 @@ from edgeproxy.dataview import WorkerReports
 from edgeproxy.decide import Edge
 from edgeproxy.errors import error_response
 from edgeproxy.feed import TableFeed
-from edgeproxy.http1 import http1_handler, make_session
+from edgeproxy.http1 import http1_handler
 from edgeproxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
 from edgeproxy.logs import flush_access_log, get_logger
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline import BodyMalformed, Proxy
 from edgeproxy.policies.auth import JwtVerifier, jwt_config_problem
 from edgeproxy.policies.config import jwt_config, make_limiter
+from edgeproxy.session import make_session
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import CertStore

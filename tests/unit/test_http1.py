@@ -9,9 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from edgeproxy.http1 import http1_handler, make_session
+from edgeproxy.http1 import http1_handler
 from edgeproxy.model import RouteSpec, Upstream
 from edgeproxy.pipeline import Proxy
+from edgeproxy.session import make_session
 from edgeproxy.settings import Settings
 from edgeproxy.table import FileRoute, build_table
 from edgeproxy.transform import HeaderRules
