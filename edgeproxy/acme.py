@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 from acme import challenges, client, errors, messages
 from acme import crypto_util as acme_crypto
@@ -148,14 +148,6 @@ async def _in_daemon_thread(fn: Callable[[], T]) -> T:
 
     threading.Thread(target=target, name="edgeproxy-acme", daemon=True).start()
     return await future
-
-
-class ChallengeAnswers(Protocol):
-    """What the request path needs from ACME: HTTP-01 answers, and order status for /healthz."""
-
-    def challenge_response(self, token: str) -> str | None: ...
-
-    def status(self) -> list[dict[str, object]]: ...
 
 
 class ChallengeBook:

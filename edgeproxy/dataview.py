@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgeproxy.decide import Edge
 from edgeproxy.metrics import Metrics
 from edgeproxy.model import Upstream
+from edgeproxy.tls import Edge
 
 
 class BalancerView(Protocol):

@@ -6,7 +6,6 @@ with the same inputs, so what `/explain` reports is what the proxy does. No I/O,
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeproxy.exchange import LocalAnswer, Refusal
@@ -23,19 +22,7 @@ from edgeproxy.paths import (
 )
 from edgeproxy.requestcheck import check_request, host_problem
 from edgeproxy.table import RouteTable
-from edgeproxy.tls import hsts_value, https_redirect_url
-
-
-@dataclass(frozen=True, slots=True)
-class Edge:
-    """What a decision needs to know about this proxy besides the table (fixed per worker).
-
-    `covers(host)`: a certificate is served for host (None: no TLS listener);
-    `challenge(token)`: the ACME HTTP-01 answer for a token, or None."""
-
-    covers: Callable[[str], bool] | None = None
-    redirect_port: int = 443
-    challenge: Callable[[str], str | None] | None = None
+from edgeproxy.tls import Edge, hsts_value, https_redirect_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,8 @@ from multidict import CIMultiDict
 
 from edgeproxy import headers as h
 from edgeproxy import tracing as otel
-from edgeproxy.acme import ChallengeAnswers
 from edgeproxy.balancer import Balancer
-from edgeproxy.decide import Edge, decide
+from edgeproxy.decide import decide
 from edgeproxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
 from edgeproxy.logs import fast_access_logger, get_logger
 from edgeproxy.metrics import Metrics
@@ -41,7 +40,7 @@ from edgeproxy.policies.ratelimit import (
 from edgeproxy.requestcheck import check_credentials, check_forwarded_host
 from edgeproxy.settings import Settings
 from edgeproxy.table import RouteTable
-from edgeproxy.tls import CertStore
+from edgeproxy.tls import CertStore, ChallengeAnswers, Edge
 from edgeproxy.upstream import (
     Endpoint,
     ResponseLimits,

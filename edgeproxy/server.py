@@ -24,7 +24,6 @@ from edgeproxy.acme import ChallengeBook
 from edgeproxy.admin import make_admin_app
 from edgeproxy.control import ControlPlane, Publisher, acme_hosts, make_cert_store
 from edgeproxy.dataview import WorkerReports
-from edgeproxy.decide import Edge
 from edgeproxy.errors import error_response
 from edgeproxy.feed import TableFeed
 from edgeproxy.http1 import http1_handler
@@ -37,7 +36,7 @@ from edgeproxy.policies.config import jwt_config, make_limiter
 from edgeproxy.session import make_session
 from edgeproxy.settings import Address, Settings, unknown_settings
 from edgeproxy.table import RouteTable
-from edgeproxy.tls import CertStore
+from edgeproxy.tls import CertStore, Edge
 
 __all__ = ["ListenError", "acme_hosts", "make_cert_store", "serve", "serve_control"]
 

@@ -13,6 +13,10 @@ Which certificate answers a name:
   the explicit pair if given, else the first pair of the directory in file-name order. Without
   any file certificate there is no default, and such a handshake fails with the TLS alert
   `unrecognized_name` (so scanners that connect by IP learn no host names).
+
+`Edge` and `ChallengeAnswers` are the TLS facts a request decision reads (which hosts have a
+certificate, the HTTPS redirect port, ACME HTTP-01 answers); they live here, below both planes,
+so the data plane reads them without importing the control plane's ACME manager.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import re
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -415,3 +420,23 @@ def hsts_value(max_age: int, include_subdomains: bool = False, preload: bool = F
     if preload:
         value += "; preload"
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """What a decision needs to know about this proxy besides the table (fixed per worker).
+
+    `covers(host)`: a certificate is served for host (None: no TLS listener);
+    `challenge(token)`: the ACME HTTP-01 answer for a token, or None."""
+
+    covers: Callable[[str], bool] | None = None
+    redirect_port: int = 443
+    challenge: Callable[[str], str | None] | None = None
+
+
+class ChallengeAnswers(Protocol):
+    """What the request path needs from ACME: HTTP-01 answers, and order status for /healthz."""
+
+    def challenge_response(self, token: str) -> str | None: ...
+
+    def status(self) -> list[dict[str, object]]: ...

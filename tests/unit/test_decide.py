@@ -7,10 +7,11 @@ import itertools
 import pytest
 from multidict import CIMultiDict
 
-from edgeproxy.decide import Edge, Plan, decide
+from edgeproxy.decide import Plan, decide
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.model import Container
 from edgeproxy.table import RouteTable, build_table
+from edgeproxy.tls import Edge
 
 _ids = itertools.count(1)
 
