@@ -21,11 +21,11 @@ from edgeproxy.decide import decide
 from edgeproxy.errors import error_response
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import request_host
+from edgeproxy.hosts import HostError, parse_host
 from edgeproxy.logs import get_logger
 from edgeproxy.metrics import CONTENT_TYPE, render
 from edgeproxy.paths import PathError, normalize_path, split_target
 from edgeproxy.providers.docker import DiscoveryStatus
-from edgeproxy.requestcheck import HostError, parse_host
 from edgeproxy.settings import Address
 from edgeproxy.views import access_checks, decision_json, route_json, upstream_json
 from edgeproxy.watcher import Watcher

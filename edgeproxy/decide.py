@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from edgeproxy.exchange import LocalAnswer, Refusal
 from edgeproxy.headers import Headers, host_name, request_host
+from edgeproxy.hosts import host_problem
 from edgeproxy.model import Route, RouteSpec
 from edgeproxy.paths import (
     CHALLENGE_PREFIX,
@@ -20,7 +21,7 @@ from edgeproxy.paths import (
     split_target,
     strip_prefix,
 )
-from edgeproxy.requestcheck import check_request, host_problem
+from edgeproxy.requestcheck import check_request
 from edgeproxy.table import RouteTable
 from edgeproxy.tls import Edge, hsts_value, https_redirect_url
 

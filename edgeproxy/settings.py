@@ -168,14 +168,14 @@ def _redis_url(text: str) -> str:
 def _algorithms(text: str) -> tuple[str, ...]:
     if not text.strip():
         return ()
-    from edgeproxy.policies.auth import parse_algorithms
+    from edgeproxy.jws import parse_algorithms
 
     return parse_algorithms(text)
 
 
 def parse_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
     """'admin.internal, proxy:8081' -> ((name, port or None), ...), names lower-cased."""
-    from edgeproxy.requestcheck import HostError, parse_host
+    from edgeproxy.hosts import HostError, parse_host
 
     out: list[tuple[str, int | None]] = []
     for part in text.split(","):

@@ -11,15 +11,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from edgeproxy.exchange import Refusal
+from edgeproxy.hosts import HostError, host_problem, parse_host
 from edgeproxy.requestcheck import (
     CLOSE,
-    HostError,
     check_credentials,
     check_forwarded_host,
     check_http1,
     check_request,
-    host_problem,
-    parse_host,
 )
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
