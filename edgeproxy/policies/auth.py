@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from edgeproxy.jws import (
+from edgeproxy.core.jws import (
     ALGORITHMS_EXPECTED,
     EC_ALGORITHMS,
     HMAC_ALGORITHMS,
@@ -42,7 +42,7 @@ from edgeproxy.jws import (
     OKP_ALGORITHMS,
     RSA_ALGORITHMS,
 )
-from edgeproxy.logs import get_logger
+from edgeproxy.core.logs import get_logger
 
 # RFC 7518 3.2: an HMAC key MUST be at least as long as the hash output.
 _MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}

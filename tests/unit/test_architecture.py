@@ -20,10 +20,10 @@ def loaded_after(code: str) -> set[str]:
     return {name.split(".")[0] for name in out.stdout.split()}
 
 
-@pytest.mark.parametrize("module", ["edgeproxy.model", "edgeproxy.labels", "edgeproxy.table",
-                                    "edgeproxy.paths", "edgeproxy.transform",
-                                    "edgeproxy.watcher", "edgeproxy.check",
-                                    "edgeproxy.migrate"])
+@pytest.mark.parametrize("module", ["edgeproxy.routes.model", "edgeproxy.routes.labels",
+                                    "edgeproxy.routes.table", "edgeproxy.core.paths",
+                                    "edgeproxy.routes.transform", "edgeproxy.control.watcher",
+                                    "edgeproxy.ops.check", "edgeproxy.ops.migrate"])
 def test_pure_modules_load_no_io_library(module: str) -> None:
     assert loaded_after(f"import {module}") & set(IO_LIBRARIES) == set()
 
