@@ -125,7 +125,7 @@ class Exchange:
     rules: HeaderRules | None = None
     # gRPC calls: the grpc-status the client got (the replica's, or the proxy's refusal's).
     grpc_status: int | None = None
-    # The request's server span while tracing is on (edgeproxy.tracing), else None.
+    # The request's server span while tracing is on (edgeproxy.telemetry.tracing), else None.
     trace: ServerTrace | None = None
 
     def finish(self, headers: CIMultiDict[str]) -> None:

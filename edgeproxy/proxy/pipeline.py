@@ -191,7 +191,7 @@ class Proxy(Generic[R]):
                                        **structlog.contextvars.get_contextvars())
         self._access = settings.access_log
         self.in_flight = 0
-        # OpenTelemetry: None unless OTEL_EXPORTER_OTLP_ENDPOINT is set (see edgeproxy.tracing).
+        # OpenTelemetry: None unless OTEL_EXPORTER_OTLP_ENDPOINT is set (see edgeproxy.telemetry.tracing).
         self.tracing = otel.from_env(self.metrics.trace_spans_dropped)
 
     def table(self) -> RouteTable:
