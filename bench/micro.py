@@ -23,10 +23,10 @@ from typing import Any
 # Run as a script from anywhere: the project root goes first on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeproxy.labels import LabelsInvalid, parse_labels
-from edgeproxy.model import Container, RouteSpec, Upstream
-from edgeproxy.paths import normalize_path
-from edgeproxy.table import FileRoute, RouteTable, build_table
+from edgeproxy.core.paths import normalize_path
+from edgeproxy.routes.labels import LabelsInvalid, parse_labels
+from edgeproxy.routes.model import Container, RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute, RouteTable, build_table
 
 Case = tuple[str, Callable[[], object]]
 
@@ -99,7 +99,7 @@ def cases(n: int) -> dict[str, list[Case]]:
         ],
     }
     try:
-        from edgeproxy.providers.files import parse_routes
+        from edgeproxy.control.providers.files import parse_routes
     except ImportError as exc:
         groups["table"].append((f"parse_routes ({n} routes)", _failed(exc)))
     else:
@@ -128,7 +128,7 @@ def header_cases() -> list[Case]:
              "upstream_request_headers (12 headers, multidict, for header rules)",
              "response_head (5 replica headers)"]
     try:
-        from edgeproxy.headers import (
+        from edgeproxy.core.headers import (
             HopInfo,
             response_head,
             upstream_head,

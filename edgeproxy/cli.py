@@ -12,8 +12,8 @@ import urllib.request
 from collections.abc import Sequence
 
 from edgeproxy import __version__
-from edgeproxy.logs import configure
-from edgeproxy.settings import OPTIONS, Address, SettingsError, load_settings, parse_address
+from edgeproxy.core.logs import configure
+from edgeproxy.core.settings import OPTIONS, Address, SettingsError, load_settings, parse_address
 
 
 def _epilog() -> str:
@@ -71,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgeproxy` command."""
     args = build_parser().parse_args(argv)
     if args.command == "check":
-        from edgeproxy.check import run_check
+        from edgeproxy.ops.check import run_check
 
         prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
         return run_check(list(args.files), label_prefix=prefix, project=args.project_name)
     if args.command == "migrate":
-        from edgeproxy.migrate import run_migrate
+        from edgeproxy.ops.migrate import run_migrate
 
         prefix = os.environ.get("EDGEPROXY_LABEL_PREFIX", "gateway")
         return run_migrate(list(args.files), replace=args.replace, prefix=prefix)
@@ -94,11 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edgeproxy.policies.config import jwt_config
 
         jwt_config(settings)  # reads the key file: a bad path is a settings error, exit 2
-        from edgeproxy.tracing import check_env
+        from edgeproxy.telemetry.tracing import check_env
 
         check_env()  # OTEL_*: a protocol we cannot export with is a settings error, exit 2
         if settings.tls_listen is not None:
-            from edgeproxy.tls import CertError, CertStore
+            from edgeproxy.core.tls import CertError, CertStore
 
             try:
                 CertStore(settings.tls_certs_dir, settings.tls_cert, settings.tls_key).load()
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeproxy: {exc}", file=sys.stderr)
         return 2
     if settings.swarm == "true":
-        from edgeproxy.providers.swarm import SwarmModeError, probe
+        from edgeproxy.control.providers.swarm import SwarmModeError, probe
 
         try:
             probe(settings)

@@ -21,23 +21,23 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from edgeproxy.acme import ChallengeBook
-from edgeproxy.admin import make_admin_app
-from edgeproxy.control import ControlPlane, Publisher, acme_hosts, make_cert_store
-from edgeproxy.dataview import WorkerReports
-from edgeproxy.decide import Edge
-from edgeproxy.errors import error_response
-from edgeproxy.feed import TableFeed
-from edgeproxy.http1 import http1_handler, make_session
-from edgeproxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
-from edgeproxy.logs import flush_access_log, get_logger
-from edgeproxy.metrics import Metrics
-from edgeproxy.pipeline import BodyMalformed, Proxy
+from edgeproxy.clients.session import make_session
+from edgeproxy.control.acme import ChallengeBook
+from edgeproxy.control.feed import TableFeed
+from edgeproxy.control.plane import ControlPlane, Publisher, acme_hosts, make_cert_store
+from edgeproxy.core.logs import flush_access_log, get_logger
+from edgeproxy.core.settings import Address, Settings, unknown_settings
+from edgeproxy.core.tls import CertStore, Edge
+from edgeproxy.ops.admin import make_admin_app
 from edgeproxy.policies.auth import JwtVerifier, jwt_config_problem
 from edgeproxy.policies.config import jwt_config, make_limiter
-from edgeproxy.settings import Address, Settings, unknown_settings
-from edgeproxy.table import RouteTable
-from edgeproxy.tls import CertStore
+from edgeproxy.proxy.errors import error_response
+from edgeproxy.proxy.http1 import http1_handler
+from edgeproxy.proxy.http2 import H2Front, H2Site, h2_front  # edgeproxy-h2
+from edgeproxy.proxy.pipeline import BodyMalformed, Proxy
+from edgeproxy.routes.table import RouteTable
+from edgeproxy.telemetry.dataview import WorkerReports
+from edgeproxy.telemetry.metrics import Metrics
 
 __all__ = ["ListenError", "acme_hosts", "make_cert_store", "serve", "serve_control"]
 

@@ -22,8 +22,8 @@ import traceback
 from collections.abc import Callable
 from types import FrameType
 
-from edgeproxy.logs import get_logger
-from edgeproxy.settings import Settings
+from edgeproxy.core.logs import get_logger
+from edgeproxy.core.settings import Settings
 
 EXIT_LISTEN_FAILED = 3  # a worker could not bind: restarting would not help
 CONTROL = -1  # the control plane's index among the supervised children

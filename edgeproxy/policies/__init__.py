@@ -1,1 +1,1 @@
-"""Per-route request policies applied after matching: JWT authentication and rate limits."""
+"""Per-route request policies: the specs and parsers labels use, and the verifiers that enforce them."""

@@ -34,16 +34,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from edgeproxy.logs import get_logger
-
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
-# JWS EC algorithms are bound to one curve each (RFC 7518 3.4, RFC 8812 for ES256K).
-EC_ALGORITHMS = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521", "ES256K": "secp256k1"}
-OKP_ALGORITHMS = ("EdDSA",)
-KNOWN_ALGORITHMS: tuple[str, ...] = (
-    HMAC_ALGORITHMS + RSA_ALGORITHMS + tuple(EC_ALGORITHMS) + OKP_ALGORITHMS
+from edgeproxy.core.jws import (
+    ALGORITHMS_EXPECTED,
+    EC_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    KNOWN_ALGORITHMS,
+    OKP_ALGORITHMS,
+    RSA_ALGORITHMS,
 )
+from edgeproxy.core.logs import get_logger
+
 # RFC 7518 3.2: an HMAC key MUST be at least as long as the hash output.
 _MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MIN_RSA_BITS = 2048
@@ -57,28 +57,6 @@ _MAX_JWKS_KEYS = 100
 # A token without `kid` is tried against every key that fits its alg; cap the signature checks an
 # anonymous client can make us do per request.
 _MAX_CANDIDATES = 8
-
-ALGORITHMS_EXPECTED = "JWS algorithm names from " + ", ".join(KNOWN_ALGORITHMS) + ", comma-separated"
-
-
-def parse_algorithms(text: str) -> tuple[str, ...]:
-    """'RS256, ES256' -> ('RS256', 'ES256'); 'none' and unknown names raise ValueError."""
-    canonical = {a.lower(): a for a in KNOWN_ALGORITHMS}
-    out: list[str] = []
-    for part in re.split(r"[,\s]+", text.strip()):
-        if not part:
-            continue
-        if part.lower() == "none":
-            raise ValueError(f"{ALGORITHMS_EXPECTED}; 'none' (unsigned tokens) can never be allowed")
-        name = canonical.get(part.lower())
-        if name is None:
-            raise ValueError(f"{ALGORITHMS_EXPECTED}; {part!r} is not one")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise ValueError(ALGORITHMS_EXPECTED)
-    return tuple(out)
-
 
 def split_pem(text: str) -> tuple[str, ...]:
     """Every PEM block in `text` (a key file may hold several keys during a rotation)."""

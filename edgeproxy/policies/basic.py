@@ -30,7 +30,7 @@ from hashlib import sha256
 
 import bcrypt
 
-from edgeproxy.logs import get_logger
+from edgeproxy.core.logs import get_logger
 
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _DES_CRYPT = re.compile(r"[./0-9A-Za-z]{13}")

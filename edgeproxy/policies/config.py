@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from edgeproxy.core.settings import Settings, SettingsError
 from edgeproxy.policies.auth import JwtConfig, split_pem
 from edgeproxy.policies.ratelimit import Limiter, LocalLimiter
 from edgeproxy.policies.shared import SharedLimiter, shared_table
-from edgeproxy.settings import Settings, SettingsError
 
 
 def jwt_config(settings: Settings) -> JwtConfig:

@@ -23,7 +23,7 @@ from yarl import URL
 if TYPE_CHECKING:  # the label parser imports this module: it must not load aiohttp
     import aiohttp
 
-from edgeproxy.headers import FORWARDED, HOP_BY_HOP, RESERVED_REQUEST, Headers, connection_tokens
+from edgeproxy.core.headers import FORWARDED, HOP_BY_HOP, RESERVED_REQUEST, Headers, connection_tokens
 
 # Never copied from the client to the auth service: describing the body we don't send, or
 # naming the original request in ways some services prefer over X-Forwarded-* (Authelia's

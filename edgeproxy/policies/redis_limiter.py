@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from edgeproxy.logs import get_logger
+from edgeproxy.core.logs import get_logger
 from edgeproxy.policies.ratelimit import (
     EPSILON,
     RateDecision,

@@ -20,7 +20,7 @@ from pathlib import Path
 import requests
 from helpers import ROOT, free_port, run_backend, wait_for, write_routes
 
-from edgeproxy.logs import MAX_LINE, fit_line
+from edgeproxy.core.logs import MAX_LINE, fit_line
 
 
 def test_lines_from_three_workers_never_run_together(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import yaml
 from docker_fixtures import run_container, unique
 from helpers import ProxyProcess, run_proxy, wait_for
 
-from edgeproxy.migrate import run_migrate
+from edgeproxy.ops.migrate import run_migrate
 
 PREFIX = "/" + unique("api")
 # Labels as the Traefik documentation writes them (routers/rule, stripprefix and headers

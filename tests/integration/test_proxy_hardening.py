@@ -14,7 +14,7 @@ import pytest
 import requests
 from helpers import ProxyProcess, run_backend, run_proxy, write_routes
 
-from edgeproxy.labels import LabelsInvalid, parse_labels
+from edgeproxy.routes.labels import LabelsInvalid, parse_labels
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,8 @@ def test_hostile_rewrite_is_a_label_error(value: str) -> None:
 
 
 def test_hostile_labels_on_one_container_leave_the_table_building(tmp_path: Path) -> None:
-    from edgeproxy.model import Container
-    from edgeproxy.table import build_table
+    from edgeproxy.routes.model import Container
+    from edgeproxy.routes.table import build_table
 
     bad = Container("b", "bad", {"gateway.path": "/b", "gateway.tls": "true",
                                  "gateway.tls.hsts": "9" * 400}, "running", None,

@@ -21,8 +21,8 @@ from cryptography import x509
 from helpers import free_port
 from pebble_fixtures import Pebble
 
-from edgeproxy.acme import CHALLENGE_PREFIX, AcmeManager, challenge_token
-from edgeproxy.tls import CertInfo, CertStore, https_redirect_url
+from edgeproxy.control.acme import CHALLENGE_PREFIX, AcmeManager, challenge_token
+from edgeproxy.core.tls import CertInfo, CertStore, https_redirect_url
 
 pytestmark = pytest.mark.timeout(120)
 

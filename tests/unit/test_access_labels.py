@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.admin import access_checks, policies_json
-from edgeproxy.check import run_check
-from edgeproxy.labels import LabelError, LabelsInvalid, Routing, parse_labels, suggest_key
-from edgeproxy.model import Route
+from edgeproxy.control.providers.files import parse_routes
+from edgeproxy.ops.check import run_check
+from edgeproxy.ops.views import access_checks, policies_json
 from edgeproxy.policies.basic import BasicAuthSpec
 from edgeproxy.policies.forwardauth import ForwardAuthSpec
 from edgeproxy.policies.iplist import IpRules
-from edgeproxy.providers.files import parse_routes
+from edgeproxy.routes.labels import LabelError, LabelsInvalid, Routing, parse_labels, suggest_key
+from edgeproxy.routes.model import Route
 
 ALICE = "alice:$2y$05$60chqj1SQq0tnFQyHYLlD.oL1feUdPNrSuOsvtyejP5WIuczv8Q6."
 URL = "http://authelia:9091/api/authz/forward-auth"

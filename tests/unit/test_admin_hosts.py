@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.admin import admin_host_allowed
-from edgeproxy.settings import Address
+from edgeproxy.core.settings import Address
+from edgeproxy.ops.admin import admin_host_allowed
 
 LOOP = Address("127.0.0.1", 8081)
 LOOP6 = Address("::1", 8081)

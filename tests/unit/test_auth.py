@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from helpers import free_port
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from edgeproxy.core.jws import parse_algorithms
 from edgeproxy.policies import auth
 from edgeproxy.policies.auth import (
     AuthFailure,
@@ -29,7 +30,6 @@ from edgeproxy.policies.auth import (
     JwtConfig,
     JwtVerifier,
     jwt_config_problem,
-    parse_algorithms,
 )
 
 T = TypeVar("T")

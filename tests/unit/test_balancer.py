@@ -1,4 +1,4 @@
-"""edgeproxy.balancer.Balancer: weighted round robin, least connections, passive ejection."""
+"""edgeproxy.proxy.balancer.Balancer: weighted round robin, least connections, passive ejection."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeproxy.balancer import Balancer
-from edgeproxy.model import Route, RouteSpec, Upstream
+from edgeproxy.proxy.balancer import Balancer
+from edgeproxy.routes.model import Route, RouteSpec, Upstream
 
 
 class Clock:

@@ -1,4 +1,5 @@
-"""edgeproxy.check.run_check: compose files -> one line per label problem, a fix, a summary, an exit code."""
+"""edgeproxy.ops.check.run_check: compose files -> one line per label problem, a fix, a summary,
+an exit code."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.check import _interpolate, run_check
-from edgeproxy.labels import KEYS
+from edgeproxy.ops.check import _interpolate, run_check
+from edgeproxy.routes.labels import KEYS
 
 GOOD = Path(__file__).parent / "compose" / "good.yml"
 # check({name: yaml, ...}, *names, prefix="gateway") -> (exit code, output lines)

@@ -1,4 +1,4 @@
-"""edgeproxy.control and edgeproxy.dataview: what crosses the control socket, and how the
+"""edgeproxy.control.plane and edgeproxy.telemetry.dataview: what crosses the control socket, and how the
 workers' reports add up for the admin API."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.acme import AcmeManager, ChallengeBook
-from edgeproxy.control import ControlChannelError, encode, read_message
-from edgeproxy.dataview import WorkerReports, WorkerStatus
-from edgeproxy.metrics import Metrics
-from edgeproxy.model import Upstream
-from edgeproxy.providers.files import parse_routes
-from edgeproxy.table import RouteTable, build_table
-from edgeproxy.tls import CertStore
+from edgeproxy.control.acme import AcmeManager, ChallengeBook
+from edgeproxy.control.plane import ControlChannelError, encode, read_message
+from edgeproxy.control.providers.files import parse_routes
+from edgeproxy.core.tls import CertStore
+from edgeproxy.routes.model import Upstream
+from edgeproxy.routes.table import RouteTable, build_table
+from edgeproxy.telemetry.dataview import WorkerReports, WorkerStatus
+from edgeproxy.telemetry.metrics import Metrics
 
 ROUTES = {"routes": {
     "api": {"path": "/api", "upstreams": ["http://10.0.0.1:80", "http://10.0.0.2:80"],

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.dashboard import (
+from edgeproxy.control.watcher import Watcher, describe_change
+from edgeproxy.core.settings import Settings
+from edgeproxy.ops.dashboard import (
     ChangeStore,
     Counts,
     History,
@@ -21,11 +23,9 @@ from edgeproxy.dashboard import (
     restore_changes,
     traffic_between,
 )
-from edgeproxy.metrics import Metrics
-from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.settings import Settings
-from edgeproxy.table import RouteTable
-from edgeproxy.watcher import Watcher, describe_change
+from edgeproxy.routes.model import Route, RouteSpec, Upstream
+from edgeproxy.routes.table import RouteTable
+from edgeproxy.telemetry.metrics import Metrics
 
 BOUNDS = (0.01, 0.1, 1.0, float("inf"))
 
@@ -145,7 +145,7 @@ def test_change_says_which_replica_and_which_setting() -> None:
 
 
 def test_change_descriptions_for_moves_weights_sources_and_structured_settings() -> None:
-    from edgeproxy.model import HealthSpec
+    from edgeproxy.routes.model import HealthSpec
 
     old = route(up("api-1"))
     new = route(up("api-1", "10.0.0.9", weight=3), source="held", paths=("/api", "/v2"),

@@ -1,4 +1,4 @@
-"""edgeproxy.decide: the pure first step of the pipeline, which /explain shares."""
+"""edgeproxy.proxy.decide: the pure first step of the pipeline, which /explain shares."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import itertools
 import pytest
 from multidict import CIMultiDict
 
-from edgeproxy.decide import Edge, Plan, decide
-from edgeproxy.exchange import LocalAnswer, Refusal
-from edgeproxy.model import Container
-from edgeproxy.table import RouteTable, build_table
+from edgeproxy.core.tls import Edge
+from edgeproxy.proxy.decide import Plan, decide
+from edgeproxy.proxy.exchange import LocalAnswer, Refusal
+from edgeproxy.routes.model import Container
+from edgeproxy.routes.table import RouteTable, build_table
 
 _ids = itertools.count(1)
 

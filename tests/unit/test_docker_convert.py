@@ -1,4 +1,4 @@
-"""edgeproxy.providers.docker: Docker Engine API documents (v1.4x shapes) -> Container."""
+"""edgeproxy.control.providers.docker: Docker Engine API documents (v1.4x shapes) -> Container."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.model import Container
-from edgeproxy.providers.docker import container_from_inspect, container_from_list
-from edgeproxy.table import build_table
+from edgeproxy.control.providers.docker import container_from_inspect, container_from_list
+from edgeproxy.routes.model import Container
+from edgeproxy.routes.table import build_table
 
 CID = "8dfafdbc3a40b9e1c0d4f5e2a7b6c3d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5"
 

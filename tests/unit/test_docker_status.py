@@ -1,10 +1,10 @@
-"""edgeproxy.providers.docker.docker_hint: the SDK's failure text -> what the operator can do."""
+"""edgeproxy.control.providers.docker.docker_hint: the SDK's failure text -> what the operator can do."""
 
 from __future__ import annotations
 
 import pytest
 
-from edgeproxy.providers.docker import docker_hint
+from edgeproxy.control.providers.docker import docker_hint
 
 # What docker.from_env() raises, as the provider logs it.
 DENIED = ("DockerException: Error while fetching server API version: ('Connection aborted.', "

@@ -1,4 +1,4 @@
-"""edgeproxy.providers.files: the static routes file -> FileRoutes, or one clear error."""
+"""edgeproxy.control.providers.files: the static routes file -> FileRoutes, or one clear error."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.labels import known_keys_text
-from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec, Upstream
-from edgeproxy.policies.ratelimit import RATE_EXPECTED, RateLimitSpec
-from edgeproxy.providers.files import (
+from edgeproxy.control.providers.files import (
     RoutesFileError,
     load_routes_file,
     parse_routes,
     parse_routes_each,
     parse_upstream,
 )
-from edgeproxy.table import FileRoute
+from edgeproxy.policies.ratelimit import RATE_EXPECTED, RateLimitSpec
+from edgeproxy.routes.labels import known_keys_text
+from edgeproxy.routes.model import AuthSpec, HealthSpec, RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute
 
 VALID = """\
 # static services next to the containers
@@ -442,7 +442,7 @@ class _Watcher:
 
 
 def _provider(path: Path) -> tuple[Any, _Watcher]:
-    from edgeproxy.providers.files import FileProvider
+    from edgeproxy.control.providers.files import FileProvider
 
     watcher = _Watcher()
     return FileProvider(watcher, path, 1.0), watcher  # type: ignore[arg-type]

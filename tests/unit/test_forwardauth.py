@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from edgeproxy.policies.access import Grant
 from edgeproxy.policies.forwardauth import (
     ForwardAuthSpec,
     Original,
@@ -15,6 +14,7 @@ from edgeproxy.policies.forwardauth import (
     parse_auth_url,
     parse_copied_headers,
 )
+from edgeproxy.proxy.access import Grant
 
 ORIGINAL = Original("POST", "https", "app.example.com", "/admin/x?y=1", "203.0.113.7")
 SPEC = ForwardAuthSpec("http://authelia:9091/api/authz/forward-auth",

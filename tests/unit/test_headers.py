@@ -1,4 +1,4 @@
-"""edgeproxy.headers: what goes upstream, what comes back, who the client is."""
+"""edgeproxy.core.headers: what goes upstream, what comes back, who the client is."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httptools
 import pytest
 from multidict import CIMultiDict
 
-from edgeproxy.headers import (
+from edgeproxy.core.headers import (
     HopInfo,
     UpstreamHead,
     client_address,
@@ -23,7 +23,7 @@ from edgeproxy.headers import (
     upstream_head,
     upstream_request_headers,
 )
-from edgeproxy.settings import IPNetwork
+from edgeproxy.core.settings import IPNetwork
 
 TRUSTED: tuple[IPNetwork, ...] = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 

@@ -1,4 +1,4 @@
-"""edgeproxy.health: which replicas an active check watches, and how one probe is judged."""
+"""edgeproxy.control.health: which replicas an active check watches, and how one probe is judged."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from edgeproxy.health import HealthMonitor, ProbeEndpoint, judge, probe_plan, probe_targets
-from edgeproxy.model import Container, HealthSpec, RouteSpec, Upstream
-from edgeproxy.table import FileRoute, build_table
+from edgeproxy.control.health import HealthMonitor, ProbeEndpoint, judge, probe_plan, probe_targets
+from edgeproxy.routes.model import Container, HealthSpec, RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute, build_table
 
 SPEC = HealthSpec("/healthz")
 

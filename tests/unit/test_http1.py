@@ -1,4 +1,4 @@
-"""edgeproxy.http1: the HTTP/1.1 front's response writer, in-process over loopback sockets
+"""edgeproxy.proxy.http1: the HTTP/1.1 front's response writer, in-process over loopback sockets
 (aiohttp's low-level server with the pipeline in front of raw asyncio replicas)."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
-from edgeproxy.http1 import http1_handler, make_session
-from edgeproxy.model import RouteSpec, Upstream
-from edgeproxy.pipeline import Proxy
-from edgeproxy.settings import Settings
-from edgeproxy.table import FileRoute, build_table
-from edgeproxy.transform import HeaderRules
+from edgeproxy.clients.session import make_session
+from edgeproxy.core.settings import Settings
+from edgeproxy.proxy.http1 import http1_handler
+from edgeproxy.proxy.pipeline import Proxy
+from edgeproxy.routes.model import RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute, build_table
+from edgeproxy.routes.transform import HeaderRules
 
 
 async def _replica(answer: bytes) -> tuple[asyncio.Server, int]:

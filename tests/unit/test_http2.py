@@ -1,4 +1,4 @@
-"""edgeproxy.http2 and edgeproxy.upstream_h2: the pure parts (gRPC statuses of the proxy's
+"""edgeproxy.proxy.http2 and edgeproxy.clients.upstream_h2: the pure parts (gRPC statuses of the proxy's
 refusals, the HTTP/2 request head built for a replica)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.exchange import Refusal
-from edgeproxy.headers import UpstreamHead
-from edgeproxy.http2 import GRPC_BY_STATUS, grpc_status_of
-from edgeproxy.upstream_h2 import request_headers
+from edgeproxy.clients.upstream_h2 import request_headers
+from edgeproxy.core.headers import UpstreamHead
+from edgeproxy.proxy.exchange import Refusal
+from edgeproxy.proxy.http2 import GRPC_BY_STATUS, grpc_status_of
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

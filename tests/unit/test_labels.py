@@ -1,10 +1,11 @@
-"""edgeproxy.labels.parse_labels: container labels -> Routing, NotRouted or every problem at once."""
+"""edgeproxy.routes.labels.parse_labels: container labels -> Routing, NotRouted or every problem at once."""
 
 from __future__ import annotations
 
 import pytest
 
-from edgeproxy.labels import (
+from edgeproxy.policies.ratelimit import KEY_EXPECTED, RATE_EXPECTED, RateLimitSpec
+from edgeproxy.routes.labels import (
     LabelError,
     LabelsInvalid,
     NotRouted,
@@ -13,8 +14,7 @@ from edgeproxy.labels import (
     parse_labels,
     suggest_key,
 )
-from edgeproxy.model import AuthSpec, HealthSpec, RouteSpec
-from edgeproxy.policies.ratelimit import KEY_EXPECTED, RATE_EXPECTED, RateLimitSpec
+from edgeproxy.routes.model import AuthSpec, HealthSpec, RouteSpec
 
 KNOWN = "known keys are " + known_keys_text()
 

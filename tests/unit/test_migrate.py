@@ -1,5 +1,5 @@
 # ruff: noqa: E501 - label sets are copied from the documentation as written
-"""edgeproxy.migrate: Traefik labels and nginx-proxy variables from the projects' own documentation
+"""edgeproxy.ops.migrate: Traefik labels and nginx-proxy variables from the projects' own documentation
 -> gateway.* labels that `edgeproxy check` accepts, and a comment for whatever does not map."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeproxy.check import run_check
 from edgeproxy.cli import main
-from edgeproxy.migrate import COMMENT, RuleError, rule_routes, run_migrate
+from edgeproxy.ops.check import run_check
+from edgeproxy.ops.migrate import COMMENT, RuleError, rule_routes, run_migrate
 
 
 def migrate(text: str, *, replace: bool = False) -> tuple[int, str, str]:

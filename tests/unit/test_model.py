@@ -1,4 +1,4 @@
-"""edgeproxy.model: Upstream identity, Route pools and the smooth weighted round-robin order."""
+"""edgeproxy.routes.model: Upstream identity, Route pools and the smooth weighted round-robin order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeproxy.model import Route, RouteSpec, Upstream, weighted_sequence
+from edgeproxy.routes.model import Route, RouteSpec, Upstream, weighted_sequence
 
 WEIGHTS = st.lists(st.integers(1, 40), min_size=1, max_size=6)
 

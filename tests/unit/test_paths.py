@@ -1,4 +1,4 @@
-"""edgeproxy.paths: the one canonical path that is matched, authorised and forwarded."""
+"""edgeproxy.core.paths: the one canonical path that is matched, authorised and forwarded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edgeproxy.paths import (
+from edgeproxy.core.paths import (
     PathError,
     normalize_path,
     prefixes_of,

@@ -1,4 +1,4 @@
-"""edgeproxy.pipeline: the protocol-neutral steps, driven through a recording front and real
+"""edgeproxy.proxy.pipeline: the protocol-neutral steps, driven through a recording front and real
 replicas on loopback (asyncio servers that answer with fixed bytes)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from edgeproxy.exchange import Exchange, LocalAnswer, Refusal
-from edgeproxy.model import Route, RouteSpec, Upstream
-from edgeproxy.pipeline import BodyTooLarge, CountedBody, Proxy, UpstreamFailed
+from edgeproxy.clients.upstream import UpstreamResponse
+from edgeproxy.core.settings import Settings
 from edgeproxy.policies.ratelimit import RateLimitSpec
-from edgeproxy.settings import Settings
-from edgeproxy.table import FileRoute, RouteTable, build_table
-from edgeproxy.upstream import UpstreamResponse
+from edgeproxy.proxy.exchange import Exchange, LocalAnswer, Refusal
+from edgeproxy.proxy.pipeline import BodyTooLarge, CountedBody, Proxy, UpstreamFailed
+from edgeproxy.routes.model import Route, RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute, RouteTable, build_table
 
 
 @dataclass

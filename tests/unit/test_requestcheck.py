@@ -10,16 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from edgeproxy.exchange import Refusal
-from edgeproxy.requestcheck import (
+from edgeproxy.core.hosts import HostError, host_problem, parse_host
+from edgeproxy.proxy.exchange import Refusal
+from edgeproxy.proxy.requestcheck import (
     CLOSE,
-    HostError,
     check_credentials,
     check_forwarded_host,
     check_http1,
     check_request,
-    host_problem,
-    parse_host,
 )
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
@@ -192,7 +190,7 @@ def test_trusted_forwarded_host_must_hold_hosts(values: tuple[str, ...], ok: boo
 
 
 def test_valid_host_memo_is_bounded_and_never_holds_a_refused_value() -> None:
-    from edgeproxy import requestcheck
+    from edgeproxy.proxy import requestcheck
 
     for i in range(requestcheck._GOOD_HOSTS_MAX + 100):
         assert check_head((1, 1), head(("Host", f"h{i}.test"))) is None

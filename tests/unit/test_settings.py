@@ -1,4 +1,4 @@
-"""edgeproxy.settings.load_settings and the command line that reports a bad setting."""
+"""edgeproxy.core.settings.load_settings and the command line that reports a bad setting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.settings import (
+from edgeproxy.core.settings import (
     OPTIONS,
     Address,
     Settings,

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.model import Container
-from edgeproxy.providers.swarm import (
+from edgeproxy.control.providers.swarm import (
     SOURCE,
     SwarmModeError,
     SwarmProvider,
@@ -30,9 +29,10 @@ from edgeproxy.providers.swarm import (
     services_from_json,
     swarm_role,
 )
-from edgeproxy.settings import Settings
-from edgeproxy.table import RouteTable, build_table
-from edgeproxy.watcher import SwarmAwareWatcher
+from edgeproxy.control.watcher import SwarmAwareWatcher
+from edgeproxy.core.settings import Settings
+from edgeproxy.routes.model import Container
+from edgeproxy.routes.table import RouteTable, build_table
 
 JSON = Path(__file__).parent / "swarm_json"
 

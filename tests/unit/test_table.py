@@ -1,4 +1,4 @@
-"""edgeproxy.table.build_table and RouteTable.match over Container observations built here."""
+"""edgeproxy.routes.table.build_table and RouteTable.match over Container observations built here."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from edgeproxy.balancer import Balancer
-from edgeproxy.labels import LabelError
-from edgeproxy.model import Container, HealthSpec, Route, RouteSpec, Skipped, Upstream
-from edgeproxy.table import Decision, FileRoute, RouteTable, build_table
+from edgeproxy.proxy.balancer import Balancer
+from edgeproxy.routes.labels import LabelError
+from edgeproxy.routes.model import Container, HealthSpec, Route, RouteSpec, Skipped, Upstream
+from edgeproxy.routes.table import Decision, FileRoute, RouteTable, build_table
 
 _ids = itertools.count(1)
 

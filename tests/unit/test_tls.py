@@ -18,7 +18,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from edgeproxy.tls import CertError, CertStore, hsts_value, https_redirect_url
+from edgeproxy.core.tls import CertError, CertStore, hsts_value, https_redirect_url
 
 
 @pytest.fixture(scope="module")

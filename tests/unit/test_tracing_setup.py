@@ -1,4 +1,4 @@
-"""edgeproxy.tracing without a network: when tracing is on, which OTEL_* values are refused at
+"""edgeproxy.telemetry.tracing without a network: when tracing is on, which OTEL_* values are refused at
 start, the bounded export queue and what it counts, and the SDK staying unloaded when off."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from helpers import ROOT, wait_for
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from edgeproxy import tracing
-from edgeproxy.settings import SettingsError
+from edgeproxy.core.settings import SettingsError
+from edgeproxy.telemetry import tracing
 
 ON = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
 
@@ -116,9 +116,9 @@ def test_spans_of_a_failed_export_are_counted_as_dropped() -> None:
 
 
 def test_the_sdk_is_not_loaded_while_tracing_is_off() -> None:
-    code = ("from edgeproxy.pipeline import Proxy\n"
-            "from edgeproxy.settings import load_settings\n"
-            "from edgeproxy.table import RouteTable\n"
+    code = ("from edgeproxy.proxy.pipeline import Proxy\n"
+            "from edgeproxy.core.settings import load_settings\n"
+            "from edgeproxy.routes.table import RouteTable\n"
             "p = Proxy(load_settings({}), lambda: RouteTable())\n"
             "assert p.tracing is None\n"
             "import sys; print(' '.join(sys.modules))")

@@ -1,4 +1,4 @@
-"""edgeproxy.transform and its labels: header rules, rewrites, CORS, gzip decisions, TLS keys."""
+"""edgeproxy.routes.transform and its labels: header rules, rewrites, CORS, gzip decisions, TLS keys."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from edgeproxy.labels import LabelError, LabelsInvalid, Routing, parse_labels
-from edgeproxy.model import RouteSpec
-from edgeproxy.paths import PathError, normalize_path
-from edgeproxy.providers.files import RoutesFileError, parse_routes
-from edgeproxy.transform import (
+from edgeproxy.control.providers.files import RoutesFileError, parse_routes
+from edgeproxy.core.paths import PathError, normalize_path
+from edgeproxy.routes.labels import LabelError, LabelsInvalid, Routing, parse_labels
+from edgeproxy.routes.model import RouteSpec
+from edgeproxy.routes.transform import (
     MIN_COMPRESS,
     CorsSpec,
     HeaderRules,

@@ -1,4 +1,4 @@
-"""edgeproxy.upstream: the replica connection pool against in-process replicas that write
+"""edgeproxy.clients.upstream: the replica connection pool against in-process replicas that write
 exact bytes. An answer ends where its framing says; what follows is never parsed into it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edgeproxy.upstream import (
+from edgeproxy.clients.upstream import (
     Endpoint,
     ResponseLimits,
     UpstreamError,

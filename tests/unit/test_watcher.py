@@ -1,20 +1,20 @@
-"""edgeproxy.watcher.Watcher.build: holding the routes of vanished containers, active health."""
+"""edgeproxy.control.watcher.Watcher.build: holding the routes of vanished containers, active health."""
 
 from __future__ import annotations
 
 import pytest
 
-import edgeproxy.watcher as watcher_module
-from edgeproxy.model import Container, Route, RouteSpec, Upstream
-from edgeproxy.settings import Settings
-from edgeproxy.table import FileRoute, RouteTable
-from edgeproxy.watcher import Watcher
+import edgeproxy.control.watcher as watcher_module
+from edgeproxy.control.watcher import Watcher
+from edgeproxy.core.settings import Settings
+from edgeproxy.routes.model import Container, Route, RouteSpec, Upstream
+from edgeproxy.routes.table import FileRoute, RouteTable
 
 ORDERS = {"gateway.path": "/orders", "com.docker.compose.service": "orders"}
 
 
 class FakeTime:
-    """Stands in for the `time` module inside edgeproxy.watcher."""
+    """Stands in for the `time` module inside edgeproxy.control.watcher."""
 
     def __init__(self) -> None:
         self.now = 5000.0

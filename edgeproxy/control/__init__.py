@@ -1,0 +1,1 @@
+"""The control plane, once per proxy: providers -> watcher -> table, health, ACME, publisher."""

@@ -1,0 +1,1 @@
+"""Shared foundations, no aiohttp/redis/docker: settings, logs, paths, headers, hosts, certificates."""
