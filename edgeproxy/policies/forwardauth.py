@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
-
-if TYPE_CHECKING:  # the label parser imports this module: it must not load aiohttp
-    import aiohttp
 
 from edgeproxy.core.headers import FORWARDED, HOP_BY_HOP, RESERVED_REQUEST, Headers, connection_tokens
 
@@ -162,26 +159,39 @@ class ForwardAuthUnavailable(Exception):
         self.detail = detail
 
 
-async def ask(session: aiohttp.ClientSession, spec: ForwardAuthSpec, client: Headers,
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The auth service's answer as a `Fetch` returns it (the body only for a non-2xx, and
+    cut after `max_body` + 1 bytes)."""
+
+    status: int
+    reason: str
+    headers: Headers
+    body: bytes
+
+
+class Fetch(Protocol):
+    """One GET without a body to the auth service (edgeproxy.clients.authfetch.PoolFetch).
+    Raises ForwardAuthUnavailable("unreachable", ...) when it cannot be asked."""
+
+    async def get(self, url: str, headers: CIMultiDict[str], max_body: int,
+                  limit_s: float) -> Answer: ...
+
+
+async def ask(fetch: Fetch, spec: ForwardAuthSpec, client: Headers,
               original: Original, limit_s: float) -> Granted | Denied:
     """One round trip to the auth service; raise ForwardAuthUnavailable when it can't answer."""
-    import aiohttp
-
     headers = auth_request_headers(client, spec, original)
     try:
         async with asyncio.timeout(limit_s):
-            async with session.get(URL(spec.url, encoded=True), headers=headers,
-                                   allow_redirects=False) as resp:
-                answer: CIMultiDictProxy[str] = resp.headers
-                if 200 <= resp.status < 300:
-                    return Granted(copied_headers(answer, spec.response_headers))
-                body = await resp.content.read(MAX_DENIAL_BODY + 1)
-                if len(body) > MAX_DENIAL_BODY:
-                    raise ForwardAuthUnavailable(
-                        "answer_too_large", f"its {resp.status} answer is larger than "
-                        f"{MAX_DENIAL_BODY} bytes")
-                return Denied(resp.status, resp.reason or "", denial_headers(answer), body)
+            answer = await fetch.get(spec.url, headers, MAX_DENIAL_BODY, limit_s)
     except TimeoutError:
         raise ForwardAuthUnavailable("timeout", f"no answer within {limit_s:g}s") from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:
         raise ForwardAuthUnavailable("unreachable", str(exc) or type(exc).__name__) from None
+    if 200 <= answer.status < 300:
+        return Granted(copied_headers(answer.headers, spec.response_headers))
+    if len(answer.body) > MAX_DENIAL_BODY:
+        raise ForwardAuthUnavailable("answer_too_large", f"its {answer.status} answer is "
+                                     f"larger than {MAX_DENIAL_BODY} bytes")
+    return Denied(answer.status, answer.reason, denial_headers(answer.headers), answer.body)

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
-
 from edgeproxy.policies import forwardauth
 from edgeproxy.policies.auth import AuthFailure, JwtVerifier
 from edgeproxy.policies.basic import BasicAuthSpec, BasicFailure, BasicVerifier, challenge
@@ -54,14 +52,14 @@ class AccessContext:
 
 class Access:
     """The per-process state of the access policies: JWT keys, the bcrypt pool and cache, the
-    HTTP session for forward auth, and the metrics they count into."""
+    HTTP client for forward auth, and the metrics they count into."""
 
     def __init__(self, jwt: JwtVerifier, basic: BasicVerifier,
-                 session: aiohttp.ClientSession | None,
+                 fetch: forwardauth.Fetch | None,
                  metrics: Metrics, read_timeout: float) -> None:
         self.jwt = jwt
         self.basic = basic
-        self.session = session
+        self.fetch = fetch
         self.metrics = metrics
         self.read_timeout = read_timeout
 
@@ -134,11 +132,11 @@ class Access:
             host=host or view.authority or headers.get("Host") or "",
             uri=view.target, forwarded_for=xff)
         timeout = spec.timeout or route.spec.read_timeout or self.read_timeout
-        if self.session is None:  # a proxy built without an HTTP client (unit tests)
+        if self.fetch is None:  # a proxy built without an HTTP client (unit tests)
             self._refused(route, "forward", "no_session", ex)
             return Refusal(503, "auth_unavailable", "forward auth has no HTTP client here")
         try:
-            answer = await forwardauth.ask(self.session, spec, headers, original, timeout)
+            answer = await forwardauth.ask(self.fetch, spec, headers, original, timeout)
         except ForwardAuthUnavailable as exc:
             self._refused(route, "forward", exc.cause, ex)
             return Refusal(503, "auth_unavailable",

@@ -18,6 +18,7 @@ import aiohttp
 import structlog
 from multidict import CIMultiDict
 
+from edgeproxy.clients.authfetch import PoolFetch
 from edgeproxy.clients.upstream import (
     Endpoint,
     ResponseLimits,
@@ -168,18 +169,19 @@ class Proxy(Generic[R]):
         if not self.metrics.count_in_flight:
             self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.verifier = verifier or JwtVerifier(JwtConfig())
-        # The forward-auth session is the front's (one ClientSession per process); a proxy
-        # without one (unit tests) has no forward auth.
-        self.access = Access(self.verifier,
-                             basic or BasicVerifier(on_hash=self.metrics.bcrypt_checks.inc),
-                             session, self.metrics, settings.read_timeout)
-        self.limiter: Limiter = limiter or LocalLimiter()
-        self.edge = Edge(redirect_port=settings.tls_redirect_port)
-        self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._pool = UpstreamPool(
             settings.connect_timeout, settings.read_timeout,
             limits=ResponseLimits(settings.max_response_header_size,
                                   settings.max_response_headers))
+        # Forward auth asks its service over the replicas' pool (same limits, reused
+        # connections); a proxy built without a front's session (unit tests) has none.
+        self.access = Access(self.verifier,
+                             basic or BasicVerifier(on_hash=self.metrics.bcrypt_checks.inc),
+                             PoolFetch(self._pool) if session is not None else None,
+                             self.metrics, settings.read_timeout)
+        self.limiter: Limiter = limiter or LocalLimiter()
+        self.edge = Edge(redirect_port=settings.tls_redirect_port)
+        self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         # edgeproxy-h2: replicas with gateway.scheme=h2c/h2 get multiplexed HTTP/2 connections.
         self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
                                      settings.read_timeout))
