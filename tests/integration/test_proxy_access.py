@@ -5,6 +5,7 @@ Authelia's documented contract, and IP allow/deny lists from distinct loopback c
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import re
@@ -79,6 +80,9 @@ class AuthService:
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
+GZIPPED_DENIAL = gzip.compress(b"401 Unauthorized, compressed")
+
+
 def _auth_handler(service: AuthService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *_: Any) -> None:
@@ -91,6 +95,10 @@ def _auth_handler(service: AuthService) -> type[BaseHTTPRequestHandler]:
                                      "body": self.rfile.read(int(length)) if length else b""})
             if self.path.startswith("/slow"):
                 time.sleep(2)
+            if self.path.startswith("/gzip"):
+                self._send(401, [("Content-Type", "text/plain"), ("Content-Encoding", "gzip")],
+                           GZIPPED_DENIAL)
+                return
             if self.path.startswith("/huge"):
                 self._send(401, [("Content-Type", "text/plain")], b"x" * 200_000)
                 return
@@ -177,6 +185,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, auth_service: AuthService) -
                         "auth.url": f"{auth}/slow", "auth.timeout": "300ms"},
             "fwdhuge": {"path": "/fwdhuge", "upstreams": ups, "auth": "forward",
                         "auth.url": f"{auth}/huge"},
+            "fwdgzip": {"path": "/fwdgzip", "upstreams": ups, "auth": "forward",
+                        "auth.url": f"{auth}/gzip"},
             "lan": {"path": "/lan", "upstreams": ups, "ip.allow": ["127.0.0.2", "::1"],
                     "ip.deny": ["127.0.0.66"]},
             "deny": {"path": "/deny", "upstreams": ups, "ip.deny": ["127.0.0.4/32"]},
@@ -185,7 +195,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, auth_service: AuthService) -
         })
         with run_proxy(tmp, docker="false", routes_file=str(routes),
                            trusted_proxies="127.0.0.3/32") as proxy:
-            wait_for(lambda: len(proxy.routes()) == 11, what="routes loaded")
+            wait_for(lambda: len(proxy.routes()) == 12, what="routes loaded")
             yield Setup(proxy, users_file, auth_service)
 
 
@@ -379,6 +389,22 @@ def test_forward_trusted_peer_chain(setup: Setup) -> None:
     seen = {k.lower(): v for k, v in setup.auth.requests[-1]["headers"]}
     assert seen["x-forwarded-for"] == "198.51.100.9, 127.0.0.3"
     assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-host"] == "app.example.com"
+
+
+def test_forward_denial_reaches_the_client_as_the_service_encoded_it(setup: Setup) -> None:
+    # The body and its Content-Encoding travel together: never a decoded body still labelled
+    # gzip (what an auto-decompressing client would hand on).
+    conn = http.client.HTTPConnection("127.0.0.1", setup.proxy.port, timeout=10)
+    try:
+        conn.request("GET", "/fwdgzip/x", headers={"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 401
+    assert resp.getheader("Content-Encoding") == "gzip"
+    assert body == GZIPPED_DENIAL
+    assert gzip.decompress(body) == b"401 Unauthorized, compressed"
 
 
 @pytest.mark.parametrize(("path", "cause"), [("/fwddown/x", "unreachable"),
