@@ -36,6 +36,7 @@ from edgeproxy.policies.ratelimit import (
     InMemoryLimiter,
     Limiter,
     LocalLimiter,
+    RateDecision,
     RateLimitSpec,
     client_key,
     ratelimit_headers,
@@ -314,18 +315,30 @@ class Proxy(Generic[R]):
         if spec.ip is not None and not spec.ip.allows(client):
             return front.refuse(self.access.ip_refused(route, client, ex), ex)
         grant: Grant | None = None
-        if spec.auth is not None:
-            checked = await self.access.authenticate(
-                route, spec.auth, view,
-                AccessContext(client, peer, trusted_peer, view.secure, plan.origin_target,
-                              plan.authority), ex)
-            if isinstance(checked, Refusal):
-                return front.refuse(checked, ex)
-            if isinstance(checked, LocalAnswer):
-                return front.answer(checked, ex)
-            grant = checked
-        if spec.ratelimit is not None:
-            refused = await self._rate_limit(route, spec.ratelimit, client, grant, view, ex)
+        auth_spec = spec.auth
+        if auth_spec is not None:
+            grant = (self.access.jwt_cached(auth_spec, view) if auth_spec.kind == "jwt"
+                     else None)
+            if grant is None:
+                checked = await self.access.authenticate(
+                    route, auth_spec, view,
+                    AccessContext(client, peer, trusted_peer, view.secure, plan.origin_target,
+                                  plan.authority), ex)
+                if isinstance(checked, Refusal):
+                    return front.refuse(checked, ex)
+                if isinstance(checked, LocalAnswer):
+                    return front.answer(checked, ex)
+                grant = checked
+        rate = spec.ratelimit
+        if rate is not None:
+            key = client_key(rate, ip=client, subject=grant.subject if grant else None,
+                             headers=view.headers)
+            limiter = self.limiter
+            if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine
+                token = limiter.take(route.name, rate, key, time.monotonic())
+            else:
+                token = await limiter.hit(route.name, rate, key)
+            refused = self._rate_limited(route, rate, token, ex)
             if refused is not None:
                 return front.refuse(refused, ex)
         upstream = self.balancer.pick(route)
@@ -459,17 +472,9 @@ class Proxy(Generic[R]):
 
     # --- policies ----------------------------------------------------------------------------
 
-    async def _rate_limit(self, route: Route, spec: RateLimitSpec, client: str,
-                          grant: Grant | None, view: RequestView,
-                          ex: Exchange) -> Refusal | None:
-        """Take a token; the refusal to answer with, or None to go on."""
-        key = client_key(spec, ip=client, subject=grant.subject if grant else None,
-                         headers=view.headers)
-        limiter = self.limiter
-        if isinstance(limiter, InMemoryLimiter):  # in-memory buckets: no coroutine per request
-            decision = limiter.take(route.name, spec, key, time.monotonic())
-        else:
-            decision = await limiter.hit(route.name, spec, key)
+    def _rate_limited(self, route: Route, spec: RateLimitSpec, decision: RateDecision,
+                      ex: Exchange) -> Refusal | None:
+        """The limiter's decision on a token: the refusal to answer with, or None to go on."""
         ex.add_headers(ratelimit_headers(spec, decision))
         if decision.allowed:
             return None
