@@ -228,8 +228,24 @@ def replica_names(route: dict[str, Any] | None) -> list[str]:
     return sorted(r["name"] for r in route["replicas"]) if route else []
 
 
+def remove_stale_stacks() -> None:
+    """Remove what an earlier run killed before its `down` left behind: its proxy and
+    services would still be found by this run's proxy (a second /hello route, say)."""
+    for kind in ("container", "network"):
+        listed = run("docker", kind, "ls", *(["--all"] if kind == "container" else []),
+                     "--filter", "label=com.docker.compose.project",
+                     "--format", '{{.ID}} {{.Label "com.docker.compose.project"}}')
+        stale = [line.split()[0] for line in listed.splitlines()
+                 if line.split()[1:2] and line.split()[1].startswith("edgeproxy-e2e-")]
+        if stale:
+            print(f"e2e: removing {len(stale)} stale {kind}(s) of an earlier run",
+                  file=sys.stderr)
+            run("docker", kind, "rm", *(["--force"] if kind == "container" else []), *stale)
+
+
 @pytest.fixture(scope="module")
 def stack(images: dict[str, float]) -> Iterator[Stack]:
+    remove_stale_stacks()
     s = Stack()
     try:
         start = time.monotonic()
