@@ -28,14 +28,16 @@ class _State:
         self.cancelled = threading.Event()
         self.sleeping = threading.Event()
         self.calls = 0
+        self.metadata: list[dict[str, str]] = []  # each Unary call's metadata, in order
         self.lock = threading.Lock()
 
 
 def _handlers(state: _State) -> grpc.GenericRpcHandler:
     def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        md = dict(context.invocation_metadata())
         with state.lock:
             state.calls += 1
-        md = dict(context.invocation_metadata())
+            state.metadata.append({k: str(v) for k, v in md.items()})
         context.set_trailing_metadata((("x-echo", str(md.get("x-echo", ""))),
                                        ("x-authority", str(md.get(":authority", "")))))
         return request

@@ -500,13 +500,14 @@ class H2Pool:
     async def request(self, endpoint: Endpoint, method: str, target: str, default_host: str,
                       head: UpstreamHead, body: AsyncIterator[bytes] | None, *,
                       connect_timeout: float | None = None,
-                      read_timeout: float | None = None) -> H2Response:
-        """Send one request on a pooled connection and wait for the response head."""
+                      read_timeout: float | None = None, extra: bytes = b"") -> H2Response:
+        """Send one request on a pooled connection and wait for the response head. `extra`
+        are this try's own header lines (its traceparent/tracestate), as in `UpstreamHead.parts`."""
         ct = connect_timeout or self.settings.connect_timeout
         rt = read_timeout or self.settings.read_timeout
         conn = await self._connection(endpoint, ct)
         headers = request_headers(method, target, "https" if endpoint.tls else "http",
-                                  default_host, head)
+                                  default_host, head, extra)
         try:
             stream = conn.open(headers, end=body is None)
         except h2.exceptions.ProtocolError as exc:
@@ -548,14 +549,15 @@ class H2Pool:
 
 
 def request_headers(method: str, target: str, scheme: str, default_host: str,
-                    head: UpstreamHead) -> list[tuple[bytes, bytes]]:
-    """HTTP/2 request headers from the head the pipeline built (one `Name: value` line each):
-    pseudo-headers first, Host as :authority, names lower-cased, connection-specific ones
-    dropped, and `te: trailers` for gRPC (its servers require it)."""
+                    head: UpstreamHead, extra: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """HTTP/2 request headers from the head the pipeline built (one `Name: value` line each)
+    and `extra` lines of this try (its traceparent): pseudo-headers first, Host as :authority,
+    names lower-cased, connection-specific ones dropped, and `te: trailers` for gRPC (its
+    servers require it)."""
     authority = default_host.encode()
     pairs: list[tuple[bytes, bytes]] = []
     grpc = False
-    for line in b"".join(head.pieces).split(b"\r\n"):
+    for line in b"".join((*head.pieces, extra)).split(b"\r\n"):
         if not line:
             continue
         name, _, value = line.partition(b":")

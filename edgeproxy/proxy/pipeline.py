@@ -455,7 +455,8 @@ class Proxy(Generic[R]):
                     Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
                     method, target, upstream.address, head,
                     body.stream() if body is not None else None,
-                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout)
+                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
+                    extra=trace_lines)
             endpoint = self._endpoint(upstream, spec)
             return await self._pool.request(
                 endpoint, head.parts(method, target, upstream.address, chunked, trace_lines),

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import requests
+from grpc_backend import grpc_backend, method
 from helpers import ROOT, ProxyProcess, free_port, run_backend, run_proxy, wait_for, write_routes
 from otlp import Collector, SpanRecord, run_collector
 
@@ -191,6 +193,52 @@ def test_dead_collector_leaves_requests_alone_and_counts_drops(tmp_path: Path) -
                     r"^edgeproxy_trace_spans_dropped_total\{[^}]*\} (\S+)$", text, re.M))
             # 100 spans (a server and a client span per request) through a queue of 4.
             wait_for(lambda: dropped() >= 50, 15, what="dropped spans counted")
+
+
+def test_each_try_to_an_h2c_replica_carries_its_own_client_span(tmp_path: Path) -> None:
+    """gRPC over h2c on both sides: the replica's traceparent names the proxy's client span of
+    the try that reached it (a retried call's second try, too), never the client's own."""
+    dead = free_port()
+    with grpc_backend() as backend, run_collector() as collector:
+        live = f"h2c://127.0.0.1:{backend.port}"
+        routes = write_routes(tmp_path / "routes.toml", {
+            "echo": {"host": "echo.test", "upstreams": [live]},
+            "retry": {"host": "retry.test", "upstreams": [f"h2c://127.0.0.1:{dead}", live]},
+        })
+        with run_proxy(tmp_path, docker="false", routes_file=str(routes), h2c="true",
+                       eject_time="10ms", **otel_env(collector.endpoint)) as p:
+            def call(authority: str, trace_id: str) -> tuple[dict[str, str], list[SpanRecord]]:
+                seen = len(backend.state.metadata)
+                with grpc.insecure_channel(f"127.0.0.1:{p.port}", options=[
+                        ("grpc.default_authority", authority)]) as channel:
+                    answer = method(channel, "unary_unary", "Unary")(b"hi", timeout=10, metadata=(
+                        ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
+                        ("tracestate", "vendor=abc")))
+                assert answer == b"hi"
+                [md] = backend.state.metadata[seen:]
+                return md, spans_of(collector, trace_id, 2)
+
+            md, spans = call("echo.test", "4bf92f3577b34da6a3ce929d0e0e4736")
+            [server] = [s for s in spans if s.kind == "server"]
+            [client] = [s for s in spans if s.kind == "client"]
+            assert server.parent_id == "00f067aa0ba902b7"  # the client's context, continued
+            assert client.parent_id == server.span_id
+            assert md["traceparent"] == f"00-{server.trace_id}-{client.span_id}-01"
+            assert md["tracestate"] == "vendor=abc"
+
+            for i in range(4):  # round robin: one call tries the dead replica first
+                trace_id = f"{i + 1:032x}"
+                md, spans = call("retry.test", trace_id)
+                server = next((s for s in spans if s.kind == "server"), None)
+                if server is not None and server.attributes.get("edgeproxy.retries") == 1:
+                    spans = spans_of(collector, trace_id, 3)
+                    break
+            else:
+                pytest.fail("no call was retried")
+            answered = [s for s in spans if s.kind == "client" and not s.error]
+            failed = [s for s in spans if s.kind == "client" and s.error]
+            assert len(answered) == 1 and len(failed) == 1
+            assert md["traceparent"] == f"00-{trace_id}-{answered[0].span_id}-01"
 
 
 @pytest.mark.parametrize(("protocol", "expected"), [
