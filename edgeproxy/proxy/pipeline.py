@@ -263,7 +263,7 @@ class Proxy(Generic[R]):
                 metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
             metrics.observe_request(ex.route, view.method, ex.status, elapsed, ex.request_bytes,
-                                    ex.bytes)
+                                    ex.bytes, view.protocol, ex.grpc_status)
             if ex.retries:
                 metrics.retries.labels(ex.route or "").inc()
             trace = ex.trace

@@ -36,6 +36,13 @@ from edgeproxy import __version__
 from edgeproxy.routes.table import RouteTable
 
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# The protocol label's values (bounded): any other version a front reports counts as "other".
+PROTOCOLS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2", "other")
+_PROTOCOL_INDEX = {p: i for i, p in enumerate(PROTOCOLS)}
+_OTHER_PROTOCOL = len(PROTOCOLS) - 1
+# The grpc_status label's values: the 17 codes gRPC defines (0 OK .. 16 UNAUTHENTICATED), else
+# "other" (a replica may send any number).
+GRPC_STATUSES = tuple(str(code) for code in range(17))
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # *_created series double the output and nobody graphs them
@@ -73,6 +80,10 @@ class Metrics:
                                          ["route"], registry=r)
             self.response_bytes = Counter("edgeproxy_response_bytes", _RESPONSE_BYTES_HELP,
                                           ["route"], registry=r)
+            self.by_protocol = Counter("edgeproxy_requests_by_protocol", _BY_PROTOCOL_HELP,
+                                       ["route", "protocol"], registry=r)
+            self.grpc_responses = Counter("edgeproxy_grpc_responses", _GRPC_HELP,
+                                          ["route", "grpc_status"], registry=r)
         self.in_flight = Gauge("edgeproxy_in_flight_requests", "Requests being answered",
                                registry=r, multiprocess_mode="livesum")
         # One process: read the proxy's own counter at scrape time, nothing per request.
@@ -109,7 +120,7 @@ class Metrics:
                           "export failed)", ["reason"], registry=r)
         # Both reasons exist from the start: a dashboard sees 0, not an absent series.
         self._dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
-        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, int, str], tuple[Any, Any, Any, Any, Any]] = {}
 
     def trace_spans_dropped(self, reason: str, count: int) -> None:
         """Count spans the tracing exporter lost (called from its thread, too)."""
@@ -121,16 +132,17 @@ class Metrics:
         return method if method in _METHODS else "OTHER"
 
     def observe_request(self, route: str | None, method: str, status: int,
-                        seconds: float, request_bytes: int = 0, response_bytes: int = 0) -> None:
-        """Count one answered request and its body bytes (label children cached: labels()
-        costs a lock and more)."""
+                        seconds: float, request_bytes: int = 0, response_bytes: int = 0,
+                        protocol: str = "HTTP/1.1", grpc_status: int | None = None) -> None:
+        """Count one answered request, its body bytes, its protocol (HTTP/1.1, HTTP/2) and,
+        for gRPC, its grpc-status (label children cached: labels() costs a lock and more)."""
         name = route or ""
         fast = self._fast
         if fast is not None:
             fast.observe(name, self.method_label(method), status, seconds, request_bytes,
-                         response_bytes)
+                         response_bytes, protocol, grpc_status)
             return
-        key = (name, method, status)
+        key = (name, method, status, protocol)
         children = self._children.get(key)
         if children is None:
             if len(self._children) > 10_000:  # routes come and go: keep the cache bounded
@@ -139,41 +151,61 @@ class Metrics:
                 self.requests.labels(name, self.method_label(method), f"{status // 100}xx",
                                      str(status)),
                 self.duration.labels(name), self.request_bytes.labels(name),
-                self.response_bytes.labels(name))
+                self.response_bytes.labels(name),
+                self.by_protocol.labels(name, PROTOCOLS[_PROTOCOL_INDEX.get(protocol,
+                                                                            _OTHER_PROTOCOL)]))
         children[0].inc()
         children[1].observe(seconds)
         if request_bytes:
             children[2].inc(request_bytes)
         if response_bytes:
             children[3].inc(response_bytes)
+        children[4].inc()
+        if grpc_status is not None:
+            self.grpc_responses.labels(name, grpc_label(grpc_status)).inc()
+
+
+def grpc_label(code: int) -> str:
+    """The grpc_status label of a gRPC status code: "0".."16", or "other"."""
+    return GRPC_STATUSES[code] if 0 <= code < len(GRPC_STATUSES) else "other"
 
 
 _REQUEST_BYTES_HELP = "Request body bytes read from clients"
 _RESPONSE_BYTES_HELP = "Response body bytes sent to clients"
+_BY_PROTOCOL_HELP = "Requests answered, by the protocol the client spoke (HTTP/1.1, HTTP/2)"
+_GRPC_HELP = "gRPC calls answered, by grpc-status (the replica's, or the proxy's own refusal)"
 # Per route in _RequestStats: bucket counts..., then the sum of seconds, request bytes,
-# response bytes.
+# response bytes, then a request count per protocol (PROTOCOLS' order).
 _SUM, _REQ_BYTES, _RESP_BYTES = len(_BUCKETS) + 1, len(_BUCKETS) + 2, len(_BUCKETS) + 3
+_PROTO = _RESP_BYTES + 1
 
 
 class _RequestStats(Collector):
-    """edgeproxy_requests, edgeproxy_request_duration_seconds and the byte counters for a
-    single process."""
+    """edgeproxy_requests, edgeproxy_request_duration_seconds, the byte counters and the
+    protocol and gRPC status counters for a single process."""
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str, int], int] = {}  # (route, method, status) -> n
         self._routes: dict[str, list[float]] = {}
+        self._grpc: dict[tuple[str, str], int] = {}  # (route, grpc_status label) -> n
 
     def observe(self, route: str, method: str, status: int, seconds: float,
-                request_bytes: int = 0, response_bytes: int = 0) -> None:
+                request_bytes: int = 0, response_bytes: int = 0, protocol: str = "HTTP/1.1",
+                grpc_status: int | None = None) -> None:
         key = (route, method, status)
         self._counts[key] = self._counts.get(key, 0) + 1
         h = self._routes.get(route)
         if h is None:
-            h = self._routes[route] = [0.0] * (_RESP_BYTES + 1)
+            h = self._routes[route] = [0.0] * (_PROTO + len(PROTOCOLS))
         h[bisect.bisect_left(_BUCKETS, seconds)] += 1
         h[_SUM] += seconds
         h[_REQ_BYTES] += request_bytes
         h[_RESP_BYTES] += response_bytes
+        # The protocol's count sits in the route's list: one dict lookup, no new key object.
+        h[_PROTO + _PROTOCOL_INDEX.get(protocol, _OTHER_PROTOCOL)] += 1
+        if grpc_status is not None:
+            gkey = (route, grpc_label(grpc_status))
+            self._grpc[gkey] = self._grpc.get(gkey, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("edgeproxy_requests", "Requests answered",
@@ -188,6 +220,8 @@ class _RequestStats(Collector):
                                        labels=["route"])
         sent = CounterMetricFamily("edgeproxy_response_bytes", _RESPONSE_BYTES_HELP,
                                    labels=["route"])
+        by_protocol = CounterMetricFamily("edgeproxy_requests_by_protocol", _BY_PROTOCOL_HELP,
+                                          labels=["route", "protocol"])
         for route, h in sorted(self._routes.items()):
             cumulative = 0.0
             buckets: list[tuple[str, float]] = []
@@ -197,9 +231,18 @@ class _RequestStats(Collector):
             duration.add_metric([route], buckets, h[_SUM])
             received.add_metric([route], h[_REQ_BYTES])
             sent.add_metric([route], h[_RESP_BYTES])
+            for i, protocol in enumerate(PROTOCOLS):
+                if h[_PROTO + i]:  # a series per protocol seen, as labels() would make
+                    by_protocol.add_metric([route, protocol], h[_PROTO + i])
         yield duration
         yield received
         yield sent
+        yield by_protocol
+        grpc = CounterMetricFamily("edgeproxy_grpc_responses", _GRPC_HELP,
+                                   labels=["route", "grpc_status"])
+        for (route, code), n in sorted(self._grpc.items()):
+            grpc.add_metric([route, code], n)
+        yield grpc
 
 
 class TableCollector(Collector):

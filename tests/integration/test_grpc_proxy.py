@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import requests
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.grpc_backend import GrpcBackend, grpc_backend, method
 from tests.helpers import ProxyProcess, free_port, run_proxy, wait_for, write_routes
@@ -146,6 +149,43 @@ def test_replica_status_passes_unchanged(proxy: GrpcProxy) -> None:
     # The access log names the gRPC status the client got (5: NOT_FOUND).
     wait_for(lambda: any(e.get("grpc_status") == 5 and e.get("path") == "/test.Echo/Fail"
                          for e in proxy.p.events("access")), what="grpc_status in the log")
+
+
+def counters(p: GrpcProxy, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one counter family on /metrics, by their sorted labels."""
+    text = requests.get(p.p.admin_base + "/metrics", timeout=5).text
+    return {tuple(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples if s.name == name}
+
+
+def changes(before: dict[Any, float], after: dict[Any, float]) -> dict[Any, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_metrics_count_the_protocol_and_the_grpc_status(proxy: GrpcProxy) -> None:
+    by_protocol, by_status = "edgeproxy_requests_by_protocol_total", \
+        "edgeproxy_grpc_responses_total"
+    before = counters(proxy, by_protocol), counters(proxy, by_status)
+    with h2c_channel(proxy) as ch:
+        assert method(ch, "unary_unary", "Unary")(b"x", timeout=10) == b"x"  # replica: OK
+        with pytest.raises(grpc.RpcError):
+            method(ch, "unary_unary", "Fail")(b"NOT_FOUND", timeout=10)  # replica: 5
+        with pytest.raises(grpc.RpcError):  # the proxy's own refusal, no route: 12
+            ch.unary_unary("/nowhere.Svc/M", request_serializer=lambda b: b,
+                           response_deserializer=lambda b: b)(b"x", timeout=10)
+    requests.get(proxy.p.url("/test.Echo/Unary"), timeout=5)  # HTTP/1.1, not gRPC
+    expected_protocol = {(("protocol", "HTTP/2"), ("route", "echo")): 2,
+                         (("protocol", "HTTP/2"), ("route", "")): 1,
+                         (("protocol", "HTTP/1.1"), ("route", "echo")): 1}
+    expected_status = {(("grpc_status", "0"), ("route", "echo")): 1,
+                       (("grpc_status", "5"), ("route", "echo")): 1,
+                       (("grpc_status", "12"), ("route", "")): 1}
+
+    def grew() -> bool:  # the proxy counts just after the answer's last byte: poll
+        protocol, status = counters(proxy, by_protocol), counters(proxy, by_status)
+        return (changes(before[0], protocol) == expected_protocol
+                and changes(before[1], status) == expected_status)
+    wait_for(grew, 5, what="the protocol and grpc_status counters")
 
 
 @pytest.mark.parametrize(("path", "code", "says"), [

@@ -142,6 +142,8 @@ def test_code_label_and_byte_counters_with_workers(tmp_path: Path) -> None:
                  status_class="4xx") == 6
     assert value(samples, "edgeproxy_request_bytes_total", route="open") == 300
     assert value(samples, "edgeproxy_response_bytes_total", route="open") >= got
+    assert value(samples, "edgeproxy_requests_by_protocol_total", route="open",
+                 protocol="HTTP/1.1") == 7
 
 
 # --- the Grafana dashboard -------------------------------------------------------------------
