@@ -123,6 +123,23 @@ class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
         return out
 
 
+class _AnnouncedSettings(h2.settings.Settings):
+    """Our SETTINGS as h2 sends them, except that h2 does not enforce MAX_CONCURRENT_STREAMS.
+
+    h2 answers a stream over the limit with a connection error (TooManyStreamsError: GOAWAY
+    PROTOCOL_ERROR), failing every other stream in flight on that connection. H2Connection
+    refuses just the excess stream with REFUSED_STREAM instead (RFC 9113 5.1.2, as nginx and
+    Envoy do), which a client may retry safely: no work was done."""
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return 2**31 - 1  # the largest stream count h2 could ever see: no check of its own
+
+    @max_concurrent_streams.setter
+    def max_concurrent_streams(self, value: int) -> None:
+        self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
+
+
 class H2Connection(asyncio.Protocol):
     """One client connection speaking HTTP/2; every request stream runs through the pipeline."""
 
@@ -156,7 +173,7 @@ class H2Connection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else None
         limits = self.limits
         conn = self.h2
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+        conn.local_settings = _AnnouncedSettings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window,
@@ -249,12 +266,29 @@ class H2Connection(asyncio.Protocol):
         if self.draining:
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        if self._over_stream_limit(stream_id):
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            # A stream opened only to be refused costs what a reset one does: a client that
+            # keeps doing it spends the same per-second budget as rapid reset.
+            self._count_reset("refused_streams")
+            return
         self._seen_request = True
         self._disarm_idle()
         stream = H2Stream(self, stream_id, event.headers or [],
                           ended=event.stream_ended is not None)
         self.streams[stream_id] = stream
         stream.task = asyncio.ensure_future(self._serve(stream))
+
+    def _over_stream_limit(self, stream_id: int) -> bool:
+        """The client already has the most concurrent streams open without this one: open and
+        half-closed ones count (RFC 9113 5.1.2), as h2 tracks them, but only those before it,
+        since h2 has already opened the later streams of the same read."""
+        limit = self.limits.max_concurrent_streams
+        streams = self.h2.streams  # closed ones are purged as each HEADERS frame arrives
+        if len(streams) <= limit:
+            return False
+        return sum(1 for sid, st in streams.items()
+                   if sid < stream_id and sid % 2 and st.open) >= limit
 
     async def _serve(self, stream: H2Stream) -> None:
         try:
@@ -269,16 +303,21 @@ class H2Connection(asyncio.Protocol):
         if stream is not None:
             stream.cancel()
         if event.remote_reset:
-            now = time.monotonic()
-            resets = self._resets
-            resets.append(now)
-            while resets and resets[0] < now - 1.0:
-                resets.popleft()
-            if len(resets) > self.limits.max_resets:
-                self._abuse("rapid_reset", f"more than {self.limits.max_resets} RST_STREAM "
-                            "frames in one second")
+            self._count_reset("rapid_reset")
         if not self.streams:
             self._became_idle()
+
+    def _count_reset(self, kind: str) -> None:
+        """One more stream reset by the client, or refused over the concurrent-stream limit;
+        past `max_resets` in one second the connection ends (h2_abuse `kind`)."""
+        now = time.monotonic()
+        resets = self._resets
+        resets.append(now)
+        while resets and resets[0] < now - 1.0:
+            resets.popleft()
+        if len(resets) > self.limits.max_resets:
+            self._abuse(kind, f"more than {self.limits.max_resets} streams reset by the client "
+                        "or refused over the concurrent-stream limit in one second")
 
     def _control(self) -> None:
         now = time.monotonic()

@@ -22,7 +22,7 @@ from tests.h2_raw import (
     ENHANCE_YOUR_CALM,
     GOAWAY,
     HEADERS,
-    PROTOCOL_ERROR,
+    REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
     RawH2,
@@ -131,21 +131,51 @@ def test_control_frame_floods_get_goaway(proxy: ProxyProcess, flood: str) -> Non
     still_serves(proxy)
 
 
-def test_streams_over_the_limit_are_refused(proxy: ProxyProcess) -> None:
+def open_streams(c: RawH2, first: int, count: int) -> None:
+    """Open `count` streams from id `first` whose bodies never finish: they stay open."""
+    for i in range(count):
+        c.headers(first + 2 * i, "/echo", end_stream=False)
+
+
+def test_a_stream_over_the_limit_is_refused_and_the_others_go_on(proxy: ProxyProcess) -> None:
     c = RawH2(proxy.port)
     try:
         with c.batch():
-            for i in range(8):  # bodies never finished: 8 streams stay open
-                c.headers(1 + 2 * i, "/echo", end_stream=False)
+            open_streams(c, 1, 8)
             c.headers(17, "/echo", end_stream=False)  # one over SETTINGS_MAX_CONCURRENT_STREAMS
-        frame = c.until(GOAWAY)
-        assert frame is not None, "the proxy closed without a GOAWAY"
-        # h2 treats it as a connection error (RFC 9113 5.1.2 allows it); the last stream the
-        # proxy took is the 8th.
-        assert frame.error_code == PROTOCOL_ERROR
-        assert int.from_bytes(frame.payload[:4], "big") == 15
+        # RFC 9113 5.1.2: that stream is refused (the client may retry it, nothing was done);
+        # the connection and its 8 streams live on (a GOAWAY would fail them all).
+        frame = c.until(RST_STREAM)
+        assert frame is not None, "the proxy closed the connection"
+        assert (frame.stream_id, frame.error_code) == (17, REFUSED_STREAM)
+        c.data(1, b"hello", end_stream=True)
+        ended = None
+        while ended is None:  # stream 1 gets its whole answer
+            f = c.read_frame()
+            assert f is not None and f.type != GOAWAY, "the proxy closed the connection"
+            if f.stream_id == 1 and f.type in (HEADERS, DATA) and f.flags & 0x1:
+                ended = f
+        c.headers(19, "/ready")  # stream 1 is closed: room for a new one
+        head = c.until(HEADERS)
+        assert head is not None and head.stream_id == 19
     finally:
         c.close()
+    still_serves(proxy)
+
+
+def test_a_client_that_keeps_opening_streams_over_the_limit_gets_goaway(
+        proxy: ProxyProcess) -> None:
+    c = RawH2(proxy.port)
+    try:
+        with c.batch():
+            open_streams(c, 1, 8)
+            open_streams(c, 17, 30)  # 30 refusals in a second: over EDGEPROXY_H2_MAX_RESETS=20
+        assert goaway_code(c) == ENHANCE_YOUR_CALM
+        assert c.closed()
+    finally:
+        c.close()
+    wait_for(lambda: any(e["kind"] == "refused_streams" for e in proxy.events("h2_abuse")),
+             what="an h2_abuse event for refused streams")
     still_serves(proxy)
 
 
