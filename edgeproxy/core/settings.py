@@ -346,13 +346,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("h2c", "false", parse_bool,
            "accept HTTP/2 with prior knowledge (h2c, e.g. gRPC) on the plain listener"),
     Option("h2_max_concurrent_streams", "128", _positive_int,
-           "SETTINGS_MAX_CONCURRENT_STREAMS at the edge (nginx's http2_max_concurrent_streams)"),
+           "SETTINGS_MAX_CONCURRENT_STREAMS at the edge (nginx's http2_max_concurrent_streams); "
+           "a stream over it gets RST_STREAM REFUSED_STREAM"),
     Option("h2_max_header_list_size", "60k", _positive_size,
            "largest HTTP/2 request header list, and header block before decoding (Envoy's "
            "max_request_headers_kb) -> GOAWAY"),
     Option("h2_max_resets", "256", _positive_int,
-           "client RST_STREAMs per connection per second before GOAWAY (rapid reset, "
-           "CVE-2023-44487; 2x the streams, as nginx's fix)"),
+           "client RST_STREAMs and refused streams per connection per second before GOAWAY "
+           "(rapid reset, CVE-2023-44487; 2x the streams, as nginx's fix)"),
     Option("h2_max_control_frames", "1000", _positive_int,
            "PING and SETTINGS frames per connection per second before GOAWAY (Envoy's "
            "max_outbound_control_frames)"),
