@@ -22,6 +22,7 @@ def upstream_json(u: Upstream, balancer: BalancerView | None = None) -> dict[str
         "container_id": u.container_id[:12] if u.container_id else None,
         "address": u.address if u.host else None,
         "url": f"{u.scheme}://{u.address}" if u.host else None,
+        "scheme": u.scheme,  # how the proxy speaks to it: http, https, h2c (gRPC), h2
         "state": state,
         "eligible": u.eligible and ejected is None,
         "reason": reason,

@@ -23,6 +23,10 @@ STATS_JS = """JSON.stringify(Object.fromEntries(
                          lines: [...s.querySelectorAll('polyline')].map((l) => l.getAttribute('points'))}])),
   }])))"""
 
+ADDRESSES_JS = """JSON.stringify(Object.fromEntries(
+  [...document.querySelectorAll('#routes [data-route]')].map((card) => [card.dataset.route,
+    [...card.querySelectorAll('tr[data-replica] td:nth-child(2)')].map((td) => td.textContent)])))"""
+
 
 def test_4xx_5xx_p99_and_sparklines(tmp_path: Path) -> None:
     require_chromium()
@@ -31,6 +35,7 @@ def test_4xx_5xx_p99_and_sparklines(tmp_path: Path) -> None:
             "login": {"path": "/login", "strip_prefix": True, "upstreams": [backend]},
             "orders": {"path": "/orders", "strip_prefix": True, "upstreams": [backend]},
             "dead": {"path": "/dead", "upstreams": [f"http://127.0.0.1:{free_port()}"]},
+            "grpc": {"path": "/grpc.Svc", "upstreams": [f"h2c://127.0.0.1:{free_port()}"]},
         })
         with run_proxy(tmp_path, docker="false", routes_file=str(routes)) as proxy:
             asyncio.run(_watch(proxy, tmp_path))
@@ -93,5 +98,9 @@ async def _watch(proxy: ProxyProcess, tmp: Path) -> None:
             "document.querySelector('#changes li[data-event=route_added][data-route=login]')"
             ".innerText")
         assert "replica http://127.0.0.1:" in what and "(running)" in what, what
+        # A replica's scheme shows before its address unless it is plain http (#19).
+        addresses = json.loads(await page.evaluate(ADDRESSES_JS))
+        assert addresses["grpc"][0].startswith("h2c://127.0.0.1:"), addresses
+        assert addresses["orders"][0].startswith("127.0.0.1:"), addresses
         await page.screenshot(tmp / "dashboard-traffic.png")
         assert page.errors == []

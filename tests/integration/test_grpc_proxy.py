@@ -114,6 +114,15 @@ def test_four_call_kinds_over_h2c(proxy: GrpcProxy) -> None:
                          for e in proxy.p.events("access")), what="an HTTP/2 access log line")
 
 
+def test_routes_show_the_replica_scheme(proxy: GrpcProxy, backend: GrpcBackend,
+                                        tls_backend: GrpcBackend) -> None:
+    routes = proxy.p.routes()
+    [echo] = routes["echo"]["replicas"]
+    [secure] = routes["secure"]["replicas"]
+    assert (echo["scheme"], echo["url"]) == ("h2c", f"h2c://127.0.0.1:{backend.port}")
+    assert (secure["scheme"], secure["url"]) == ("h2", f"h2://127.0.0.1:{tls_backend.port}")
+
+
 def test_four_call_kinds_over_tls_to_a_tls_replica(proxy: GrpcProxy) -> None:
     with tls_channel(proxy) as ch:
         four_kinds(ch)  # TLS edge (ALPN h2) -> h2c replica
