@@ -374,7 +374,8 @@ def routable_times(log_: ProxyLog, paths: set[str], after: float) -> dict[str, f
 class EdgeProxy:
     """One edgeproxy process (one worker) that reaches Docker through the counter."""
 
-    def __init__(self, work: Path, docker_port: int, workers: int = 1) -> None:
+    def __init__(self, work: Path, docker_port: int, workers: int = 1,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.port, self.admin = free_port(), free_port()
         self.workers = workers
         self.log = ProxyLog(work / "edgeproxy.out")
@@ -390,6 +391,7 @@ class EdgeProxy:
             "EDGEPROXY_ACCESS_LOG": "false",
             "EDGEPROXY_STATE_DIR": str(work / "state"),
             "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
         })
         self.t_spawn = time.time()
         with self.log.path.open("ab") as out:

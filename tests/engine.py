@@ -305,8 +305,10 @@ def ensure_dockerd(timeout: float = DEADLINE) -> None:
             raise EngineError(f"dockerd {pid} neither answers nor exits:\n{_log_tail()}")
         time.sleep(0.1)
     if not Path("/sys/class/net/docker0").exists():
-        # The default bridge is gone (a second daemon's bridge handling has removed it on this
-        # machine): a running dockerd does not recreate it, a restarted one does.
+        # The default bridge is gone: a running dockerd does not recreate it, a restarted one
+        # does.  A second dockerd started with an address pool and without live-restore deletes
+        # it (tests/swarm_engine.py explains and avoids it); say so rather than repair silently.
+        print("engine.py: docker0 is gone; restarting dockerd to recreate it", file=sys.stderr)
         restart_dockerd(max(1.0, deadline - time.monotonic()))
 
 

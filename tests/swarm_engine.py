@@ -18,7 +18,16 @@ shares nothing with the main daemon (facts found on this machine's engine, 20.10
   host routes to;
 * a default bridge of its own (``--bridge`` naming :data:`BRIDGE`, created here; never
   ``--bridge=none``, which makes dockerd delete the host's docker0 and breaks every container
-  of the main daemon), and local address pools apart from the main daemon's 172.16/12;
+  of the main daemon);
+* no ``--default-address-pool`` (nor ``default-address-pools`` in its config): dockerd 20.10
+  deletes the host's ``docker0`` at start-up when it has address pools, runs without
+  live-restore and finds its previous default "bridge" network in its data root, that is on
+  every start but the first (moby daemon/daemon_unix.go, configureNetworking: "Clear stale
+  bridge network" -> ``removeDefaultBridgeInterface()``, which names ``docker0`` whatever
+  ``--bridge`` says).  That took the main daemon's default bridge away and broke every test of
+  the main engine after a Swarm stage.  This daemon's own networks get explicit subnets
+  instead (:data:`BRIDGE_CIDR`, :data:`GWBRIDGE_SUBNET`, :data:`OVERLAY_POOL`), and
+  :func:`start` checks that ``docker0`` survived;
 * its own ``docker_gwbridge`` (:data:`GWBRIDGE`, another subnet), created before
   ``swarm init --advertise-addr 127.0.0.1``.
 
@@ -57,9 +66,6 @@ BRIDGE, BRIDGE_CIDR = "epsw0", "10.231.0.1/24"
 
 GWBRIDGE, GWBRIDGE_SUBNET = "epsw_gwbridge", "10.232.0.0/24"
 """Linux name and subnet of this daemon's docker_gwbridge (the main one never has swarm)."""
-
-LOCAL_POOL = "base=10.233.0.0/16,size=24"
-"""Where this daemon's own bridge networks come from (not 172.16/12: the main daemon's)."""
 
 OVERLAY_POOL = "10.234.0.0/16"
 """Where swarm overlay networks (ingress included) come from."""
@@ -116,21 +122,34 @@ def _ensure_bridge() -> None:
     _ip("link", "set", BRIDGE, "up")
 
 
+def argv() -> list[str]:
+    """The swarm daemon's command line (see the module docstring for each flag)."""
+    return [shutil.which("dockerd") or "/usr/sbin/dockerd",
+            "--host", HOST, "--data-root", str(STATE), "--exec-root", str(RUN / "exec"),
+            "--pidfile", str(PIDFILE), "--config-file", str(CONFIG),
+            "--iptables=false", "--ip-masq=false", "--bridge", BRIDGE]
+
+
+def _has_docker0() -> bool:
+    return Path("/sys/class/net/docker0").exists()
+
+
 def start() -> None:
-    """Start the swarm daemon detached and wait until it answers."""
+    """Start the swarm daemon detached and wait until it answers.
+
+    Raises :class:`engine.EngineError` if the host's ``docker0`` (the main daemon's default
+    bridge) was there before and is gone once this daemon answers.
+    """
     _ensure_bridge()
     for d in (STATE, RUN):
         d.mkdir(parents=True, exist_ok=True)
     CONFIG.write_text("{}\n")
-    argv = [shutil.which("dockerd") or "/usr/sbin/dockerd",
-            "--host", HOST, "--data-root", str(STATE), "--exec-root", str(RUN / "exec"),
-            "--pidfile", str(PIDFILE), "--config-file", str(CONFIG),
-            "--iptables=false", "--ip-masq=false", "--bridge", BRIDGE,
-            "--default-address-pool", LOCAL_POOL]
+    had_docker0 = _has_docker0()
+    command = argv()
     with LOG.open("ab") as log:
-        log.write(f"==== {time.strftime('%F %T')} starting: {' '.join(argv)}\n".encode())
+        log.write(f"==== {time.strftime('%F %T')} starting: {' '.join(command)}\n".encode())
         log.flush()
-        subprocess.run(["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=log,
+        subprocess.run(["setsid", "-f", *command], stdin=subprocess.DEVNULL, stdout=log,
                        stderr=subprocess.STDOUT, check=True)
     deadline = time.monotonic() + DEADLINE
     while not answers():
@@ -138,6 +157,18 @@ def start() -> None:
             tail = "\n".join(LOG.read_text(errors="replace").splitlines()[-20:])
             raise engine.EngineError(f"the swarm dockerd did not answer; {LOG}:\n{tail}")
         time.sleep(0.1)
+    if had_docker0 and not _has_docker0():
+        raise engine.EngineError(
+            "the swarm dockerd deleted the host's docker0 (the main daemon's default bridge) "
+            f"while starting: check its flags ({' '.join(command[1:])}) for an address pool, "
+            "see tests/swarm_engine.py")
+
+
+def _running_argv(p: int) -> list[str]:
+    try:
+        return Path(f"/proc/{p}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
 
 
 def stop() -> None:
@@ -199,6 +230,11 @@ def copy_image(tag: str) -> None:
 
 def ensure() -> None:
     """The swarm daemon answers, is an active one-node manager and has the busybox image."""
+    p = pid()
+    if p is not None and _running_argv(p) != argv():
+        # Started by an older version of this file (say, with an address pool): start over
+        # with today's flags rather than keep a daemon that may break the main one.
+        stop()
     if not answers():
         if pid() is not None:
             stop()  # holds the pid file but does not answer: start over
