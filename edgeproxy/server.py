@@ -85,7 +85,7 @@ def tune_gc() -> None:
     Nearly everything a request allocates is freed by reference counting; what the collector
     finds is little (about 2,000 objects in 60,000 requests, mostly closed upstream connections).
     Yet at CPython's default threshold it ran a young collection every few requests and a full
-    one, walking every object of the heap, every few seconds: measured, a quarter of a worker's
+    one, walking every object of the heap, every few seconds: measured, a fifth of a worker's
     CPU per request on the plain route. So: the heap built at start (modules, settings, the
     table) moves out of the collector's sight (gc.freeze), and young collections run every
     GC_GEN0_THRESHOLD allocations. Cyclic garbage still goes, only in larger batches."""
