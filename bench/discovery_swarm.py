@@ -82,8 +82,10 @@ class Services:
         return f"/s{i}"
 
     def create(self, indexes: list[int], tasks: int) -> None:
-        sw("network", "create", "--driver", "overlay", "--label", f"{RUN_LABEL}={self.token}",
-           self.network)
+        # A /20: the default /24 holds 50 services x 4 tasks plus their VIPs, and no more
+        # (the scaled tasks then wait for an address for ever).
+        sw("network", "create", "--driver", "overlay", "--subnet", "10.235.0.0/20",
+           "--label", f"{RUN_LABEL}={self.token}", self.network)
 
         def one(i: int) -> None:
             name = f"epb-{self.token}-s{i}"
