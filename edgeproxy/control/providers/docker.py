@@ -213,14 +213,16 @@ class DockerProvider:
         self._heard = 0.0  # time.monotonic() of its opening or of its last event
         self._refresh = False  # the watchdog closed the stream: re-open it, it is no failure
         self.refreshes = 0
+        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the discovery thread."""
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
         self._thread.start()
         if self._events_idle > 0:
-            threading.Thread(target=self._watch, name="docker-events-watchdog",
-                             daemon=True).start()
+            self._watchdog = threading.Thread(target=self._watch, name="docker-events-watchdog",
+                                              daemon=True)
+            self._watchdog.start()
 
     def stop(self) -> None:
         """Ask the thread to end; closing the client unblocks its read."""
