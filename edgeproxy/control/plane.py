@@ -242,7 +242,8 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(files.run(), name="routes-file"))
         if settings.docker:
             self._docker = DockerProvider(watcher, loop,
-                                          backoff_max=settings.docker_backoff_max)
+                                          backoff_max=settings.docker_backoff_max,
+                                          events_idle=settings.docker_events_idle)
             self._docker.on_reconnect = metrics.docker_reconnects.inc
             self._docker.start()
         if isinstance(watcher, SwarmAwareWatcher):

@@ -291,6 +291,9 @@ OPTIONS: tuple[Option, ...] = (
            "minimum time between two route-table swaps (bursts of events coalesce)"),
     Option("docker_backoff_max", "30s", _positive(parse_duration),
            "longest wait between Docker reconnect attempts"),
+    Option("docker_events_idle", "60s", parse_duration,
+           "re-open a Docker event stream silent this long, with a fresh list (a socket proxy "
+           "or tcp:// link that went dead without closing); 0 = never"),
     Option("routes_file", "", _optional_path, "TOML file with static routes, reloaded on change"),
     Option("routes_file_poll", "1s", _positive(parse_duration), "how often the routes file is checked"),
     Option("max_body_size", "10m", parse_size, "largest request body accepted (0 = unlimited) -> 413"),
@@ -405,6 +408,7 @@ class Settings:
     drain_timeout: float = _default("drain_timeout")
     debounce: float = _default("debounce")
     docker_backoff_max: float = _default("docker_backoff_max")
+    docker_events_idle: float = _default("docker_events_idle")
     routes_file: Path | None = _default("routes_file")
     routes_file_poll: float = _default("routes_file_poll")
     max_body_size: int = _default("max_body_size")

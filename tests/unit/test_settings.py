@@ -43,6 +43,7 @@ def test_defaults() -> None:
     assert s.drain_timeout == 8.0
     assert s.debounce == 0.1
     assert s.docker_backoff_max == 30.0
+    assert s.docker_events_idle == 60.0
     assert s.routes_file is None
     assert s.routes_file_poll == 1.0
     assert s.max_body_size == 10 * 1024 * 1024
@@ -146,6 +147,9 @@ def test_cidr_lists(value: str, networks: tuple[str, ...]) -> None:
         ("EDGEPROXY_DRAIN_TIMEOUT", "0s", "drain_timeout", 0.0),
         ("EDGEPROXY_DEBOUNCE", "0", "debounce", 0.0),
         ("EDGEPROXY_DOCKER", "false", "docker", False),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "2s", "docker_events_idle", 2.0),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "5m", "docker_events_idle", 300.0),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "0", "docker_events_idle", 0.0),
         ("EDGEPROXY_ADMIN_LISTEN", "[::1]:8081", "admin_listen", Address("::1", 8081)),
         ("EDGEPROXY_ADMIN_HOSTS", "", "admin_hosts", ()),
         ("EDGEPROXY_ADMIN_HOSTS", " Admin.Internal , proxy:8081,[::1]:9000 ", "admin_hosts",
@@ -186,6 +190,9 @@ ADMIN_HOSTS = ("comma-separated host names or addresses with an optional port, e
         ("EDGEPROXY_CONNECT_TIMEOUT", "0s", "a duration greater than zero, e.g. 5s"),
         ("EDGEPROXY_READ_TIMEOUT", "0", "a duration greater than zero, e.g. 5s"),
         ("EDGEPROXY_DRAIN_TIMEOUT", "soon", DURATION),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "-5s", DURATION),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "never", DURATION),
+        ("EDGEPROXY_DOCKER_EVENTS_IDLE", "", DURATION),
         ("EDGEPROXY_MAX_BODY_SIZE", "1.5m", SIZE),
         ("EDGEPROXY_MAX_BODY_SIZE", "10t", SIZE),
         ("EDGEPROXY_MAX_BODY_SIZE", "-1", SIZE),

@@ -1,4 +1,5 @@
-"""Docker discovery: one list, then the event stream; reconnect with backoff. Only Docker I/O."""
+"""Docker discovery: one list, then the event stream; reconnect with backoff; re-open a stream
+that stays silent too long (a silence watchdog). Only Docker I/O."""
 
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ class DockerProvider:
 
     def __init__(self, sink: Observations, loop: asyncio.AbstractEventLoop,
                  client_factory: Callable[[], Any] | None = None,
-                 backoff_max: float = 30.0, *, quiet: bool = False) -> None:
+                 backoff_max: float = 30.0, *, quiet: bool = False,
+                 events_idle: float = 0.0) -> None:
         self._sink = sink
         self._backoff_max = backoff_max
         self._state: bool | None = None  # connected, as last reported
@@ -202,16 +204,35 @@ class DockerProvider:
         self._inspectors = _DaemonPool(4, "docker-inspect")
         self.on_reconnect: Callable[[], None] | None = None
         self.last_event = 0.0
+        # The silence watchdog: a stream quiet for `events_idle` seconds (0 = never) is closed
+        # and re-opened with a fresh list. A socket proxy that lost its upstream, or a half-open
+        # tcp:// connection, keeps the stream open but silent: without this the table goes stale.
+        self._events_idle = events_idle
+        self._watch_lock = threading.Lock()
+        self._followed: Any = None  # the event stream being read, while it is
+        self._heard = 0.0  # time.monotonic() of its opening or of its last event
+        self._refresh = False  # the watchdog closed the stream: re-open it, it is no failure
+        self.refreshes = 0
+        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the discovery thread."""
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
         self._thread.start()
+        if self._events_idle > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="docker-events-watchdog",
+                                              daemon=True)
+            self._watchdog.start()
 
     def stop(self) -> None:
         """Ask the thread to end; closing the client unblocks its read."""
         self._stop.set()
         self._inspectors.shutdown()
+        with self._watch_lock:
+            events, self._followed = self._followed, None
+        if events is not None:
+            with contextlib.suppress(Exception):
+                events.close()  # shuts the stream's socket: its blocked read returns at once
         api = self._api
         if api is not None:
             with contextlib.suppress(Exception):  # a half-dead client may fail to close
@@ -224,6 +245,7 @@ class DockerProvider:
     def _run(self) -> None:
         backoff = 0.25
         first = True
+        refresh = False
         while not self._stop.is_set():
             try:
                 self._api = api = self._factory()
@@ -233,16 +255,32 @@ class DockerProvider:
                 containers = [container_from_list(i) for i in items]
                 self._seq.clear()  # inspects still in flight predate this list: drop them
                 self._post(functools.partial(self._sink.resync, containers, self.source))
-                self._post(functools.partial(self._connected, len(containers), first))
-                first = False
+                self._post(functools.partial(self._connected, len(containers), first, refresh))
+                first = refresh = False
                 backoff = 0.25
-                self._follow(api, events)
+                self._watch_stream(events)
+                try:
+                    self._follow(api, events)
+                except Exception:
+                    if not self._refreshing():
+                        raise
+                    refresh = True  # the watchdog's close may surface as a read error
+                finally:
+                    self._watch_stream(None)
                 if self._stop.is_set():
                     return
+                if refresh or self._refreshing():
+                    # A quiet stream, not a lost daemon: re-open and re-list at once, quietly.
+                    refresh = True
+                    self.refreshes += 1
+                    self._log.debug("docker_events_refreshed", idle_s=self._events_idle)
+                    self._close_quietly()
+                    continue
                 raise ConnectionError("event stream ended")
             except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
                 if self._stop.is_set():
                     return
+                refresh = False
                 self.reconnects += 1
                 if self.on_reconnect is not None:
                     self.on_reconnect()
@@ -252,16 +290,58 @@ class DockerProvider:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
 
+    def _watch_stream(self, events: Any) -> None:
+        """Hand the watchdog the stream now read, its silence counted from now (None: no
+        stream is read; a refresh mark stays for _run to take)."""
+        with self._watch_lock:
+            self._followed = events
+            self._heard = time.monotonic()
+            if events is not None:
+                self._refresh = False
+            stopped = events is not None and self._stop.is_set()
+        if stopped:  # stop() ran before this stream was known: close it here
+            with contextlib.suppress(Exception):
+                events.close()
+
+    def _refreshing(self) -> bool:
+        """Whether the watchdog closed the stream (and clear the mark)."""
+        with self._watch_lock:
+            refresh, self._refresh = self._refresh, False
+            return refresh
+
+    def _watch(self) -> None:
+        """The silence watchdog: close the stream once it has said nothing for events_idle."""
+        idle = self._events_idle
+        while True:
+            with self._watch_lock:
+                events = self._followed
+                quiet = time.monotonic() - self._heard
+                due = events is not None and quiet >= idle
+                if due:
+                    self._followed = None  # closed once; _run hands over the next stream
+                    self._refresh = True
+            if due:
+                with contextlib.suppress(Exception):  # a half-dead stream may fail to close
+                    events.close()
+            # Wake when the current stream would be due; with none, check again within idle.
+            wait = idle - quiet if events is not None and not due else idle
+            if self._stop.wait(max(wait, 0.05)):
+                return
+
     def _close_quietly(self) -> None:
         with contextlib.suppress(Exception):
             if self._api is not None:
                 self._api.close()
 
-    def _connected(self, count: int, first: bool) -> None:
+    def _connected(self, count: int, first: bool, refresh: bool = False) -> None:
         was = self._state
         self._state = True
         self._sink.connected(True, self.source)
         before, now = self.status, time.time()
+        if refresh and before.state == "connected":
+            # The watchdog's re-open of a quiet stream: the connection never failed.
+            self._log.debug("docker_resynced", containers=count, refresh=True)
+            return
         self.status = DiscoveryStatus("connected", since=now)
         event = "docker_connected" if first else "docker_resynced"
         (self._log.debug if self._quiet else self._log.info)(
@@ -300,6 +380,8 @@ class DockerProvider:
             if self._stop.is_set():
                 return
             self.last_event = time.time()
+            with self._watch_lock:
+                self._heard = time.monotonic()
             self._handle(api, ev)
 
     def _handle(self, api: Any, ev: Mapping[str, Any]) -> None:
