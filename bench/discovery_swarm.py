@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -182,6 +183,38 @@ def wait_addresses(proxy: EdgeProxy, want: dict[str, set[str]], timeout: float =
     return seen
 
 
+class RouteWatch:
+    """Polls GET /routes every POLL seconds in a thread from `start()` on: `path address` ->
+    when (epoch seconds) it was first seen eligible. Started before `docker service scale`,
+    so a task routed while others still start is timed when it was routed, not when the
+    script got round to looking (waiting for every task to run first inflated the figure)."""
+
+    def __init__(self, proxy: EdgeProxy) -> None:
+        self.proxy = proxy
+        self.first: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                table = eligible(self.proxy)
+            except (OSError, ValueError, BenchError):
+                table = {}
+            now = time.time()
+            for path, addrs in table.items():
+                for a in addrs:
+                    self.first.setdefault(f"{path} {a}", now)
+            self._stop.wait(POLL)
+
+
 def _addr_of(key: str) -> str:
     return key.split(" ", 1)[1]
 
@@ -266,15 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.scale:
             names = [services.names[i] for i in idx[:args.scale]]
             before = {n: {tk["ID"] for tk in tasks[n]} for n in names}
-            t_cmd = time.time()
-            sw("service", "scale", "--detach",
-               *(f"{n}={args.tasks + 2}" for n in names))
-            now_tasks = services.wait_running({n: args.tasks + 2 for n in names}, timeout=600)
-            new = {n: [tk for tk in now_tasks[n] if tk["ID"] not in before[n]] for n in names}
-            want_new = {services.path(i): {a for tk in new[services.names[i]]
-                                           if (a := services.address(tk))}
-                        for i in idx[:args.scale]}
-            seen_new = wait_addresses(proxy, want_new, timeout=60)
+            watch = RouteWatch(proxy)
+            watch.start()
+            try:
+                t_cmd = time.time()
+                sw("service", "scale", "--detach",
+                   *(f"{n}={args.tasks + 2}" for n in names))
+                now_tasks = services.wait_running({n: args.tasks + 2 for n in names},
+                                                  timeout=600)
+                new = {n: [tk for tk in now_tasks[n] if tk["ID"] not in before[n]]
+                       for n in names}
+                want_new = {services.path(i): {a for tk in new[services.names[i]]
+                                               if (a := services.address(tk))}
+                            for i in idx[:args.scale]}
+                wait_addresses(proxy, want_new, timeout=60)
+            finally:
+                watch.stop()
+            seen_new = {f"{p} {a}": watch.first[f"{p} {a}"]
+                        for p, addrs in want_new.items() for a in addrs
+                        if f"{p} {a}" in watch.first}
             running_at = {services.address(tk): iso_time(tk["Status"]["Timestamp"])
                           for n in names for tk in new[n]}
             lat = sorted(seen_new[k] - running_at[_addr_of(k)] for k in seen_new)
