@@ -46,9 +46,14 @@ def agreed(p: ProxyProcess, n: int) -> int | None:
     return generations.pop() if len(ws) == n and len(generations) == 1 else None
 
 
-def served_by(p: ProxyProcess, path: str) -> Counter[tuple[Any, int]]:
-    return Counter((e.get("worker"), e["status"]) for e in p.events("access")
-                   if e.get("path") == path)
+def served_by(p: ProxyProcess, path: str, n: int) -> Counter[tuple[Any, int]]:
+    """Who answered the `n` requests to `path`, once all `n` access lines are written (each
+    worker writes its own log lines, so one worker's may land after the others')."""
+    def count() -> Counter[tuple[Any, int]] | None:
+        got = Counter((e.get("worker"), e["status"]) for e in p.events("access")
+                      if e.get("path") == path)
+        return got if sum(got.values()) >= n else None
+    return wait_for(count, 5, what=f"{n} access lines for {path}")
 
 
 def seen(backend: str) -> list[str]:
@@ -85,7 +90,7 @@ def test_workers_agree_on_the_table_after_each_change(tmp_path: Path) -> None:
                               what="every worker on the new table")
             codes = Counter(fresh_get(p.url("/new/x")).status_code for _ in range(60))
             assert codes == {200: 60}
-            by_worker = served_by(p, "/new/x")
+            by_worker = served_by(p, "/new/x", 60)
             assert {w for w, _ in by_worker} == {0, 1, 2}, by_worker
 
             write_routes(path, {"base": {"path": "/base", "upstreams": [backend]}})
@@ -94,7 +99,7 @@ def test_workers_agree_on_the_table_after_each_change(tmp_path: Path) -> None:
                      what="every worker on the table without 'new'")
             codes = Counter(fresh_get(p.url("/new/y")).status_code for _ in range(60))
             assert codes == {404: 60}
-            assert {w for w, _ in served_by(p, "/new/y")} == {0, 1, 2}
+            assert {w for w, _ in served_by(p, "/new/y", 60)} == {0, 1, 2}
 
 
 class Loop:

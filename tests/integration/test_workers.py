@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import requests
-from helpers import run_backend, run_proxy, write_routes
+from helpers import run_backend, run_proxy, wait_for, write_routes
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -25,7 +25,10 @@ def test_workers_share_limits_and_metrics(tmp_path: Path) -> None:
             assert codes.count(200) == 10 and codes.count(429) == 20
             for _ in range(40):
                 assert fresh_get(p.url("/open/x")).status_code == 200
-            workers = {e.get("worker") for e in p.events("access")}
+            # Each worker writes its access lines in batches: wait for all 70 to land.
+            lines = wait_for(lambda: (ev := p.events("access")) and len(ev) >= 70 and ev, 5,
+                             what="70 access lines")
+            workers = {e.get("worker") for e in lines}
             assert workers == {0, 1}, "both workers should have served requests"
             text = requests.get(p.admin_base + "/metrics", timeout=5).text
             totals: dict[str, float] = {}
