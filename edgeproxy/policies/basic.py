@@ -31,6 +31,7 @@ from hashlib import sha256
 import bcrypt
 
 from edgeproxy.core.logs import get_logger
+from edgeproxy.core.state import fast_state
 
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _DES_CRYPT = re.compile(r"[./0-9A-Za-z]{13}")
@@ -153,6 +154,7 @@ def challenge(realm: str) -> str:
     return f'Basic realm="{realm}", charset="UTF-8"'
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class BasicAuthSpec:
     """gateway.auth=basic on one route. `realm=None`: the route's name (HAProxy's default,

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edgeproxy.core.headers import FORWARDED, HOP_BY_HOP, RESERVED_REQUEST, Headers, connection_tokens
+from edgeproxy.core.state import fast_state
 
 # Never copied from the client to the auth service: describing the body we don't send, or
 # naming the original request in ways some services prefer over X-Forwarded-* (Authelia's
@@ -69,6 +70,7 @@ def _is_token(name: str) -> bool:
         and "_" not in name
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class ForwardAuthSpec:
     """gateway.auth=forward on one route. `request_headers=None`: every client header but

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from edgeproxy.core.state import fast_state
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CIDRS_EXPECTED = ("CIDR blocks or addresses, IPv4 or IPv6, comma-separated, such as "
@@ -41,6 +43,7 @@ def parse_cidrs(value: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class IpRules:
     """A route's compiled lists; empty `allow` means every address not denied passes."""

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from edgeproxy.core.state import fast_state
+
 _PERIODS = {"s": 1.0, "second": 1.0, "m": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE = re.compile(
     r"^\s*(\d+)\s*/\s*(s|second|m|minute|h|hour)\s*(?:;\s*burst\s*=\s*(\d+)\s*)?$", re.IGNORECASE)
@@ -67,6 +69,7 @@ def parse_ratelimit_key(value: str) -> str:
     raise ValueError(KEY_EXPECTED)
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class RateLimitSpec:
     """One route's limit: `limit` requests per `period` seconds, bucket size `burst`, key kind."""

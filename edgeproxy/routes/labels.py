@@ -10,6 +10,7 @@ from typing import Any
 
 from edgeproxy.core.paths import PathError, normalize_path
 from edgeproxy.core.settings import parse_bool, parse_duration, parse_size
+from edgeproxy.core.state import fast_state
 from edgeproxy.policies.basic import BasicAuthSpec, parse_realm, parse_users, parse_users_file
 from edgeproxy.policies.forwardauth import ForwardAuthSpec, parse_auth_url, parse_copied_headers
 from edgeproxy.policies.iplist import IpRules, parse_cidrs
@@ -29,6 +30,7 @@ from edgeproxy.routes.transform import (
 )
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class LabelError:
     """One bad label: which, its value, and what was expected."""

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgeproxy.core.state import fast_state
 from edgeproxy.policies.basic import BasicAuthSpec
 from edgeproxy.policies.forwardauth import ForwardAuthSpec
 from edgeproxy.policies.iplist import IpRules
@@ -45,6 +46,7 @@ class Container:
         )
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class HealthSpec:
     """An active health check: GET `path` every `interval`; `fails` in a row take a replica out,
@@ -62,6 +64,7 @@ class HealthSpec:
 AuthKind = Literal["jwt", "basic", "forward"]
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class AuthSpec:
     """gateway.auth: one kind per route. jwt: every scope in `scopes` is required, `audience`
@@ -74,6 +77,7 @@ class AuthSpec:
     forward: ForwardAuthSpec | None = None
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
     """How a route matches and forwards: everything that replicas of a service share."""
@@ -106,6 +110,7 @@ class RouteSpec:
     hsts_subdomains: bool = False
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One replica a route can send requests to."""
@@ -179,6 +184,7 @@ def weighted_sequence(weights: list[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class Skipped:
     """Why a container is not (fully) routed; shown in logs and the admin API."""

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edgeproxy.core.paths import prefixes_of
+from edgeproxy.core.state import fast_state
 from edgeproxy.routes.labels import LabelError, LabelsInvalid, NotRouted, Routing, parse_labels
 from edgeproxy.routes.model import Container, ReplicaState, Route, RouteSpec, Skipped, Upstream
 
@@ -36,6 +37,7 @@ class FileRoute:
         return bool(self.upstreams)
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Why one container is, or is not, routed."""

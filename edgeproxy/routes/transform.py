@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from edgeproxy.core.paths import PathError, normalize_path
+from edgeproxy.core.state import fast_state
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Headers the proxy owns: labels may not set or remove them (framing, routing, identity).
@@ -41,6 +42,7 @@ def parse_header_value(value: str) -> str:
     return value.strip()
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class Rewrite:
     """`REGEX => REPLACEMENT` applied to the forwarded path (query kept)."""
@@ -110,6 +112,7 @@ def parse_prefix(value: str) -> str:
     return norm.rstrip("/")
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class CorsSpec:
     """Cross-origin rules; `origins` None means any origin ('*')."""
@@ -194,6 +197,7 @@ def parse_header_list(value: str) -> tuple[str, ...]:
     return names
 
 
+@fast_state
 @dataclass(frozen=True, slots=True)
 class HeaderRules:
     """Headers to set (value) or remove (empty value), compiled once per route."""

@@ -25,6 +25,13 @@ ROUTES = {"routes": {
             "health.path": "/hc", "request.headers.X-A": "1", "lb": "least_conn"},
     "wild": {"host": "*.example.com", "upstreams": ["https://10.0.0.3:443"],
              "tls.verify": False},
+    "basic": {"path": "/basic", "upstreams": ["http://10.0.0.4:80"], "auth": "basic",
+              "auth.users": "u:$2b$05$HRkLdMTE0o/hC70ORjzBIuBMHgJBBr5zhihDQhYgXtKGRPyYrJlH6",
+              "ip.allow": "10.0.0.0/8", "ip.deny": "10.9.0.0/16"},
+    "fwd": {"path": "/fwd", "upstreams": ["http://10.0.0.5:80"], "auth": "forward",
+            "auth.url": "http://10.0.0.6/auth", "auth.response_headers": "Remote-User"},
+    "jwt": {"path": "/jwt", "upstreams": ["http://10.0.0.7:80"], "auth": "jwt",
+            "auth.scopes": "read", "ratelimit": "5/s", "ratelimit.key": "sub"},
 }}
 
 
