@@ -242,6 +242,32 @@ def test_bounded_concurrency_answers_busy() -> None:
     v.close()
 
 
+def test_one_check_for_a_burst_of_the_same_credentials() -> None:
+    # A client opening many connections at once with a cold cache: one bcrypt per distinct
+    # header, every request answered, none refused as busy; a waiter that leaves (client gone)
+    # does not cancel the check the others wait for.
+    hashes: list[int] = []
+    v = BasicVerifier(threads=1, max_pending=2, on_hash=lambda: hashes.append(1))
+    s = spec(ALICE)
+
+    async def main() -> tuple[list[object], list[object]]:
+        leaving = asyncio.ensure_future(v.verify(s, header("alice", "pw-alice")))
+        good = [v.verify(s, header("alice", "pw-alice")) for _ in range(20)]
+        bad = [v.verify(s, header("alice", "nope")) for _ in range(20)]
+        await asyncio.sleep(0)
+        leaving.cancel()
+        results = await asyncio.gather(*good, *bad, return_exceptions=True)
+        return results[:20], results[20:]
+
+    good, bad = run(main())
+    assert good == ["alice"] * 20
+    assert {(r.status, r.cause) for r in bad if isinstance(r, BasicFailure)} == {
+        (401, "wrong_password")} and len(bad) == 20
+    assert len(hashes) == 2
+    assert v.pending == 0
+    v.close()
+
+
 def test_users_file_reload_and_bad_file_keeps_previous(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(basic, "USERS_FILE_POLL", 0.0)
