@@ -240,6 +240,20 @@ class BasicVerifier:
         return hmac.digest(self._key, authorization.encode("utf-8", "surrogateescape"),
                            "sha256")
 
+    def cached(self, spec: BasicAuthSpec, authorization: str | None) -> str | None:
+        """The user behind a header that verified recently, without a coroutine (the hot
+        path); None: call `verify`, which checks (or refuses) it."""
+        if not authorization:
+            return None
+        hit = self._cache.get(self.cache_key(authorization))
+        if hit is None:
+            return None
+        user, hashed, expires = hit
+        if expires > time.monotonic() and \
+                self._lookup(spec, self._file_users(spec), user) == hashed:
+            return user
+        return None
+
     async def verify(self, spec: BasicAuthSpec, authorization: str | None) -> str:
         """The user name behind the header, or BasicFailure."""
         if not authorization:

@@ -94,6 +94,12 @@ class Access:
             return None  # authenticate refuses it, and counts the refusal
         return None if identity is None else Grant(identity.subject, identity.scopes)
 
+    def basic_cached(self, spec: BasicAuthSpec, request: RequestView) -> Grant | None:
+        """The grant for a Basic route's request whose credentials verified recently, without
+        a coroutine (the hot path); None: call `authenticate`."""
+        user = self.basic.cached(spec, request.headers.get("Authorization"))
+        return None if user is None else _basic_grant(spec, user)
+
     async def _jwt(self, route: Route, auth: AuthSpec, request: RequestView,
                    ex: Exchange) -> Grant | Refusal:
         verifier = self.jwt
@@ -123,7 +129,7 @@ class Access:
             if exc.cause == "busy":
                 return Refusal(503, "auth_busy", exc.description, {"Retry-After": "1"})
             return Refusal(503, "auth_unavailable", exc.description)
-        return Grant(user, (), frozenset() if spec.keep_authorization else _AUTHORIZATION)
+        return _basic_grant(spec, user)
 
     async def _forward(self, route: Route, spec: ForwardAuthSpec, request: RequestView,
                        view: AccessContext, ex: Exchange) -> Grant | Refusal | LocalAnswer:
@@ -160,3 +166,8 @@ class Access:
         drop = frozenset(n.lower().encode() for n in spec.response_headers)
         add = tuple((n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in answer.headers)
         return Grant(None, (), drop, add)
+
+
+def _basic_grant(spec: BasicAuthSpec, user: str) -> Grant:
+    """The user as the subject; Authorization dropped unless the route keeps it."""
+    return Grant(user, (), frozenset() if spec.keep_authorization else _AUTHORIZATION)

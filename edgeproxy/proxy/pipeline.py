@@ -317,8 +317,11 @@ class Proxy(Generic[R]):
         grant: Grant | None = None
         auth_spec = spec.auth
         if auth_spec is not None:
-            grant = (self.access.jwt_cached(auth_spec, view) if auth_spec.kind == "jwt"
-                     else None)
+            # Recently verified credentials answer without a coroutine (the hot path).
+            if auth_spec.kind == "jwt":
+                grant = self.access.jwt_cached(auth_spec, view)
+            elif auth_spec.kind == "basic" and auth_spec.basic is not None:
+                grant = self.access.basic_cached(auth_spec.basic, view)
             if grant is None:
                 checked = await self.access.authenticate(
                     route, auth_spec, view,

@@ -8,6 +8,7 @@ import base64
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,23 @@ def test_cache_entry_stops_counting_when_the_user_changes_and_when_it_expires() 
 
     run(main())
     assert len(calls) == 5
+    v.close()
+
+
+def test_the_cached_path_follows_the_same_rules() -> None:
+    # `cached` is the pipeline's no-coroutine path: it passes only what `verify` would pass
+    # from its cache, and never refuses (None sends the request on to `verify`).
+    v = BasicVerifier(cache_ttl=0.05)
+    good = header("alice", "pw-alice")
+    assert v.cached(spec(ALICE), good) is None  # nothing verified yet
+    assert run(v.verify(spec(ALICE), good)) == "alice"
+    assert v.cached(spec(ALICE), good) == "alice"
+    assert v.cached(spec("alice:" + BOB.split(":", 1)[1]), good) is None  # another hash
+    assert v.cached(spec(BOB), good) is None  # no such user on this route
+    assert v.cached(spec(ALICE), header("alice", "nope")) is None
+    assert v.cached(spec(ALICE), None) is None
+    time.sleep(0.06)
+    assert v.cached(spec(ALICE), good) is None  # expired
     v.close()
 
 
