@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -30,6 +31,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import hpack
 from aiohttp import web
 from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -140,6 +142,17 @@ class _AnnouncedSettings(h2.settings.Settings):
         self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
 
 
+# The client hop: h2 validates every request head it decodes (RFC 9113 8.2 and 8.3: field
+# names and values, pseudo-headers, connection-specific fields, TE, Host vs :authority), as an
+# edge must. Its other passes are ours instead: cookies are joined in `H2Stream`, and the answer
+# heads the proxy writes are normalised and checked in `_pairs` (h2 would walk every byte of
+# every field in Python, twice, for heads built from already-parsed data).
+_CLIENT_HOP = h2.config.H2Configuration(
+    client_side=False, header_encoding=None, validate_inbound_headers=True,
+    normalize_inbound_headers=False, validate_outbound_headers=False,
+    normalize_outbound_headers=False)
+
+
 class H2Connection(asyncio.Protocol):
     """One client connection speaking HTTP/2; every request stream runs through the pipeline."""
 
@@ -151,9 +164,7 @@ class H2Connection(asyncio.Protocol):
         self._registry = registry
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True)
-        self.h2 = GracefulH2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=_CLIENT_HOP)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
         self.draining = False
@@ -164,6 +175,7 @@ class H2Connection(asyncio.Protocol):
         self._controls: collections.deque[float] = collections.deque()
         self._idle: asyncio.TimerHandle | None = None
         self._seen_request = False
+        self._flush_pending = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -381,7 +393,7 @@ class H2Connection(asyncio.Protocol):
         # the streams still open could not be answered (RFC 9113 6.8 says they may be).
         frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id,
                             error_code=h2.errors.ErrorCodes.NO_ERROR)
-        self.flush()
+        self.flush_now()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame.serialize())
         if not self.streams:
@@ -400,13 +412,23 @@ class H2Connection(asyncio.Protocol):
         self._disarm_idle()
         if self._registry is not None:
             self._registry.discard(self)
+        self.flush_now()  # what h2 queued last (a GOAWAY with its code) goes out first
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     # --- writing --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what h2 has queued."""
+        """Write what h2 has queued, once at the end of this pass of the event loop: every
+        stream answered in the same pass (and the window updates of one read) share one TLS
+        record and one send instead of one each."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Write what h2 has queued, now (before a close or a frame written by hand)."""
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -590,9 +612,13 @@ class H2Stream:
                 if window <= 0:
                     break
                 n = min(window, conn.h2.max_outbound_frame_size, len(out))
-                conn.h2.send_data(self.stream_id, bytes(out[:n]))
+                # The last piece carries END_STREAM itself: one frame less per answer.
+                last = n == len(out) and self._out_end and not self._out_trailers
+                conn.h2.send_data(self.stream_id, bytes(out[:n]), end_stream=last)
                 del out[:n]
-            if not out and self._out_end:
+                if last:
+                    self.sent_end = True
+            if not out and self._out_end and not self.sent_end:
                 if self._out_trailers:
                     conn.h2.send_headers(self.stream_id, self._out_trailers, end_stream=True)
                 else:
@@ -683,7 +709,10 @@ class H2Stream:
         if failed is not None:
             detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
             raise UpstreamFailed("upstream_error", False, detail)
-        pairs = _pairs(headers)
+        try:
+            pairs = _pairs(headers)
+        except BadHeader as exc:  # nginx: "upstream sent invalid header", 502
+            raise UpstreamFailed("upstream_error", False, str(exc)) from None
         if not gzip and resp.content_length is not None:
             pairs.append((b"content-length", b"%d" % resp.content_length))
         bodiless = self.method == "HEAD" or status in _EMPTY_BODY
@@ -764,15 +793,34 @@ def _grpc_status(pairs: h.RawHeaders) -> int | None:
 
 _CONNECTION_SPECIFIC = frozenset(("connection", "keep-alive", "proxy-connection",
                                   "transfer-encoding", "upgrade", "te", "content-length"))
+_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
+# Kept out of the HPACK table (h2's own rule, applied here as h2's outbound normalisation is
+# off): a secret in a compression context shared with an attacker leaks by size (CRIME).
+_SECRET = frozenset((b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"))
+_FORBIDDEN_IN_VALUE = re.compile("[\0\r\n]")
+
+
+class BadHeader(ValueError):
+    """A header value HTTP/2 cannot carry (NUL, CR or LF, RFC 9113 8.2.1)."""
 
 
 def _pairs(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
-    """Lower-case header pairs for HTTP/2, without connection-specific fields."""
-    return [(low, v.encode("utf-8", "surrogateescape")) for n, v in headers.items()
-            if (low := n.lower().encode("latin-1")) not in _CONNECTION_SPECIFIC_B]
-
-
-_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
+    """The answer's header pairs as h2 sends them without its own outbound normalisation and
+    validation (both off, see `_CLIENT_HOP`): names lower-cased, connection-specific fields
+    dropped, values without surrounding whitespace (an HTTP/1.1 replica's may end in some),
+    secrets never indexed. A value with NUL, CR or LF raises `BadHeader`."""
+    out: list[tuple[bytes, bytes]] = []
+    for n, v in headers.items():
+        low = n.lower().encode("latin-1")
+        if low in _CONNECTION_SPECIFIC_B:
+            continue
+        if _FORBIDDEN_IN_VALUE.search(v) is not None:
+            raise BadHeader(f"header {n!r} has a NUL, CR or LF in its value {v!r}; "
+                            "expected none (RFC 9113 8.2.1)")
+        value = v.strip(" \t").encode("utf-8", "surrogateescape")
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in _SECRET
+                   else (low, value))
+    return out
 
 
 # --- listeners: one port, two protocols ------------------------------------------------------
