@@ -37,7 +37,7 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.clients.upstream import UpstreamError
-from edgeproxy.clients.upstream_h2 import GracefulH2Connection, UpstreamReset
+from edgeproxy.clients.upstream_h2 import NOT_INDEXED, GracefulH2Connection, UpstreamReset
 from edgeproxy.core import headers as h
 from edgeproxy.core.logs import get_logger
 from edgeproxy.core.settings import Settings
@@ -794,9 +794,6 @@ def _grpc_status(pairs: h.RawHeaders) -> int | None:
 _CONNECTION_SPECIFIC = frozenset(("connection", "keep-alive", "proxy-connection",
                                   "transfer-encoding", "upgrade", "te", "content-length"))
 _CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
-# Kept out of the HPACK table (h2's own rule, applied here as h2's outbound normalisation is
-# off): a secret in a compression context shared with an attacker leaks by size (CRIME).
-_SECRET = frozenset((b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"))
 _FORBIDDEN_IN_VALUE = re.compile("[\0\r\n]")
 
 
@@ -808,7 +805,8 @@ def _pairs(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
     """The answer's header pairs as h2 sends them without its own outbound normalisation and
     validation (both off, see `_CLIENT_HOP`): names lower-cased, connection-specific fields
     dropped, values without surrounding whitespace (an HTTP/1.1 replica's may end in some),
-    secrets never indexed. A value with NUL, CR or LF raises `BadHeader`."""
+    secrets and per-request values never indexed (`NOT_INDEXED`). A value with NUL, CR or LF
+    raises `BadHeader`."""
     out: list[tuple[bytes, bytes]] = []
     for n, v in headers.items():
         low = n.lower().encode("latin-1")
@@ -818,7 +816,7 @@ def _pairs(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
             raise BadHeader(f"header {n!r} has a NUL, CR or LF in its value {v!r}; "
                             "expected none (RFC 9113 8.2.1)")
         value = v.strip(" \t").encode("utf-8", "surrogateescape")
-        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in _SECRET
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
                    else (low, value))
     return out
 
