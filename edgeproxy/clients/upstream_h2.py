@@ -629,21 +629,34 @@ class H2Pool:
         self._conns.clear()
 
 
+def _split_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            out.append((name.strip(), value))
+    return out
+
+
 def request_headers(method: str, target: str, scheme: str, default_host: str,
                     head: UpstreamHead, extra: bytes = b"") -> list[tuple[bytes, bytes]]:
-    """HTTP/2 request headers from the head the pipeline built (one `Name: value` line each)
-    and `extra` lines of this try (its traceparent): pseudo-headers first, Host as :authority,
-    names lower-cased, connection-specific ones dropped, and `te: trailers` for gRPC (its
-    servers require it)."""
+    """HTTP/2 request headers from the head the pipeline built (its pairs, else one
+    `Name: value` line each) and `extra` lines of this try (its traceparent): pseudo-headers
+    first, Host as :authority, names lower-cased, values trimmed, connection-specific ones
+    dropped, secrets and per-request values never indexed (`NOT_INDEXED`), and `te: trailers`
+    for gRPC (its servers require it). h2's own outbound checks are off (`_REPLICA_HOP`):
+    the client's fields were checked by the front that took them (h2 or llhttp)."""
     authority = default_host.encode()
     pairs: list[tuple[bytes, bytes]] = []
     grpc = False
-    for line in b"".join((*head.pieces, extra)).split(b"\r\n"):
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        low = name.strip().lower()
-        value = value.strip()
+    given = head.pairs
+    if given is None:
+        given = _split_lines(b"".join(head.pieces))
+    if extra:
+        given = [*given, *_split_lines(extra)]
+    for name, value in given:
+        low = name.lower()
+        value = value.strip(b" \t")
         if low == b"host":
             authority = value
             continue

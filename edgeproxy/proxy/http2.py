@@ -702,17 +702,24 @@ class H2Stream:
         replica's trailers (gRPC's status lives there) at the end."""
         status = resp.status
         ex.status = status
-        headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, self.method,
-                                       status, self.headers.get("Accept-Encoding", ""),
-                                       resp.content_length)
         failed = resp.failure()
         if failed is not None:
             detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
             raise UpstreamFailed("upstream_error", False, detail)
-        try:
-            pairs = _pairs(headers)
-        except BadHeader as exc:  # nginx: "upstream sent invalid header", 502
-            raise UpstreamFailed("upstream_error", False, str(exc)) from None
+        extra = ex.extra_headers
+        gzip = False
+        if not spec.compress and not spec.response_headers and not (extra and "Vary" in extra):
+            # The common case: nothing rewrites the replica's head, so it goes from its bytes
+            # to the client's without a multidict in between (as HTTP/1.1's response_head).
+            pairs = _replica_pairs(resp.raw_headers, ex.rid, extra)
+        else:
+            headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, self.method,
+                                           status, self.headers.get("Accept-Encoding", ""),
+                                           resp.content_length)
+            try:
+                pairs = _pairs(headers)
+            except BadHeader as exc:  # nginx: "upstream sent invalid header", 502
+                raise UpstreamFailed("upstream_error", False, str(exc)) from None
         if not gzip and resp.content_length is not None:
             pairs.append((b"content-length", b"%d" % resp.content_length))
         bodiless = self.method == "HEAD" or status in _EMPTY_BODY
@@ -816,6 +823,34 @@ def _pairs(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
             raise BadHeader(f"header {n!r} has a NUL, CR or LF in its value {v!r}; "
                             "expected none (RFC 9113 8.2.1)")
         value = v.strip(" \t").encode("utf-8", "surrogateescape")
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                   else (low, value))
+    return out
+
+
+_REPLACED = frozenset((b"x-request-id",))  # the replica's is replaced by ours
+
+
+def _replica_pairs(raw: h.RawHeaders, rid: str,
+                   extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """The client's head for a replica's answer that no rule rewrites, from its bytes: the
+    fields `downstream_pairs` keeps (hop-by-hop and Content-Length dropped), names
+    lower-cased and values trimmed (an HTTP/1.1 replica's may be neither), then X-Request-ID
+    and `extra` (ours, replacing the replica's of the same names). No value holds NUL, CR or
+    LF: llhttp refuses them from an HTTP/1.1 replica, `_response_fields` from an HTTP/2 one."""
+    ours = [(k.lower().encode("latin-1"), v.encode("utf-8", "surrogateescape"))
+            for k, v in extra.items()] if extra else []
+    drop = _REPLACED.union(n for n, _ in ours) if ours else _REPLACED
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in h.downstream_pairs(raw, drop)[0]:
+        low = name.lower()
+        if low in _CONNECTION_SPECIFIC_B:
+            continue
+        value = value.strip(b" \t")
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                   else (low, value))
+    out.append(hpack.NeverIndexedHeaderTuple(b"x-request-id", rid.encode()))
+    for low, value in ours:
         out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
                    else (low, value))
     return out
