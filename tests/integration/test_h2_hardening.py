@@ -325,3 +325,60 @@ def test_a_replica_reset_reaches_the_client_with_its_code(
             assert frame.error_code == 8  # CANCEL, as the replica said
         finally:
             c.close()
+
+
+class _MalformedReplica:
+    """An h2c replica (h2 with its own outbound checks off) that answers /bad with a field
+    HTTP/2 forbids and anything else with 200 "ok", counting its connections."""
+
+    def __init__(self, field: tuple[bytes, bytes]) -> None:
+        self.field = field
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while data := conn.recv(65536):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    path = dict(event.headers or ()).get(b":path")
+                    head = [(b":status", b"200"), (b"content-length", b"2")]
+                    if path == b"/bad":
+                        head.append(self.field)
+                    h2c.send_headers(event.stream_id, head)
+                    h2c.send_data(event.stream_id, b"ok", end_stream=True)
+            conn.sendall(h2c.data_to_send())
+
+
+@pytest.mark.parametrize("field", [(b"x-a", b"b\x00c"), (b"X-Upper", b"v"), (b":path", b"/"),
+                                   (b"connection", b"close")],
+                         ids=["nul-in-value", "uppercase-name", "pseudo-header", "connection"])
+def test_a_replicas_malformed_field_costs_that_request_only(
+        tmp_path_factory: pytest.TempPathFactory, field: tuple[bytes, bytes]) -> None:
+    """h2's own replica-side validation is off: our check fails the one stream with a 502
+    (as nginx's "upstream sent invalid header"), the connection serves the next request."""
+    tmp = tmp_path_factory.mktemp("h2-malformed")
+    replica = _MalformedReplica(field)
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes)) as p:
+        bad = requests.get(p.url("/bad"), timeout=5)
+        assert bad.status_code == 502
+        assert bad.json()["error"]["code"] == "upstream_error"
+        good = requests.get(p.url("/good"), timeout=5)
+        assert (good.status_code, good.text) == (200, "ok")
+        assert replica.connections == 1
