@@ -467,8 +467,10 @@ class H2Response:
         return None if s.ended else s.error
 
     def complete_body(self) -> bytes | None:
+        """The whole body once the stream has ended, else None (trailers, if any, stay in
+        `trailers`: a unary gRPC answer is relayed in one pass too)."""
         s = self._stream
-        if not s.ended or s.trailers:
+        if not s.ended:
             return None
         data = b"".join(d for d, _ in s.body)
         s.conn.consumed(s, sum(flow for _, flow in s.body))  # one acknowledgement for all

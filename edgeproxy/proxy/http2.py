@@ -257,13 +257,13 @@ class H2Connection(asyncio.Protocol):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.pump()
-            else:
-                for stream in list(self.streams.values()):
+            else:  # the connection's window: only streams with something waiting for it
+                for stream in [s for s in self.streams.values() if s.unsent]:
                     stream.pump()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._control()
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for stream in list(self.streams.values()):
+                for stream in [s for s in self.streams.values() if s.unsent]:
                     stream.pump()
         elif isinstance(event, h2.events.PingReceived):
             self._control()
@@ -599,6 +599,11 @@ class H2Stream:
             self._out_trailers = trailers
         self.pump()
 
+    @property
+    def unsent(self) -> bool:
+        """Part of the answer (or its end) still waits for the client's window."""
+        return bool(self._out) or (self._out_end and not self.sent_end)
+
     def pump(self) -> None:
         """Send what the client's window allows; end the stream once all is sent."""
         conn = self.conn
@@ -635,10 +640,13 @@ class H2Stream:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def _write(self, data: bytes) -> None:
-        """Queue a body chunk and wait until the client's window took it all."""
-        self._queue(data)
-        while self._out and not self._reset and not self.conn.closed:
+    async def _write(self, data: bytes, end: bool = False,
+                     trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Queue a body chunk (with `end`, the last one, then `trailers`) and wait until the
+        client's window took it all: the pipeline must not finish the stream (which resets
+        one not ended) while part of its answer still waits for the client's window."""
+        self._queue(data, end, trailers)
+        while self.unsent and not self._reset and not self.conn.closed:
             self._out_waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._out_waiter
@@ -731,10 +739,15 @@ class H2Stream:
             if bodiless:
                 self._send_headers(status, pairs, end=True)
                 return
-            if whole is not None and not trailers:
-                self._send_headers(status, pairs, end=not whole)
-                if whole:
-                    self._queue(whole, end=True)
+            if whole is not None:
+                # All of it is here (a small answer, a unary gRPC call): head, body and
+                # trailers go out in this pass, waiting only if the client's window is short.
+                end = not whole and not trailers
+                self._send_headers(status, pairs, end=end)
+                if self.grpc:
+                    ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
+                if not end:
+                    await self._write(whole, end=True, trailers=_lower(trailers))
                 ex.bytes = len(whole)
                 return
             self._send_headers(status, pairs, end=False)
@@ -743,18 +756,13 @@ class H2Stream:
             return
         sent = 0
         try:
-            if whole is not None:
-                await self._write(whole)
-                sent += len(whole)
-            else:
-                async for chunk in encoded_body(resp.iter_body(), gzip):
-                    await self._write(chunk)
-                    sent += len(chunk)
+            async for chunk in encoded_body(resp.iter_body(), gzip):
+                await self._write(chunk)
+                sent += len(chunk)
             trailers = resp.trailers
             if self.grpc:
                 ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
-            self._queue(b"", end=True,
-                        trailers=[(n.lower(), v) for n, v in trailers] if trailers else None)
+            self._queue(b"", end=True, trailers=_lower(trailers))
         except UpstreamError as exc:
             # Headers are out: reset the stream so the client never takes a truncated body
             # (or a gRPC call without its status) for a whole one.
@@ -789,6 +797,10 @@ def _error_code(code: int) -> h2.errors.ErrorCodes:
         return h2.errors.ErrorCodes(code)
     except ValueError:  # a code h2 does not know: still an error, not NO_ERROR
         return h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+def _lower(trailers: h.RawHeaders | None) -> list[tuple[bytes, bytes]] | None:
+    return [(n.lower(), v) for n, v in trailers] if trailers else None
 
 
 def _grpc_status(pairs: h.RawHeaders) -> int | None:

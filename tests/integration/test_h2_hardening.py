@@ -179,6 +179,26 @@ def test_a_client_that_keeps_opening_streams_over_the_limit_gets_goaway(
     still_serves(proxy)
 
 
+def test_an_answer_larger_than_the_clients_window_arrives_whole(proxy: ProxyProcess) -> None:
+    """A small answer read whole from the replica still waits for the client's window: the
+    stream ends after its last byte, never with a reset once the first window is spent."""
+    c = RawH2(proxy.port, window=1000)
+    try:
+        c.headers(1, "/respond?body=" + "x" * 3000)  # the head limit here is 4k
+        got = 0
+        while True:
+            frame = c.read_frame()
+            assert frame is not None and frame.type != RST_STREAM
+            if frame.type == DATA and frame.stream_id == 1:
+                got += len(frame.payload)
+                c.window_update(1, len(frame.payload))
+                if frame.flags & 1:  # END_STREAM
+                    break
+        assert got == 3000
+    finally:
+        c.close()
+
+
 class _BigReplica:
     """An HTTP/1.1 replica answering with an endless body, counting what it could send."""
 
