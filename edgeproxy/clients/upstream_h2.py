@@ -135,6 +135,15 @@ class _Stream:
             if w is not None and not w.done():
                 w.set_result(None)
 
+    def body_sent(self, sender: asyncio.Future[None]) -> None:
+        """The request body's sender finished: its failure before the response head is the
+        request's failure (the exception is always retrieved: after the head nobody waits)."""
+        if sender.cancelled():
+            return
+        exc = sender.exception()
+        if exc is not None and not self.headers_done.done():
+            self.headers_done.set_exception(exc)
+
     def fail(self, exc: UpstreamError) -> None:
         if self.ended or self.error is not None:
             return
@@ -598,17 +607,12 @@ class H2Pool:
         sender: asyncio.Future[None] | None = None
         if body is not None:
             sender = asyncio.ensure_future(conn.send_body(stream, body))
+            sender.add_done_callback(stream.body_sent)
         try:
             async with asyncio.timeout(rt):
-                if sender is None:
-                    await stream.headers_done
-                else:
-                    done, _ = await asyncio.wait((stream.headers_done, sender),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if stream.headers_done not in done:
-                        sender.result()  # raises the body's failure (too large, client gone)
-                        await stream.headers_done
-                    stream.headers_done.result()
+                # A body that fails first (too large, client gone) fails this wait with its
+                # own exception (`_Stream.body_sent`).
+                await stream.headers_done
         except TimeoutError:
             conn.finish(stream)
             if sender is not None:

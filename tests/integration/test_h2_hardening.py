@@ -402,3 +402,48 @@ def test_a_replicas_malformed_field_costs_that_request_only(
         good = requests.get(p.url("/good"), timeout=5)
         assert (good.status_code, good.text) == (200, "ok")
         assert replica.connections == 1
+
+
+class _CountingReplica:
+    """An h2c replica that answers once the request body has ended, with its length."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        sizes: dict[int, int] = {}
+        while data := conn.recv(65536):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    sizes[event.stream_id] = sizes.get(event.stream_id, 0) + len(event.data)
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    body = str(sizes.pop(event.stream_id, 0)).encode()
+                    h2c.send_headers(event.stream_id, [(":status", "200")])
+                    h2c.send_data(event.stream_id, body, end_stream=True)
+            conn.sendall(h2c.data_to_send())
+
+
+def test_a_request_body_failing_on_its_way_to_an_h2_replica(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The body's own failure (over the limit, found while streaming it) is the answer, 413,
+    and a body within the limit still reaches the replica whole."""
+    tmp = tmp_path_factory.mktemp("h2-body")
+    replica = _CountingReplica()
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), max_body_size="1000") as p:
+        # A generator body goes chunked: no Content-Length to refuse it by up front.
+        big = requests.post(p.url("/up"), data=iter([b"x" * 600, b"x" * 600]), timeout=5)
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "body_too_large"
+        small = requests.post(p.url("/up"), data=iter([b"x" * 300, b"x" * 300]), timeout=5)
+        assert (small.status_code, small.text) == (200, "600")
