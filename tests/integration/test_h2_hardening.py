@@ -22,6 +22,7 @@ from tests.h2_raw import (
     ENHANCE_YOUR_CALM,
     GOAWAY,
     HEADERS,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
@@ -176,6 +177,22 @@ def test_a_client_that_keeps_opening_streams_over_the_limit_gets_goaway(
         c.close()
     wait_for(lambda: any(e["kind"] == "refused_streams" for e in proxy.events("h2_abuse")),
              what="an h2_abuse event for refused streams")
+    still_serves(proxy)
+
+
+@pytest.mark.parametrize("field", [("X-Upper", "v"), ("x-a", "v\x00"), ("x-a", " v"),
+                                   ("connection", "close"), ("te", "gzip"), (":custom", "v")],
+                         ids=["uppercase-name", "nul-in-value", "leading-space", "connection",
+                              "te-not-trailers", "unknown-pseudo"])
+def test_a_malformed_request_head_ends_the_connection(proxy: ProxyProcess,
+                                                       field: tuple[str, str]) -> None:
+    """h2's inbound checks stay on at the edge (only its outbound passes are ours)."""
+    c = RawH2(proxy.port)
+    try:
+        c.headers(1, "/", extra=[field])
+        assert goaway_code(c) == PROTOCOL_ERROR
+    finally:
+        c.close()
     still_serves(proxy)
 
 
