@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from multidict import CIMultiDict
 
 from edgeproxy.clients.upstream import (
@@ -42,6 +44,35 @@ _events = get_logger("upstream_h2")
 # Never sent in HTTP/2 (RFC 9113 8.2.2); the pipeline already removed the other hop-by-hop ones.
 _DROP = frozenset((b"host", b"connection", b"keep-alive", b"proxy-connection",
                    b"transfer-encoding", b"upgrade", b"te"))
+# Fields kept out of the HPACK dynamic table, on both hops (h2's outbound normalisation, which
+# would mark the secrets, is off). Secrets: many clients' requests share one connection's
+# compression context, so a secret indexed there could be guessed by another client from the
+# sizes of its own requests (CRIME); h2 and nghttp2 never index them either. The rest change
+# with every request or resource (our request ids and trace context; nghttp2's list without
+# :path and content-length, which repeat in API and gRPC traffic): indexed, each would evict
+# a field that repeats, and the encoder's table search (a linear scan in hpack) would walk a
+# table full of dead ids for every field of every head (measured: 52 -> 38 us to encode a
+# request and an answer head with a unique x-request-id each).
+NOT_INDEXED = frozenset((
+    b"authorization", b"proxy-authorization", b"cookie", b"set-cookie",
+    b"etag", b"last-modified", b"location", b"age", b"if-modified-since", b"if-none-match",
+    b"x-request-id", b"traceparent", b"tracestate"))
+# A response field as RFC 9113 8.2.1 allows it: a lower-case token name (":" only in
+# pseudo-headers, dealt with apart), a value without NUL, CR or LF.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\0\r\n]")
+_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                  b"transfer-encoding", b"upgrade", b"te"))
+# The replica hop: our request heads are built by `request_headers` (lower-case names,
+# connection-specific fields dropped, values trimmed, secrets never indexed), so h2's
+# outbound passes would only walk them again. Response heads are checked once, by
+# `_response_fields`, per stream: a replica's malformed field fails that request with a 502
+# (as nginx's "upstream sent invalid header"), not every stream on the connection, which is
+# what h2's inbound validation would do (a connection error).
+_REPLICA_HOP = h2.config.H2Configuration(
+    client_side=True, header_encoding=None, validate_inbound_headers=False,
+    normalize_inbound_headers=False, validate_outbound_headers=False,
+    normalize_outbound_headers=False)
 
 
 class GracefulH2Connection(h2.connection.H2Connection):
@@ -104,6 +135,15 @@ class _Stream:
             if w is not None and not w.done():
                 w.set_result(None)
 
+    def body_sent(self, sender: asyncio.Future[None]) -> None:
+        """The request body's sender finished: its failure before the response head is the
+        request's failure (the exception is always retrieved: after the head nobody waits)."""
+        if sender.cancelled():
+            return
+        exc = sender.exception()
+        if exc is not None and not self.headers_done.done():
+            self.headers_done.set_exception(exc)
+
     def fail(self, exc: UpstreamError) -> None:
         if self.ended or self.error is not None:
             return
@@ -121,9 +161,7 @@ class _Conn(asyncio.Protocol):
         self.loop = loop
         self.max_streams = max_streams
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                           validate_inbound_headers=True)
-        self.h2 = GracefulH2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=_REPLICA_HOP)
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway = False
@@ -131,6 +169,7 @@ class _Conn(asyncio.Protocol):
         self._drain: list[asyncio.Future[None]] = []
         self._idle: asyncio.TimerHandle | None = None
         self.reserved = 0  # streams promised to requests still writing their headers
+        self._flush_pending = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -149,7 +188,7 @@ class _Conn(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.flush()
+            self.flush_now()
             self._lost(UpstreamError(f"HTTP/2 protocol error from the replica: {exc}", False))
             if self.transport is not None:
                 self.transport.close()
@@ -178,13 +217,13 @@ class _Conn(asyncio.Protocol):
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                status = b"0"
-                for name, value in event.headers or ():
-                    if name == b":status":
-                        status = value
-                    elif not name.startswith(b":"):
-                        stream.raw_headers.append((name, value))
-                stream.status = int(status) if status.isdigit() else 0
+                try:
+                    status, stream.raw_headers = _response_fields(event.headers or (), False)
+                except UpstreamError as exc:
+                    stream.fail(exc)
+                    self.finish(stream)
+                    return
+                stream.status = status
                 if not stream.headers_done.done():
                     stream.headers_done.set_result(None)
         elif isinstance(event, h2.events.DataReceived):
@@ -198,7 +237,11 @@ class _Conn(asyncio.Protocol):
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.trailers = list(event.headers or ())
+                try:
+                    stream.trailers = _response_fields(event.headers or (), True)[1]
+                except UpstreamError as exc:
+                    stream.fail(exc)
+                    self.finish(stream)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -300,6 +343,14 @@ class _Conn(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
                 self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
             self.flush()
+        unread = sum(flow for _, flow in stream.body)
+        stream.body.clear()
+        if unread and not self.closed:
+            # Never read by the client: still the connection's window to give back, or a
+            # few aborted downloads would stall every later stream on this connection.
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.h2.acknowledge_received_data(unread, stream.stream_id)
+            self.flush()
         self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
@@ -313,6 +364,7 @@ class _Conn(asyncio.Protocol):
             return
         if self.goaway:
             if self.transport is not None:
+                self.flush_now()  # the last streams' resets or window updates first
                 self.transport.close()
             return
         if self._idle is None:
@@ -324,7 +376,7 @@ class _Conn(asyncio.Protocol):
             self.goaway = True
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection()
-            self.flush()
+            self.flush_now()
             self.transport.close()
 
     def _lost(self, exc: UpstreamError) -> None:
@@ -338,6 +390,15 @@ class _Conn(asyncio.Protocol):
         self.resume_writing()
 
     def flush(self) -> None:
+        """Write what h2 has queued at the end of this pass of the event loop: the requests
+        (and window updates) of every stream served in the same pass share one send."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Write what h2 has queued, now (before a close)."""
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -347,6 +408,36 @@ class _Conn(asyncio.Protocol):
             fut = self.loop.create_future()
             self._drain.append(fut)
             await fut
+
+
+def _response_fields(fields: Iterable[tuple[bytes, bytes]],
+                     trailers: bool) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """A replica's response head (or its trailers) checked in one pass, as h2's inbound
+    validation would (RFC 9113 8.2, 8.3.2): `:status` first and only in a head, no other
+    pseudo-header, regular names lower-case tokens and not connection-specific, values without
+    NUL, CR or LF (trimmed of surrounding blanks). Returns the status and the regular fields;
+    raises UpstreamError naming the first bad field."""
+    status = 0
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        if name[:1] == b":":
+            if (name == b":status" and not trailers and not status and not out
+                    and len(value) == 3 and value.isdigit() and value[:1] != b"0"):
+                status = int(value)
+                continue
+            raise UpstreamError(f"the replica sent {name!r} {value!r} in its response "
+                                f"{'trailers' if trailers else 'head'}; expected one 3-digit "
+                                ":status before the other fields of a head", False)
+        if _FIELD_NAME.fullmatch(name) is None or name in _CONNECTION_SPECIFIC:
+            raise UpstreamError(f"the replica sent an invalid response field name {name!r}; "
+                                "expected a lower-case token, not connection-specific", False)
+        if _FORBIDDEN_IN_VALUE.search(value) is not None:
+            raise UpstreamError(f"the replica sent response field {name!r} with a NUL, CR or "
+                                f"LF in its value {value!r}", False)
+        out.append((name, value.strip(b" \t")))
+    if not status and not trailers:
+        raise UpstreamError("the replica sent a response head without :status", False)
+    return status, out
 
 
 def _code_name(code: int | None) -> str:
@@ -385,12 +476,13 @@ class H2Response:
         return None if s.ended else s.error
 
     def complete_body(self) -> bytes | None:
+        """The whole body once the stream has ended, else None (trailers, if any, stay in
+        `trailers`: a unary gRPC answer is relayed in one pass too)."""
         s = self._stream
-        if not s.ended or s.trailers:
+        if not s.ended:
             return None
         data = b"".join(d for d, _ in s.body)
-        for _, flow in s.body:
-            s.conn.consumed(s, flow)
+        s.conn.consumed(s, sum(flow for _, flow in s.body))  # one acknowledgement for all
         s.body.clear()
         s.buffered = 0
         return data
@@ -515,17 +607,12 @@ class H2Pool:
         sender: asyncio.Future[None] | None = None
         if body is not None:
             sender = asyncio.ensure_future(conn.send_body(stream, body))
+            sender.add_done_callback(stream.body_sent)
         try:
             async with asyncio.timeout(rt):
-                if sender is None:
-                    await stream.headers_done
-                else:
-                    done, _ = await asyncio.wait((stream.headers_done, sender),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if stream.headers_done not in done:
-                        sender.result()  # raises the body's failure (too large, client gone)
-                        await stream.headers_done
-                    stream.headers_done.result()
+                # A body that fails first (too large, client gone) fails this wait with its
+                # own exception (`_Stream.body_sent`).
+                await stream.headers_done
         except TimeoutError:
             conn.finish(stream)
             if sender is not None:
@@ -548,21 +635,34 @@ class H2Pool:
         self._conns.clear()
 
 
+def _split_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            out.append((name.strip(), value))
+    return out
+
+
 def request_headers(method: str, target: str, scheme: str, default_host: str,
                     head: UpstreamHead, extra: bytes = b"") -> list[tuple[bytes, bytes]]:
-    """HTTP/2 request headers from the head the pipeline built (one `Name: value` line each)
-    and `extra` lines of this try (its traceparent): pseudo-headers first, Host as :authority,
-    names lower-cased, connection-specific ones dropped, and `te: trailers` for gRPC (its
-    servers require it)."""
+    """HTTP/2 request headers from the head the pipeline built (its pairs, else one
+    `Name: value` line each) and `extra` lines of this try (its traceparent): pseudo-headers
+    first, Host as :authority, names lower-cased, values trimmed, connection-specific ones
+    dropped, secrets and per-request values never indexed (`NOT_INDEXED`), and `te: trailers`
+    for gRPC (its servers require it). h2's own outbound checks are off (`_REPLICA_HOP`):
+    the client's fields were checked by the front that took them (h2 or llhttp)."""
     authority = default_host.encode()
     pairs: list[tuple[bytes, bytes]] = []
     grpc = False
-    for line in b"".join((*head.pieces, extra)).split(b"\r\n"):
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        low = name.strip().lower()
-        value = value.strip()
+    given = head.pairs
+    if given is None:
+        given = _split_lines(b"".join(head.pieces))
+    if extra:
+        given = [*given, *_split_lines(extra)]
+    for name, value in given:
+        low = name.lower()
+        value = value.strip(b" \t")
         if low == b"host":
             authority = value
             continue
@@ -570,7 +670,8 @@ def request_headers(method: str, target: str, scheme: str, default_host: str,
             continue
         if low == b"content-type" and value.startswith(b"application/grpc"):
             grpc = True
-        pairs.append((low, value))
+        pairs.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                     else (low, value))
     out = [(b":method", method.encode()), (b":scheme", scheme.encode()),
            (b":authority", authority), (b":path", target.encode("utf-8", "surrogateescape"))]
     out.extend(pairs)

@@ -138,11 +138,14 @@ class UpstreamHead:
     The pieces are the client's own header bytes where they pass unchanged, so a large head
     is not copied until the moment it is written (and that copy is dropped once written).
     The request line, a Host for clients that sent none, and chunked framing depend on the
-    try (target, replica, body) and are added by `parts`."""
+    try (target, replica, body) and are added by `parts`. `pairs` holds the same headers as
+    (name, value) pairs when they were built as such (an HTTP/2 replica takes them without
+    the lines being split up again), else None."""
 
     pieces: list[bytes]
     has_host: bool
     has_length: bool
+    pairs: list[tuple[bytes, bytes]] | None = None
 
     @classmethod
     def of(cls, headers: CIMultiDict[str]) -> UpstreamHead:
@@ -181,10 +184,10 @@ def upstream_head(raw: RawHeaders, hop: HopInfo,
     for name, value in pairs:
         parts.extend((name, b": ", value, b"\r\n"))
     if auth is not None:
-        subject, scopes = auth
-        parts.append(f"X-Auth-Subject: {subject}\r\nX-Auth-Scopes: {scopes}\r\n".encode(
-            "utf-8", "surrogateescape"))
-    return UpstreamHead(parts, has_host, has_length)
+        subject, scopes = (a.encode("utf-8", "surrogateescape") for a in auth)
+        parts.extend((b"X-Auth-Subject: ", subject, b"\r\nX-Auth-Scopes: ", scopes, b"\r\n"))
+        pairs.extend(((b"X-Auth-Subject", subject), (b"X-Auth-Scopes", scopes)))
+    return UpstreamHead(parts, has_host, has_length, pairs)
 
 
 def upstream_request_headers(raw: RawHeaders, hop: HopInfo) -> CIMultiDict[str]:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -30,12 +31,13 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import hpack
 from aiohttp import web
 from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.clients.upstream import UpstreamError
-from edgeproxy.clients.upstream_h2 import GracefulH2Connection, UpstreamReset
+from edgeproxy.clients.upstream_h2 import NOT_INDEXED, GracefulH2Connection, UpstreamReset
 from edgeproxy.core import headers as h
 from edgeproxy.core.logs import get_logger
 from edgeproxy.core.settings import Settings
@@ -140,6 +142,17 @@ class _AnnouncedSettings(h2.settings.Settings):
         self[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = value
 
 
+# The client hop: h2 validates every request head it decodes (RFC 9113 8.2 and 8.3: field
+# names and values, pseudo-headers, connection-specific fields, TE, Host vs :authority), as an
+# edge must. Its other passes are ours instead: cookies are joined in `H2Stream`, and the answer
+# heads the proxy writes are normalised and checked in `_pairs` (h2 would walk every byte of
+# every field in Python, twice, for heads built from already-parsed data).
+_CLIENT_HOP = h2.config.H2Configuration(
+    client_side=False, header_encoding=None, validate_inbound_headers=True,
+    normalize_inbound_headers=False, validate_outbound_headers=False,
+    normalize_outbound_headers=False)
+
+
 class H2Connection(asyncio.Protocol):
     """One client connection speaking HTTP/2; every request stream runs through the pipeline."""
 
@@ -151,9 +164,7 @@ class H2Connection(asyncio.Protocol):
         self._registry = registry
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True)
-        self.h2 = GracefulH2Connection(config=config)
+        self.h2 = GracefulH2Connection(config=_CLIENT_HOP)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
         self.draining = False
@@ -164,6 +175,7 @@ class H2Connection(asyncio.Protocol):
         self._controls: collections.deque[float] = collections.deque()
         self._idle: asyncio.TimerHandle | None = None
         self._seen_request = False
+        self._flush_pending = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -245,13 +257,13 @@ class H2Connection(asyncio.Protocol):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.pump()
-            else:
-                for stream in list(self.streams.values()):
+            else:  # the connection's window: only streams with something waiting for it
+                for stream in [s for s in self.streams.values() if s.unsent]:
                     stream.pump()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._control()
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                for stream in list(self.streams.values()):
+                for stream in [s for s in self.streams.values() if s.unsent]:
                     stream.pump()
         elif isinstance(event, h2.events.PingReceived):
             self._control()
@@ -381,7 +393,7 @@ class H2Connection(asyncio.Protocol):
         # the streams still open could not be answered (RFC 9113 6.8 says they may be).
         frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id,
                             error_code=h2.errors.ErrorCodes.NO_ERROR)
-        self.flush()
+        self.flush_now()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame.serialize())
         if not self.streams:
@@ -400,13 +412,23 @@ class H2Connection(asyncio.Protocol):
         self._disarm_idle()
         if self._registry is not None:
             self._registry.discard(self)
+        self.flush_now()  # what h2 queued last (a GOAWAY with its code) goes out first
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     # --- writing --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what h2 has queued."""
+        """Write what h2 has queued, once at the end of this pass of the event loop: every
+        stream answered in the same pass (and the window updates of one read) share one TLS
+        record and one send instead of one each."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Write what h2 has queued, now (before a close or a frame written by hand)."""
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -577,6 +599,11 @@ class H2Stream:
             self._out_trailers = trailers
         self.pump()
 
+    @property
+    def unsent(self) -> bool:
+        """Part of the answer (or its end) still waits for the client's window."""
+        return bool(self._out) or (self._out_end and not self.sent_end)
+
     def pump(self) -> None:
         """Send what the client's window allows; end the stream once all is sent."""
         conn = self.conn
@@ -590,9 +617,13 @@ class H2Stream:
                 if window <= 0:
                     break
                 n = min(window, conn.h2.max_outbound_frame_size, len(out))
-                conn.h2.send_data(self.stream_id, bytes(out[:n]))
+                # The last piece carries END_STREAM itself: one frame less per answer.
+                last = n == len(out) and self._out_end and not self._out_trailers
+                conn.h2.send_data(self.stream_id, bytes(out[:n]), end_stream=last)
                 del out[:n]
-            if not out and self._out_end:
+                if last:
+                    self.sent_end = True
+            if not out and self._out_end and not self.sent_end:
                 if self._out_trailers:
                     conn.h2.send_headers(self.stream_id, self._out_trailers, end_stream=True)
                 else:
@@ -609,10 +640,13 @@ class H2Stream:
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def _write(self, data: bytes) -> None:
-        """Queue a body chunk and wait until the client's window took it all."""
-        self._queue(data)
-        while self._out and not self._reset and not self.conn.closed:
+    async def _write(self, data: bytes, end: bool = False,
+                     trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Queue a body chunk (with `end`, the last one, then `trailers`) and wait until the
+        client's window took it all: the pipeline must not finish the stream (which resets
+        one not ended) while part of its answer still waits for the client's window."""
+        self._queue(data, end, trailers)
+        while self.unsent and not self._reset and not self.conn.closed:
             self._out_waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._out_waiter
@@ -676,14 +710,24 @@ class H2Stream:
         replica's trailers (gRPC's status lives there) at the end."""
         status = resp.status
         ex.status = status
-        headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, self.method,
-                                       status, self.headers.get("Accept-Encoding", ""),
-                                       resp.content_length)
         failed = resp.failure()
         if failed is not None:
             detail = failed.detail if isinstance(failed, UpstreamError) else str(failed)
             raise UpstreamFailed("upstream_error", False, detail)
-        pairs = _pairs(headers)
+        extra = ex.extra_headers
+        gzip = False
+        if not spec.compress and not spec.response_headers and not (extra and "Vary" in extra):
+            # The common case: nothing rewrites the replica's head, so it goes from its bytes
+            # to the client's without a multidict in between (as HTTP/1.1's response_head).
+            pairs = _replica_pairs(resp.raw_headers, ex.rid, extra)
+        else:
+            headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, self.method,
+                                           status, self.headers.get("Accept-Encoding", ""),
+                                           resp.content_length)
+            try:
+                pairs = _pairs(headers)
+            except BadHeader as exc:  # nginx: "upstream sent invalid header", 502
+                raise UpstreamFailed("upstream_error", False, str(exc)) from None
         if not gzip and resp.content_length is not None:
             pairs.append((b"content-length", b"%d" % resp.content_length))
         bodiless = self.method == "HEAD" or status in _EMPTY_BODY
@@ -695,10 +739,15 @@ class H2Stream:
             if bodiless:
                 self._send_headers(status, pairs, end=True)
                 return
-            if whole is not None and not trailers:
-                self._send_headers(status, pairs, end=not whole)
-                if whole:
-                    self._queue(whole, end=True)
+            if whole is not None:
+                # All of it is here (a small answer, a unary gRPC call): head, body and
+                # trailers go out in this pass, waiting only if the client's window is short.
+                end = not whole and not trailers
+                self._send_headers(status, pairs, end=end)
+                if self.grpc:
+                    ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
+                if not end:
+                    await self._write(whole, end=True, trailers=_lower(trailers))
                 ex.bytes = len(whole)
                 return
             self._send_headers(status, pairs, end=False)
@@ -707,18 +756,13 @@ class H2Stream:
             return
         sent = 0
         try:
-            if whole is not None:
-                await self._write(whole)
-                sent += len(whole)
-            else:
-                async for chunk in encoded_body(resp.iter_body(), gzip):
-                    await self._write(chunk)
-                    sent += len(chunk)
+            async for chunk in encoded_body(resp.iter_body(), gzip):
+                await self._write(chunk)
+                sent += len(chunk)
             trailers = resp.trailers
             if self.grpc:
                 ex.grpc_status = _grpc_status(trailers or resp.raw_headers)
-            self._queue(b"", end=True,
-                        trailers=[(n.lower(), v) for n, v in trailers] if trailers else None)
+            self._queue(b"", end=True, trailers=_lower(trailers))
         except UpstreamError as exc:
             # Headers are out: reset the stream so the client never takes a truncated body
             # (or a gRPC call without its status) for a whole one.
@@ -755,6 +799,10 @@ def _error_code(code: int) -> h2.errors.ErrorCodes:
         return h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
+def _lower(trailers: h.RawHeaders | None) -> list[tuple[bytes, bytes]] | None:
+    return [(n.lower(), v) for n, v in trailers] if trailers else None
+
+
 def _grpc_status(pairs: h.RawHeaders) -> int | None:
     for name, value in pairs:
         if name.lower() == b"grpc-status" and value.isdigit():
@@ -764,15 +812,60 @@ def _grpc_status(pairs: h.RawHeaders) -> int | None:
 
 _CONNECTION_SPECIFIC = frozenset(("connection", "keep-alive", "proxy-connection",
                                   "transfer-encoding", "upgrade", "te", "content-length"))
+_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
+_FORBIDDEN_IN_VALUE = re.compile("[\0\r\n]")
+
+
+class BadHeader(ValueError):
+    """A header value HTTP/2 cannot carry (NUL, CR or LF, RFC 9113 8.2.1)."""
 
 
 def _pairs(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
-    """Lower-case header pairs for HTTP/2, without connection-specific fields."""
-    return [(low, v.encode("utf-8", "surrogateescape")) for n, v in headers.items()
-            if (low := n.lower().encode("latin-1")) not in _CONNECTION_SPECIFIC_B]
+    """The answer's header pairs as h2 sends them without its own outbound normalisation and
+    validation (both off, see `_CLIENT_HOP`): names lower-cased, connection-specific fields
+    dropped, values without surrounding whitespace (an HTTP/1.1 replica's may end in some),
+    secrets and per-request values never indexed (`NOT_INDEXED`). A value with NUL, CR or LF
+    raises `BadHeader`."""
+    out: list[tuple[bytes, bytes]] = []
+    for n, v in headers.items():
+        low = n.lower().encode("latin-1")
+        if low in _CONNECTION_SPECIFIC_B:
+            continue
+        if _FORBIDDEN_IN_VALUE.search(v) is not None:
+            raise BadHeader(f"header {n!r} has a NUL, CR or LF in its value {v!r}; "
+                            "expected none (RFC 9113 8.2.1)")
+        value = v.strip(" \t").encode("utf-8", "surrogateescape")
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                   else (low, value))
+    return out
 
 
-_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
+_REPLACED = frozenset((b"x-request-id",))  # the replica's is replaced by ours
+
+
+def _replica_pairs(raw: h.RawHeaders, rid: str,
+                   extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """The client's head for a replica's answer that no rule rewrites, from its bytes: the
+    fields `downstream_pairs` keeps (hop-by-hop and Content-Length dropped), names
+    lower-cased and values trimmed (an HTTP/1.1 replica's may be neither), then X-Request-ID
+    and `extra` (ours, replacing the replica's of the same names). No value holds NUL, CR or
+    LF: llhttp refuses them from an HTTP/1.1 replica, `_response_fields` from an HTTP/2 one."""
+    ours = [(k.lower().encode("latin-1"), v.encode("utf-8", "surrogateescape"))
+            for k, v in extra.items()] if extra else []
+    drop = _REPLACED.union(n for n, _ in ours) if ours else _REPLACED
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in h.downstream_pairs(raw, drop)[0]:
+        low = name.lower()
+        if low in _CONNECTION_SPECIFIC_B:
+            continue
+        value = value.strip(b" \t")
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                   else (low, value))
+    out.append(hpack.NeverIndexedHeaderTuple(b"x-request-id", rid.encode()))
+    for low, value in ours:
+        out.append(hpack.NeverIndexedHeaderTuple(low, value) if low in NOT_INDEXED
+                   else (low, value))
+    return out
 
 
 # --- listeners: one port, two protocols ------------------------------------------------------

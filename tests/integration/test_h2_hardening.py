@@ -22,6 +22,7 @@ from tests.h2_raw import (
     ENHANCE_YOUR_CALM,
     GOAWAY,
     HEADERS,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
@@ -179,6 +180,42 @@ def test_a_client_that_keeps_opening_streams_over_the_limit_gets_goaway(
     still_serves(proxy)
 
 
+@pytest.mark.parametrize("field", [("X-Upper", "v"), ("x-a", "v\x00"), ("x-a", " v"),
+                                   ("connection", "close"), ("te", "gzip"), (":custom", "v")],
+                         ids=["uppercase-name", "nul-in-value", "leading-space", "connection",
+                              "te-not-trailers", "unknown-pseudo"])
+def test_a_malformed_request_head_ends_the_connection(proxy: ProxyProcess,
+                                                       field: tuple[str, str]) -> None:
+    """h2's inbound checks stay on at the edge (only its outbound passes are ours)."""
+    c = RawH2(proxy.port)
+    try:
+        c.headers(1, "/", extra=[field])
+        assert goaway_code(c) == PROTOCOL_ERROR
+    finally:
+        c.close()
+    still_serves(proxy)
+
+
+def test_an_answer_larger_than_the_clients_window_arrives_whole(proxy: ProxyProcess) -> None:
+    """A small answer read whole from the replica still waits for the client's window: the
+    stream ends after its last byte, never with a reset once the first window is spent."""
+    c = RawH2(proxy.port, window=1000)
+    try:
+        c.headers(1, "/respond?body=" + "x" * 3000)  # the head limit here is 4k
+        got = 0
+        while True:
+            frame = c.read_frame()
+            assert frame is not None and frame.type != RST_STREAM
+            if frame.type == DATA and frame.stream_id == 1:
+                got += len(frame.payload)
+                c.window_update(1, len(frame.payload))
+                if frame.flags & 1:  # END_STREAM
+                    break
+        assert got == 3000
+    finally:
+        c.close()
+
+
 class _BigReplica:
     """An HTTP/1.1 replica answering with an endless body, counting what it could send."""
 
@@ -325,3 +362,105 @@ def test_a_replica_reset_reaches_the_client_with_its_code(
             assert frame.error_code == 8  # CANCEL, as the replica said
         finally:
             c.close()
+
+
+class _MalformedReplica:
+    """An h2c replica (h2 with its own outbound checks off) that answers /bad with a field
+    HTTP/2 forbids and anything else with 200 "ok", counting its connections."""
+
+    def __init__(self, field: tuple[bytes, bytes]) -> None:
+        self.field = field
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        while data := conn.recv(65536):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    path = dict(event.headers or ()).get(b":path")
+                    head = [(b":status", b"200"), (b"content-length", b"2")]
+                    if path == b"/bad":
+                        head.append(self.field)
+                    h2c.send_headers(event.stream_id, head)
+                    h2c.send_data(event.stream_id, b"ok", end_stream=True)
+            conn.sendall(h2c.data_to_send())
+
+
+@pytest.mark.parametrize("field", [(b"x-a", b"b\x00c"), (b"X-Upper", b"v"), (b":path", b"/"),
+                                   (b"connection", b"close")],
+                         ids=["nul-in-value", "uppercase-name", "pseudo-header", "connection"])
+def test_a_replicas_malformed_field_costs_that_request_only(
+        tmp_path_factory: pytest.TempPathFactory, field: tuple[bytes, bytes]) -> None:
+    """h2's own replica-side validation is off: our check fails the one stream with a 502
+    (as nginx's "upstream sent invalid header"), the connection serves the next request."""
+    tmp = tmp_path_factory.mktemp("h2-malformed")
+    replica = _MalformedReplica(field)
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes)) as p:
+        bad = requests.get(p.url("/bad"), timeout=5)
+        assert bad.status_code == 502
+        assert bad.json()["error"]["code"] == "upstream_error"
+        good = requests.get(p.url("/good"), timeout=5)
+        assert (good.status_code, good.text) == (200, "ok")
+        assert replica.connections == 1
+
+
+class _CountingReplica:
+    """An h2c replica that answers once the request body has ended, with its length."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        sizes: dict[int, int] = {}
+        while data := conn.recv(65536):
+            for event in h2c.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    sizes[event.stream_id] = sizes.get(event.stream_id, 0) + len(event.data)
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    body = str(sizes.pop(event.stream_id, 0)).encode()
+                    h2c.send_headers(event.stream_id, [(":status", "200")])
+                    h2c.send_data(event.stream_id, body, end_stream=True)
+            conn.sendall(h2c.data_to_send())
+
+
+def test_a_request_body_failing_on_its_way_to_an_h2_replica(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The body's own failure (over the limit, found while streaming it) is the answer, 413,
+    and a body within the limit still reaches the replica whole."""
+    tmp = tmp_path_factory.mktemp("h2-body")
+    replica = _CountingReplica()
+    routes = write_routes(tmp / "routes.toml", {
+        "r": {"path": "/", "upstreams": [f"h2c://127.0.0.1:{replica.port}"]}})
+    with run_proxy(tmp, docker="false", routes_file=str(routes), max_body_size="1000") as p:
+        # A generator body goes chunked: no Content-Length to refuse it by up front.
+        big = requests.post(p.url("/up"), data=iter([b"x" * 600, b"x" * 600]), timeout=5)
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "body_too_large"
+        small = requests.post(p.url("/up"), data=iter([b"x" * 300, b"x" * 300]), timeout=5)
+        assert (small.status_code, small.text) == (200, "600")
