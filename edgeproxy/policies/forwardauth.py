@@ -13,8 +13,9 @@ redirects work. A service that is down, slow or answers too much: 503 auth_unava
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDict
@@ -37,6 +38,7 @@ _NOT_COPYABLE = HOP_BY_HOP | RESERVED_REQUEST | {"host", "content-length", "cont
 # Not copied from a denial to the client: framing is ours (the body is sent whole).
 _NOT_TO_CLIENT = HOP_BY_HOP | {"content-length", "transfer-encoding"}
 MAX_DENIAL_BODY = 64 * 1024
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # control characters but TAB
 
 
 def parse_auth_url(value: str) -> str:
@@ -81,6 +83,12 @@ class ForwardAuthSpec:
     response_headers: tuple[str, ...] = ()
     request_headers: tuple[str, ...] | None = None
     timeout: float | None = None
+    # Derived once, not per request: the names a grant removes from the client's headers.
+    drop: frozenset[bytes] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "drop",
+                           frozenset(n.lower().encode() for n in self.response_headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +130,7 @@ def copied_headers(answer: Headers, names: Iterable[str]) -> list[tuple[str, str
     out: list[tuple[str, str]] = []
     for name in names:
         for value in answer.getall(name, ()):
-            if not any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            if _CONTROL.search(value) is None:
                 out.append((name, value))
     return out
 

@@ -163,7 +163,7 @@ class Access:
             return LocalAnswer(answer.status, answer.headers, answer.body,
                                reason=answer.reason or None)
         # The client's copies of every named header go, whether or not the service sent one.
-        drop = frozenset(n.lower().encode() for n in spec.response_headers)
+        drop = spec.drop
         add = tuple((n.encode(), v.encode("utf-8", "surrogateescape")) for n, v in answer.headers)
         return Grant(None, (), drop, add)
 

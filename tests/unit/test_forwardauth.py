@@ -89,6 +89,13 @@ def test_copied_headers() -> None:
         ("Remote-User", "alice"), ("Remote-Groups", "admins"), ("Remote-Groups", "dev")]
     assert copied_headers(CIMultiDict([("Remote-User", "a\r\nX-Auth-Subject: root")]),
                           ("Remote-User",)) == []
+    # Every control character but TAB drops the value (it could split the replica's head).
+    for code in [*range(0x20), 0x7F]:
+        value = f"a{chr(code)}b"
+        kept = copied_headers(CIMultiDict([("Remote-User", value)]), ("Remote-User",))
+        assert kept == ([("Remote-User", value)] if code == 0x09 else []), hex(code)
+    assert copied_headers(CIMultiDict([("Remote-User", "Zoë ~!")]), ("Remote-User",)) == [
+        ("Remote-User", "Zoë ~!")]
 
 
 def test_denial_headers() -> None:
