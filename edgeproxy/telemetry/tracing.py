@@ -9,12 +9,14 @@ when tracing is on: with it off the pipeline pays one `is None` check per reques
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from edgeproxy import __version__
@@ -23,9 +25,9 @@ from edgeproxy.core.settings import SettingsError
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
-    from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import Span, SpanContext
 
     from edgeproxy.core.headers import RawHeaders
     from edgeproxy.proxy.exchange import Exchange, RequestView
@@ -249,45 +251,62 @@ class BoundedBatchProcessor:
 
 
 class ServerTrace:
-    """The tracing state of one request: its server span, the context client spans use, and
-    the hooks the pipeline calls (`end`, `start_client`, `end_client`)."""
+    """The tracing state of one request: its server span's context, start time and attributes,
+    and the hooks the pipeline calls (`end`, `start_client`, `end_client`).
 
-    __slots__ = ("context", "name", "span", "tracing")
+    The span is handed to the span processor as the SDK's own `ReadableSpan` when it ends (see
+    Tracing for why it is not an SDK `Span` while the request runs)."""
 
-    def __init__(self, tracing: Tracing, span: Span, context: Any, name: str) -> None:
+    __slots__ = ("attributes", "context", "name", "parent", "recording", "start", "tracing")
+
+    def __init__(self, tracing: Tracing, context: SpanContext, parent: SpanContext | None,
+                 name: str, attributes: dict[str, Any], recording: bool) -> None:
         self.tracing = tracing
-        self.span = span
+        self.context = context  # the server span's ids, flags and tracestate
+        self.parent = parent  # the client's span (from its traceparent), or None
         self.name = name  # the span's name before the route is known (the method)
-        self.context = context  # an OTel Context holding the server span (client spans' parent)
+        self.attributes = attributes
+        self.recording = recording  # sampled: the span is exported when it ends
+        self.start = time_ns()
 
     def end(self, ex: Exchange) -> None:
         """End the server span with what the request came to."""
         self.tracing.end_server(self, ex)
 
     def start_client(self, method: str, upstream: Upstream, target: str,
-                     attempt: int) -> tuple[Span, bytes]:
+                     attempt: int) -> tuple[ClientSpan, bytes]:
         """A client span for one try and its traceparent header lines (see Tracing)."""
         return self.tracing.start_client(self, method, upstream, target, attempt)
 
-    def end_client(self, span: Span, status: int | None, error: str | None) -> None:
+    def end_client(self, span: ClientSpan, status: int | None, error: str | None) -> None:
         """End one try's client span."""
-        self.tracing.end_client(span, status, error)
+        self.tracing.end_client(self, span, status, error)
 
     def log_fields(self) -> dict[str, str]:
         """trace_id and span_id for the access log (W3C hex forms)."""
-        ctx = self.span.get_span_context()
+        ctx = self.context
         return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
 
     def inject(self, headers: CIMultiDict[str]) -> None:
         """This request's own span as traceparent/tracestate (WebSockets, which get no client
         span); the client's were already left out."""
-        for line in _header_lines(self.span).decode("ascii").splitlines():
+        for line in _header_lines(self.context).decode("ascii").splitlines():
             name, _, value = line.partition(": ")
             headers[name] = value
 
 
-def _header_lines(span: Span) -> bytes:
-    ctx = span.get_span_context()
+class ClientSpan:
+    """One try's client span while the try runs: its context, start time and attributes."""
+
+    __slots__ = ("attributes", "context", "start")
+
+    def __init__(self, context: SpanContext, attributes: dict[str, Any]) -> None:
+        self.context = context
+        self.attributes = attributes
+        self.start = time_ns()
+
+
+def _header_lines(ctx: SpanContext) -> bytes:
     line = b"traceparent: 00-%032x-%016x-%02x\r\n" % (ctx.trace_id, ctx.span_id,
                                                        ctx.trace_flags & 0x01)
     if ctx.trace_state:
@@ -296,30 +315,72 @@ def _header_lines(span: Span) -> bytes:
 
 
 class Tracing:
-    """The process's tracer and span processor, and the span hooks the pipeline calls."""
+    """The process's span pipeline: the SDK's sampler, id generator, resource and W3C
+    propagator, our bounded batch processor in front of the SDK's OTLP exporter, and the span
+    hooks the pipeline calls.
 
-    def __init__(self, provider: TracerProvider, tracer: Tracer,
-                 processor: BoundedBatchProcessor) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+    Why spans are built as the SDK's `ReadableSpan` when they end instead of started through
+    `Tracer.start_span`: an SDK `Span` is made for code that learns its attributes bit by bit
+    and may be touched from several threads. Each one allocates four locks, validates every
+    attribute into a `BoundedAttributes`, makes two `BoundedList`s for events and links that
+    a proxy never adds, and copies itself into a `ReadableSpan` at `end()`. A request knows
+    all of a span's attributes when the span ends, on one thread: measured in-process, the two
+    spans of a request cost about 45 us through `Tracer.start_span` and about 12 us this way.
+    Everything that decides what goes on the wire stays the SDK's: the sampler from
+    OTEL_TRACES_SAMPLER/_ARG decides each server span, the `RandomIdGenerator` makes the ids,
+    `TraceContextTextMapPropagator` reads the client's traceparent, the span limits from the
+    OTEL_*_LIMIT variables apply through the SDK's `BoundedAttributes` when they could bite,
+    and the OTLP exporter encodes and sends the `ReadableSpan`s (bench/README.md, "Tracing").
+    """
+
+    def __init__(self, provider: TracerProvider, processor: BoundedBatchProcessor,
+                 limits: SpanLimits) -> None:
+        from opentelemetry.attributes import BoundedAttributes
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.sampling import Decision
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import (
+            SpanContext,
+            SpanKind,
+            Status,
+            StatusCode,
+            TraceFlags,
+            get_current_span,
+        )
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
-        self.tracer = tracer
         self.processor = processor
         self._propagator = TraceContextTextMapPropagator()
-        self._set_span = trace.set_span_in_context
+        self._current_span = get_current_span
+        self._sampled = Decision.RECORD_AND_SAMPLE
+        self._dropped = Decision.DROP
+        self._sampler = provider.sampler
+        self._ids = provider.id_generator
+        self._resource = provider.resource
+        self._scope = InstrumentationScope("edgeproxy", __version__)
+        self._readable = ReadableSpan
+        self._context = SpanContext
+        self._flags = TraceFlags
+        self._random_ids = provider.id_generator.is_trace_id_random()
         self._server = SpanKind.SERVER
         self._client = SpanKind.CLIENT
         self._error = Status(StatusCode.ERROR)
+        self._unset = Status(StatusCode.UNSET)
+        # A server span has at most 11 attributes, a client span 7: the SDK's limits (128
+        # attributes, no length limit, by default) only matter when they are set lower.
+        self._bound: Callable[[dict[str, Any]], Any] | None = None
+        if limits.max_span_attribute_length is not None or \
+                (limits.max_span_attributes is not None and limits.max_span_attributes < 12):
+            self._bound = functools.partial(BoundedAttributes, limits.max_span_attributes,
+                                  max_value_len=limits.max_span_attribute_length)
 
     # --- the server span ----------------------------------------------------------------------
 
     def start_server(self, view: RequestView) -> ServerTrace:
-        """Start the request's server span, a child of the client's traceparent if it sent one."""
+        """Start the request's server span, a child of the client's traceparent if it sent one.
+        The sampler decides here; an unsampled request still gets ids (its traceparent)."""
         headers = view.headers
-        parent = (self._propagator.extract(headers)
-                  if "traceparent" in headers else None)
         method = view.method
         target = view.target
         if not target.startswith("/"):  # absolute form: http://host/path?q
@@ -341,38 +402,61 @@ class Tracing:
             if port is not None:
                 attributes["server.port"] = port
         name = attributes["http.request.method"]
-        span = self.tracer.start_span(name, context=parent, kind=self._server,
-                                      attributes=attributes)
-        return ServerTrace(self, span, self._set_span(span), name)
+        # What Tracer.start_span does, in its order (opentelemetry.sdk.trace.Tracer).
+        parent_context = None
+        parent: SpanContext | None = None
+        if "traceparent" in headers:
+            parent_context = self._propagator.extract(headers)
+            found = self._current_span(parent_context).get_span_context()
+            parent = found if found.is_valid else None
+        trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
+        result = self._sampler.should_sample(parent_context, trace_id, name, self._server,
+                                             attributes)
+        decision = result.decision
+        flags = 0x01 if decision is self._sampled else 0x00
+        if parent.trace_flags.random_trace_id if parent is not None else self._random_ids:
+            flags |= 0x02  # W3C level 2's "random" flag, as the SDK sets it
+        context = self._context(trace_id, self._ids.generate_span_id(), False,
+                                self._flags(flags), result.trace_state)
+        return ServerTrace(self, context, parent, name, attributes,
+                           decision is not self._dropped)
 
     def end_server(self, trace: ServerTrace, ex: Exchange) -> None:
         """End the server span with what the request came to (route, status, client)."""
-        span = trace.span
-        if not span.is_recording():
-            span.end()
+        if not trace.recording:
             return
+        end = time_ns()
         status = ex.status
-        attributes: dict[str, Any] = {"http.response.status_code": status}
+        attributes = trace.attributes
+        attributes["http.response.status_code"] = status
+        name = trace.name
         if ex.route:
             attributes["http.route"] = ex.route
-            span.update_name(f"{trace.name} {ex.route}")  # semconv: "{method} {route}"
+            name = f"{name} {ex.route}"  # semconv: "{method} {route}"
         if ex.client:
             attributes["client.address"] = ex.client
         if ex.retries:
             attributes["edgeproxy.retries"] = ex.retries
         if ex.error:
             attributes["error.type"] = ex.error.split(":", 1)[0]
-        span.set_attributes(attributes)
-        if status >= 500:
-            span.set_status(self._error)
-        span.end()
+        self.processor.on_end(self._readable(
+            name, trace.context, trace.parent, self._resource,
+            attributes if self._bound is None else self._bound(attributes),
+            kind=self._server, status=self._error if status >= 500 else self._unset,
+            start_time=trace.start, end_time=end, instrumentation_scope=self._scope))
 
     # --- a client span per try ----------------------------------------------------------------
 
     def start_client(self, trace: ServerTrace, method: str, upstream: Upstream, target: str,
-                     attempt: int) -> tuple[Span, bytes]:
+                     attempt: int) -> tuple[ClientSpan, bytes]:
         """Start the client span of one try against a replica; its traceparent header lines
-        for the request head (they replace the client's)."""
+        for the request head (they replace the client's).
+
+        A client span is its server span's child: the six samplers OTEL_TRACES_SAMPLER names
+        decide it as they decided its parent (parent-based ones follow the local parent,
+        always_on/off are constant, traceidratio sees the same trace id), so the server span's
+        decision and tracestate are reused rather than asked again."""
+        parent = trace.context
         attributes: dict[str, Any] = {
             "http.request.method": method if method in _KNOWN_METHODS else "_OTHER",
             "server.address": upstream.host,
@@ -382,20 +466,27 @@ class Tracing:
         }
         if attempt:
             attributes["http.request.resend_count"] = attempt
-        span = self.tracer.start_span(attributes["http.request.method"], context=trace.context,
-                                      kind=self._client, attributes=attributes)
-        return span, _header_lines(span)
+        context = self._context(parent.trace_id, self._ids.generate_span_id(), False,
+                                parent.trace_flags, parent.trace_state)
+        return ClientSpan(context, attributes), _header_lines(context)
 
-    def end_client(self, span: Span, status: int | None, error: str | None) -> None:
+    def end_client(self, trace: ServerTrace, span: ClientSpan, status: int | None,
+                   error: str | None) -> None:
         """End a try's span: the replica's status, or the failure that ended the try."""
-        if span.is_recording():
-            if status is not None:
-                span.set_attribute("http.response.status_code", status)
-            if error is not None:
-                span.set_attribute("error.type", error)
-            if error is not None or (status is not None and status >= 500):
-                span.set_status(self._error)
-        span.end()
+        if not trace.recording:
+            return
+        end = time_ns()
+        attributes = span.attributes
+        if status is not None:
+            attributes["http.response.status_code"] = status
+        if error is not None:
+            attributes["error.type"] = error
+        failed = error is not None or (status is not None and status >= 500)
+        self.processor.on_end(self._readable(
+            attributes["http.request.method"], span.context, trace.context, self._resource,
+            attributes if self._bound is None else self._bound(attributes),
+            kind=self._client, status=self._error if failed else self._unset,
+            start_time=span.start, end_time=end, instrumentation_scope=self._scope))
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Send what is queued (bounded by `timeout`) and stop the export thread."""
@@ -429,7 +520,7 @@ def from_env(on_drop: Callable[[str, int], None],
     if not enabled(env):
         return None
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
     resource = Resource.create({"service.version": __version__})
     if not any(env.get(v) for v in ("OTEL_SERVICE_NAME",)) and \
@@ -454,13 +545,13 @@ def from_env(on_drop: Callable[[str, int], None],
         batch=_bsp(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
         delay=_bsp(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000,
         timeout=_bsp(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000, send=send)
-    # The sampler comes from OTEL_TRACES_SAMPLER/_ARG (the SDK reads them; parent-based).
-    # The processor is the provider's only one: no multi-processor dispatch per span.
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False,
+    # The sampler comes from OTEL_TRACES_SAMPLER/_ARG (the SDK reads them; parent-based), the
+    # span limits from OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and the like.
+    limits = SpanLimits()
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False, span_limits=limits,
                               active_span_processor=processor)  # type: ignore[arg-type]
-    tracer = provider.get_tracer("edgeproxy", __version__)
     get_logger("tracing").info(
         "tracing_enabled", endpoint=(_first(env, ENDPOINT_VARS) or ("", ""))[1],
         protocol=protocol, sampler=env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on",
         sampler_arg=env.get("OTEL_TRACES_SAMPLER_ARG") or None)
-    return Tracing(provider, tracer, processor)  # type: ignore[arg-type]
+    return Tracing(provider, processor, limits)
