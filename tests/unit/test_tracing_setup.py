@@ -235,3 +235,18 @@ def test_span_attribute_limits_from_the_environment_apply(monkeypatch: pytest.Mo
     assert client.attributes["url.full"] == "http:/"
     assert server.attributes["http.response.status_code"] == 200  # only strings are cut
     close(traced)
+
+
+@pytest.mark.parametrize(("headers", "strip"), [
+    ({}, False),
+    ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, True),
+    ({"TraceState": "vendor=abc"}, True),  # alone, still the client's: not for the replica
+    ({"traceparent": "garbage"}, True),
+])
+def test_the_pipeline_is_told_when_the_client_sent_trace_headers(
+        monkeypatch: pytest.MonkeyPatch, headers: dict[str, str], strip: bool) -> None:
+    traced = held_tracing(monkeypatch)
+    trace, lines = request(traced, headers)
+    assert trace.client_headers is strip
+    assert lines.startswith(b"traceparent: 00-")
+    close(traced)
