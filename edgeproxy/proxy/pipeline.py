@@ -366,7 +366,9 @@ class Proxy(Generic[R]):
                     {"WWW-Authenticate": 'Bearer error="invalid_token"'}), ex)
         hop = h.HopInfo(peer, client, "https" if view.secure else "http", ex.rid, trusted_peer)
         raw_headers = view.raw_headers if grant is None else grant.edit(view.raw_headers)
-        if ex.trace is not None:  # --- tracing hook: the replica gets our traceparent instead
+        # --- tracing hook: the replica gets our traceparent instead of the client's (or the
+        # auth server's: a grant may add headers)
+        if ex.trace is not None and (ex.trace.client_headers or grant is not None):
             raw_headers = otel.without_trace_headers(raw_headers)
         if plan.authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),

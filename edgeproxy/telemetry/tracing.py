@@ -9,12 +9,14 @@ when tracing is on: with it off the pipeline pays one `is None` check per reques
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from edgeproxy import __version__
@@ -23,9 +25,10 @@ from edgeproxy.core.settings import SettingsError
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
-    from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import Span, SpanContext, TraceState
 
     from edgeproxy.core.headers import RawHeaders
     from edgeproxy.proxy.exchange import Exchange, RequestView
@@ -249,130 +252,82 @@ class BoundedBatchProcessor:
 
 
 class ServerTrace:
-    """The tracing state of one request: its server span, the context client spans use, and
-    the hooks the pipeline calls (`end`, `start_client`, `end_client`)."""
+    """The tracing state of one request, and the hooks the pipeline calls (`end`,
+    `start_client`, `end_client`, `log_fields`, `inject`).
 
-    __slots__ = ("context", "name", "span", "tracing")
+    While the request runs its server span is plain values: ids, start time, attributes. It
+    reaches the span processor as the SDK's own `ReadableSpan` when it ends (see Tracing for
+    why it is not an SDK `Span`)."""
 
-    def __init__(self, tracing: Tracing, span: Span, context: Any, name: str) -> None:
+    __slots__ = ("_context", "_tid", "attributes", "client_headers", "flags", "name", "parent",
+                 "recording", "span_id", "start", "state_line", "trace_id", "trace_state",
+                 "tracing")
+
+    def __init__(self, tracing: Tracing, trace_id: int, span_id: int, flags: int,
+                 trace_state: TraceState | None, parent: SpanContext | None, name: str,
+                 attributes: dict[str, Any], recording: bool, client_headers: bool) -> None:
         self.tracing = tracing
-        self.span = span
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.flags = flags  # W3C trace flags: sampled (0x01), random trace id (0x02)
+        self.trace_state = trace_state
+        self.parent = parent  # the client's span (from its traceparent), or None
         self.name = name  # the span's name before the route is known (the method)
-        self.context = context  # an OTel Context holding the server span (client spans' parent)
+        self.attributes = attributes
+        self.recording = recording  # sampled: the spans are exported when they end
+        self.client_headers = client_headers  # the client sent traceparent or tracestate
+        self.start = time_ns()
+        self._tid = b"%032x" % trace_id
+        self.state_line = (b"tracestate: %s\r\n" % trace_state.to_header().encode(
+            "ascii", "replace")) if trace_state else b""
+        self._context: SpanContext | None = None
+
+    @property
+    def context(self) -> SpanContext:
+        """The server span's SpanContext (made once, when a span needs it)."""
+        if self._context is None:
+            self._context = self.tracing.span_context(self.trace_id, self.span_id, self.flags,
+                                                      self.trace_state)
+        return self._context
+
+    def header_lines(self, span_id: int) -> bytes:
+        """traceparent (and tracestate) header lines naming `span_id` as the parent."""
+        return b"traceparent: 00-%s-%016x-%02x\r\n%s" % (self._tid, span_id, self.flags & 0x01,
+                                                          self.state_line)
 
     def end(self, ex: Exchange) -> None:
-        """End the server span with what the request came to."""
-        self.tracing.end_server(self, ex)
-
-    def start_client(self, method: str, upstream: Upstream, target: str,
-                     attempt: int) -> tuple[Span, bytes]:
-        """A client span for one try and its traceparent header lines (see Tracing)."""
-        return self.tracing.start_client(self, method, upstream, target, attempt)
-
-    def end_client(self, span: Span, status: int | None, error: str | None) -> None:
-        """End one try's client span."""
-        self.tracing.end_client(span, status, error)
-
-    def log_fields(self) -> dict[str, str]:
-        """trace_id and span_id for the access log (W3C hex forms)."""
-        ctx = self.span.get_span_context()
-        return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
-
-    def inject(self, headers: CIMultiDict[str]) -> None:
-        """This request's own span as traceparent/tracestate (WebSockets, which get no client
-        span); the client's were already left out."""
-        for line in _header_lines(self.span).decode("ascii").splitlines():
-            name, _, value = line.partition(": ")
-            headers[name] = value
-
-
-def _header_lines(span: Span) -> bytes:
-    ctx = span.get_span_context()
-    line = b"traceparent: 00-%032x-%016x-%02x\r\n" % (ctx.trace_id, ctx.span_id,
-                                                       ctx.trace_flags & 0x01)
-    if ctx.trace_state:
-        line += b"tracestate: %s\r\n" % ctx.trace_state.to_header().encode("ascii", "replace")
-    return line
-
-
-class Tracing:
-    """The process's tracer and span processor, and the span hooks the pipeline calls."""
-
-    def __init__(self, provider: TracerProvider, tracer: Tracer,
-                 processor: BoundedBatchProcessor) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        self.provider = provider
-        self.tracer = tracer
-        self.processor = processor
-        self._propagator = TraceContextTextMapPropagator()
-        self._set_span = trace.set_span_in_context
-        self._server = SpanKind.SERVER
-        self._client = SpanKind.CLIENT
-        self._error = Status(StatusCode.ERROR)
-
-    # --- the server span ----------------------------------------------------------------------
-
-    def start_server(self, view: RequestView) -> ServerTrace:
-        """Start the request's server span, a child of the client's traceparent if it sent one."""
-        headers = view.headers
-        parent = (self._propagator.extract(headers)
-                  if "traceparent" in headers else None)
-        method = view.method
-        target = view.target
-        if not target.startswith("/"):  # absolute form: http://host/path?q
-            slash = target.find("/", target.find("//") + 2) if "//" in target else -1
-            target = target[slash:] if slash >= 0 else "/"
-        path = target.partition("?")[0]
-        attributes: dict[str, Any] = {
-            "http.request.method": method if method in _KNOWN_METHODS else "_OTHER",
-            "url.path": path,
-            "url.scheme": "https" if view.secure else "http",
-            "network.protocol.version": view.protocol.removeprefix("HTTP/"),
-        }
-        if method not in _KNOWN_METHODS:
-            attributes["http.request.method_original"] = method
-        host = headers.get("Host")
-        if host:
-            name, port = _split_host(host)
-            attributes["server.address"] = name
-            if port is not None:
-                attributes["server.port"] = port
-        name = attributes["http.request.method"]
-        span = self.tracer.start_span(name, context=parent, kind=self._server,
-                                      attributes=attributes)
-        return ServerTrace(self, span, self._set_span(span), name)
-
-    def end_server(self, trace: ServerTrace, ex: Exchange) -> None:
         """End the server span with what the request came to (route, status, client)."""
-        span = trace.span
-        if not span.is_recording():
-            span.end()
+        if not self.recording:
             return
+        end = time_ns()
         status = ex.status
-        attributes: dict[str, Any] = {"http.response.status_code": status}
+        attributes = self.attributes
+        attributes["http.response.status_code"] = status
+        name = self.name
         if ex.route:
             attributes["http.route"] = ex.route
-            span.update_name(f"{trace.name} {ex.route}")  # semconv: "{method} {route}"
+            name = f"{name} {ex.route}"  # semconv: "{method} {route}"
         if ex.client:
             attributes["client.address"] = ex.client
         if ex.retries:
             attributes["edgeproxy.retries"] = ex.retries
         if ex.error:
             attributes["error.type"] = ex.error.split(":", 1)[0]
-        span.set_attributes(attributes)
-        if status >= 500:
-            span.set_status(self._error)
-        span.end()
+        self.tracing.finish(name, self.context, self.parent, attributes, False, status >= 500,
+                            self.start, end)
 
-    # --- a client span per try ----------------------------------------------------------------
-
-    def start_client(self, trace: ServerTrace, method: str, upstream: Upstream, target: str,
-                     attempt: int) -> tuple[Span, bytes]:
+    def start_client(self, method: str, upstream: Upstream, target: str,
+                     attempt: int) -> tuple[ClientSpan, bytes]:
         """Start the client span of one try against a replica; its traceparent header lines
-        for the request head (they replace the client's)."""
+        for the request head (they replace the client's).
+
+        A client span is its server span's child: the six samplers OTEL_TRACES_SAMPLER names
+        decide it as they decided its parent (parent-based ones follow the local parent,
+        always_on/off are constant, traceidratio sees the same trace id), so the server span's
+        decision, flags and tracestate are reused rather than asked again."""
+        span_id = self.tracing.new_span_id()
+        if not self.recording:
+            return ClientSpan(span_id, None), self.header_lines(span_id)
         attributes: dict[str, Any] = {
             "http.request.method": method if method in _KNOWN_METHODS else "_OTHER",
             "server.address": upstream.host,
@@ -382,27 +337,213 @@ class Tracing:
         }
         if attempt:
             attributes["http.request.resend_count"] = attempt
-        span = self.tracer.start_span(attributes["http.request.method"], context=trace.context,
-                                      kind=self._client, attributes=attributes)
-        return span, _header_lines(span)
+        return ClientSpan(span_id, attributes), self.header_lines(span_id)
 
-    def end_client(self, span: Span, status: int | None, error: str | None) -> None:
+    def end_client(self, span: ClientSpan, status: int | None, error: str | None) -> None:
         """End a try's span: the replica's status, or the failure that ended the try."""
-        if span.is_recording():
-            if status is not None:
-                span.set_attribute("http.response.status_code", status)
-            if error is not None:
-                span.set_attribute("error.type", error)
-            if error is not None or (status is not None and status >= 500):
-                span.set_status(self._error)
-        span.end()
+        attributes = span.attributes
+        if attributes is None:  # not sampled
+            return
+        end = time_ns()
+        if status is not None:
+            attributes["http.response.status_code"] = status
+        if error is not None:
+            attributes["error.type"] = error
+        tracing = self.tracing
+        tracing.finish(attributes["http.request.method"],
+                       tracing.span_context(self.trace_id, span.span_id, self.flags,
+                                            self.trace_state),
+                       self.context, attributes, True,
+                       error is not None or (status is not None and status >= 500),
+                       span.start, end)
+
+    def log_fields(self) -> dict[str, str]:
+        """trace_id and span_id for the access log (W3C hex forms)."""
+        return {"trace_id": self._tid.decode(), "span_id": f"{self.span_id:016x}"}
+
+    def inject(self, headers: CIMultiDict[str]) -> None:
+        """This request's own span as traceparent/tracestate (WebSockets, which get no client
+        span); the client's were already left out."""
+        for line in self.header_lines(self.span_id).decode("ascii").splitlines():
+            name, _, value = line.partition(": ")
+            headers[name] = value
+
+
+class ClientSpan:
+    """One try's client span while the try runs: its id, start time and attributes (None when
+    the request is not sampled)."""
+
+    __slots__ = ("attributes", "span_id", "start")
+
+    def __init__(self, span_id: int, attributes: dict[str, Any] | None) -> None:
+        self.span_id = span_id
+        self.attributes = attributes
+        self.start = time_ns()
+
+
+class Tracing:
+    """The process's span pipeline: the SDK's sampler, id generator, resource and W3C
+    propagator, our bounded batch processor in front of the SDK's OTLP exporter, and
+    `start_server`, which the pipeline calls per request.
+
+    Why spans are built as the SDK's `ReadableSpan` when they end instead of started through
+    `Tracer.start_span`: an SDK `Span` is made for code that learns its attributes bit by bit
+    and may be touched from several threads. Each one allocates four locks, validates every
+    attribute into a `BoundedAttributes`, makes two `BoundedList`s for events and links that
+    a proxy never adds, and copies itself into a `ReadableSpan` at `end()`. A request knows
+    all of a span's attributes when the span ends, on one thread: measured in-process, the two
+    spans of a request cost about 45 us through `Tracer.start_span` and under 10 us this way.
+    Everything that decides what goes on the wire stays the SDK's: the sampler from
+    OTEL_TRACES_SAMPLER/_ARG decides each server span, the `RandomIdGenerator` makes the ids,
+    `TraceContextTextMapPropagator` reads the client's traceparent, the span limits from the
+    OTEL_*_LIMIT variables apply through the SDK's `BoundedAttributes` when they could bite,
+    and the OTLP exporter encodes and sends the `ReadableSpan`s (bench/README.md, "Tracing").
+    """
+
+    def __init__(self, provider: TracerProvider, processor: BoundedBatchProcessor,
+                 limits: SpanLimits) -> None:
+        from opentelemetry.attributes import BoundedAttributes
+        from opentelemetry.context import Context
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.sampling import Decision
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import (
+            SpanContext,
+            SpanKind,
+            Status,
+            StatusCode,
+            TraceFlags,
+            get_current_span,
+        )
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.provider = provider
+        self.processor = processor
+        self._propagator = TraceContextTextMapPropagator()
+        self._current_span = get_current_span
+        # A request's only parent is what its client sent: no ambient context is looked up.
+        self._no_parent = Context()
+        self._sampled = Decision.RECORD_AND_SAMPLE
+        self._dropped = Decision.DROP
+        self._sampler = provider.sampler
+        self._ids = provider.id_generator
+        self.new_span_id = provider.id_generator.generate_span_id
+        self._resource = _hashed_once(provider.resource)
+        self._scope = InstrumentationScope("edgeproxy", __version__)
+        self._readable = ReadableSpan
+        self._context = SpanContext
+        self._flags = [TraceFlags(f) for f in range(256)]
+        self._random_ids = provider.id_generator.is_trace_id_random()
+        self._kinds = (SpanKind.SERVER, SpanKind.CLIENT)
+        self._error = Status(StatusCode.ERROR)
+        self._unset = Status(StatusCode.UNSET)
+        self._on_end = processor.on_end
+        # A server span has at most 11 attributes, a client span 7: the SDK's limits (128
+        # attributes, no length limit, by default) only matter when they are set lower.
+        self._bound: Callable[[dict[str, Any]], Any] | None = None
+        if limits.max_span_attribute_length is not None or \
+                (limits.max_span_attributes is not None and limits.max_span_attributes < 12):
+            self._bound = functools.partial(BoundedAttributes, limits.max_span_attributes,
+                                            max_value_len=limits.max_span_attribute_length)
+
+    def start_server(self, view: RequestView) -> ServerTrace:
+        """Start the request's server span, a child of the client's traceparent if it sent one.
+        The sampler decides here; an unsampled request still gets ids (its traceparent)."""
+        headers = view.headers
+        method = view.method
+        target = view.target
+        if not target.startswith("/"):  # absolute form: http://host/path?q
+            slash = target.find("/", target.find("//") + 2) if "//" in target else -1
+            target = target[slash:] if slash >= 0 else "/"
+        known = method in _KNOWN_METHODS
+        name = method if known else "_OTHER"
+        attributes: dict[str, Any] = {
+            "http.request.method": name,
+            "url.path": target.partition("?")[0],
+            "url.scheme": "https" if view.secure else "http",
+            "network.protocol.version": view.protocol.removeprefix("HTTP/"),
+        }
+        if not known:
+            attributes["http.request.method_original"] = method
+        host = headers.get("Host")
+        if host:
+            address = _split_host(host)
+            attributes["server.address"] = address[0]
+            if address[1] is not None:
+                attributes["server.port"] = address[1]
+        # What Tracer.start_span does, in its order (opentelemetry.sdk.trace.Tracer).
+        parent_context = self._no_parent
+        parent: SpanContext | None = None
+        client_headers = "traceparent" in headers
+        if client_headers:
+            parent_context = self._propagator.extract(headers)
+            found = self._current_span(parent_context).get_span_context()
+            parent = found if found.is_valid else None
+        elif "tracestate" in headers:
+            client_headers = True
+        trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
+        result = self._sampler.should_sample(parent_context, trace_id, name, self._kinds[0],
+                                             attributes)
+        decision = result.decision
+        flags = 0x01 if decision is self._sampled else 0x00
+        if parent.trace_flags.random_trace_id if parent is not None else self._random_ids:
+            flags |= 0x02  # W3C level 2's "random" flag, as the SDK sets it
+        return ServerTrace(self, trace_id, self.new_span_id(), flags, result.trace_state,
+                           parent, name, attributes, decision is not self._dropped,
+                           client_headers)
+
+    def span_context(self, trace_id: int, span_id: int, flags: int,
+                     trace_state: TraceState | None) -> SpanContext:
+        """A local span's SpanContext (the API's type, as Tracer.start_span makes it)."""
+        return self._context(trace_id, span_id, False, self._flags[flags], trace_state)
+
+    def finish(self, name: str, context: SpanContext, parent: SpanContext | None,
+               attributes: dict[str, Any], client: bool, failed: bool, start: int,
+               end: int) -> None:
+        """Hand one ended span to the span processor as the SDK's ReadableSpan."""
+        self._on_end(self._readable(
+            name, context, parent, self._resource,
+            attributes if self._bound is None else self._bound(attributes),
+            kind=self._kinds[client], status=self._error if failed else self._unset,
+            start_time=start, end_time=end, instrumentation_scope=self._scope))
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Send what is queued (bounded by `timeout`) and stop the export thread."""
         self.processor.shutdown(timeout)
 
 
+def _hashed_once(resource: Resource) -> Resource:
+    """The same resource, with its hash computed once instead of on every call.
+
+    The SDK's Resource hashes a JSON dump of its attributes each time (6 us here) and the OTLP
+    encoder groups the spans of a batch by resource: one hash per span, a sixth of the
+    encoding. A Resource never changes after it is made, so the hash cannot go stale."""
+    from opentelemetry.sdk.resources import Resource
+
+    value = hash(resource)
+
+    class HashedOnce(Resource):
+        def __hash__(self) -> int:
+            return value
+
+    return HashedOnce(resource.attributes, resource.schema_url)
+
+
+_HOSTS: dict[str, tuple[str, int | None]] = {}  # Host header -> (server.address, port)
+_HOSTS_MAX = 256  # a client picks the Host: the cache is bounded, emptied when full
+
+
 def _split_host(host: str) -> tuple[str, int | None]:
+    """server.address and server.port from a Host header, remembered: a proxy sees few."""
+    found = _HOSTS.get(host)
+    if found is None:
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        found = _HOSTS[host] = _parse_host(host)
+    return found
+
+
+def _parse_host(host: str) -> tuple[str, int | None]:
     name, port = host.strip(), None
     if name.startswith("["):
         end = name.find("]")
@@ -429,7 +570,7 @@ def from_env(on_drop: Callable[[str, int], None],
     if not enabled(env):
         return None
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 
     resource = Resource.create({"service.version": __version__})
     if not any(env.get(v) for v in ("OTEL_SERVICE_NAME",)) and \
@@ -454,13 +595,13 @@ def from_env(on_drop: Callable[[str, int], None],
         batch=_bsp(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
         delay=_bsp(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000,
         timeout=_bsp(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000, send=send)
-    # The sampler comes from OTEL_TRACES_SAMPLER/_ARG (the SDK reads them; parent-based).
-    # The processor is the provider's only one: no multi-processor dispatch per span.
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False,
+    # The sampler comes from OTEL_TRACES_SAMPLER/_ARG (the SDK reads them; parent-based), the
+    # span limits from OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and the like.
+    limits = SpanLimits()
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False, span_limits=limits,
                               active_span_processor=processor)  # type: ignore[arg-type]
-    tracer = provider.get_tracer("edgeproxy", __version__)
     get_logger("tracing").info(
         "tracing_enabled", endpoint=(_first(env, ENDPOINT_VARS) or ("", ""))[1],
         protocol=protocol, sampler=env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on",
         sampler_arg=env.get("OTEL_TRACES_SAMPLER_ARG") or None)
-    return Tracing(provider, tracer, processor)  # type: ignore[arg-type]
+    return Tracing(provider, processor, limits)

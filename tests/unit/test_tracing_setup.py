@@ -1,15 +1,23 @@
 """edgeproxy.telemetry.tracing without a network: when tracing is on, which OTEL_* values are refused at
-start, the bounded export queue and what it counts, and the SDK staying unloaded when off."""
+start, the bounded export queue and what it counts, the SDK staying unloaded when off, and the
+spans the OTLP exporter is given (sampling, ids, limits, the SDK's encoding of them)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import ROOT, wait_for
+from multidict import CIMultiDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from edgeproxy.core.settings import SettingsError
@@ -125,3 +133,120 @@ def test_the_sdk_is_not_loaded_while_tracing_is_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
     assert not [m for m in out.stdout.split() if m.startswith("opentelemetry")]
+
+
+# --- the spans handed to the exporter ---------------------------------------------------------
+
+HELD = {**ON, "OTEL_BSP_SCHEDULE_DELAY": "600000", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1000"}
+UPSTREAM = SimpleNamespace(host="10.0.0.7", port=8080, scheme="http", address="10.0.0.7:8080",
+                           name="web-1")
+
+
+def held_tracing(monkeypatch: pytest.MonkeyPatch, **env: str) -> tracing.Tracing:
+    """Tracing from the OTEL_* variables (the SDK reads os.environ too); its export thread
+    waits ten minutes, so the spans stay in the queue for the test to read."""
+    for name, value in {**HELD, **env}.items():
+        monkeypatch.setenv(name, value)
+    traced = tracing.from_env(lambda reason, n: None, os.environ)
+    assert traced is not None
+    return traced
+
+
+def close(traced: tracing.Tracing) -> None:
+    """Stop the export thread without sending what is queued (there is no collector)."""
+    traced.processor._queue.clear()
+    traced.shutdown(timeout=5)
+
+
+def request(traced: tracing.Tracing, headers: dict[str, str], path: str = "/api/x",
+            status: int = 200) -> tuple[tracing.ServerTrace, bytes]:
+    """One request through the hooks the pipeline calls: its trace and the try's header."""
+    view = SimpleNamespace(headers=CIMultiDict({"Host": "edge.test", **headers}), method="GET",
+                           target=path + "?q=1", secure=False, protocol="HTTP/1.1")
+    trace = traced.start_server(view)  # type: ignore[arg-type]
+    span, lines = trace.start_client("GET", UPSTREAM, path, 0)  # type: ignore[arg-type]
+    trace.end_client(span, status, None)
+    trace.end(SimpleNamespace(status=status, route="api", client="192.0.2.1", retries=0,
+                              error=None))  # type: ignore[arg-type]
+    return trace, lines
+
+
+def test_spans_reach_the_otlp_encoder_as_sdk_spans_of_the_clients_trace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = held_tracing(monkeypatch, OTEL_SERVICE_NAME="edge-unit")
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    trace, lines = request(traced, {"traceparent": f"00-{trace_id}-{parent}-01",
+                                    "tracestate": "vendor=abc"}, status=502)
+    client, server = list(traced.processor._queue)
+    assert isinstance(server, ReadableSpan) and isinstance(client, ReadableSpan)
+    assert lines == (b"traceparent: 00-%s-%016x-01\r\ntracestate: vendor=abc\r\n"
+                     % (trace_id.encode(), client.context.span_id))
+    # What the collector gets: the SDK's encoding of them.
+    wire = ExportTraceServiceRequest.FromString(encode_spans([client, server])
+                                                .SerializeToString())
+    [resource_spans] = wire.resource_spans
+    assert {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes
+            }["service.name"] == "edge-unit"
+    [scope_spans] = resource_spans.scope_spans
+    assert scope_spans.scope.name == "edgeproxy"
+    got_client, got_server = scope_spans.spans
+    assert got_server.trace_id.hex() == got_client.trace_id.hex() == trace_id
+    assert got_server.parent_span_id.hex() == parent
+    assert got_client.parent_span_id == got_server.span_id
+    assert got_server.span_id.hex() == trace.log_fields()["span_id"]
+    assert (got_server.name, got_server.kind) == ("GET api", Span.SPAN_KIND_SERVER)
+    assert (got_client.name, got_client.kind) == ("GET", Span.SPAN_KIND_CLIENT)
+    assert got_server.status.code == got_client.status.code == Status.STATUS_CODE_ERROR  # 502
+    assert got_server.trace_state == got_client.trace_state == "vendor=abc"
+    assert 0 < got_server.start_time_unix_nano <= got_client.start_time_unix_nano \
+        <= got_client.end_time_unix_nano <= got_server.end_time_unix_nano
+    close(traced)
+
+
+def test_an_unsampled_parent_is_followed_and_nothing_is_exported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = held_tracing(monkeypatch)  # the SDK's default: parentbased_always_on
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    trace, lines = request(traced, {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-00"})
+    assert lines.startswith(b"traceparent: 00-%s-" % trace_id.encode())
+    assert lines.endswith(b"-00\r\n")  # the replica is told: not sampled
+    assert trace.log_fields()["trace_id"] == trace_id
+    sampled, _ = request(traced, {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert [s.context.span_id for s in traced.processor._queue][-1] == sampled.context.span_id
+    assert len(traced.processor._queue) == 2  # the sampled request's two spans only
+    close(traced)
+
+
+def test_the_sampler_ratio_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = held_tracing(monkeypatch, OTEL_TRACES_SAMPLER="traceidratio",
+                          OTEL_TRACES_SAMPLER_ARG="0")
+    for _ in range(20):
+        _, lines = request(traced, {})
+        assert lines.endswith(b"-00\r\n")
+    assert not traced.processor._queue
+    close(traced)
+
+
+def test_span_attribute_limits_from_the_environment_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = held_tracing(monkeypatch, OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT="6")
+    request(traced, {}, path="/a-long-path")
+    client, server = traced.processor._queue
+    assert server.attributes["url.path"] == "/a-lon"
+    assert client.attributes["url.full"] == "http:/"
+    assert server.attributes["http.response.status_code"] == 200  # only strings are cut
+    close(traced)
+
+
+@pytest.mark.parametrize(("headers", "strip"), [
+    ({}, False),
+    ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, True),
+    ({"TraceState": "vendor=abc"}, True),  # alone, still the client's: not for the replica
+    ({"traceparent": "garbage"}, True),
+])
+def test_the_pipeline_is_told_when_the_client_sent_trace_headers(
+        monkeypatch: pytest.MonkeyPatch, headers: dict[str, str], strip: bool) -> None:
+    traced = held_tracing(monkeypatch)
+    trace, lines = request(traced, headers)
+    assert trace.client_headers is strip
+    assert lines.startswith(b"traceparent: 00-")
+    close(traced)
