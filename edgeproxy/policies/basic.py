@@ -221,9 +221,11 @@ class BasicVerifier:
         self._cache: OrderedDict[bytes, tuple[str, bytes, float]] = OrderedDict()
         self._files: dict[str, _UsersFile] = {}
         self._dummies: dict[bytes, bytes] = {}
-        # (cache key, id of the route's spec) -> the bcrypt check running for it. The task
-        # holds the spec, so its id is not reused while the entry exists.
-        self._running: dict[tuple[bytes, int], asyncio.Future[bool]] = {}
+        # (cache key, id of the route's spec, the hash checked against) -> the bcrypt check
+        # running for it. The task holds the spec, so its id is not reused while the entry
+        # exists; the hash is part of the key because a users file may change while a check
+        # runs, and a request that looked up the new hash must not take the old one's answer.
+        self._running: dict[tuple[bytes, int, bytes | None], asyncio.Future[bool]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._log = get_logger("auth")
 
@@ -278,7 +280,7 @@ class BasicVerifier:
             raise BasicFailure(503, "users_unavailable",
                                f"the users file {spec.users_file} cannot be used: {state.error}")
         hashed = self._lookup(spec, file_users, user)
-        flight = (key, id(spec))
+        flight = (key, id(spec), hashed)
         running = self._running.get(flight)
         if running is None:
             if self.pending >= self.max_pending:
@@ -300,7 +302,8 @@ class BasicVerifier:
             self._cache.popitem(last=False)
         return user
 
-    def _landed(self, flight: tuple[bytes, int], done: asyncio.Future[bool]) -> None:
+    def _landed(self, flight: tuple[bytes, int, bytes | None],
+                done: asyncio.Future[bool]) -> None:
         del self._running[flight]
         self.pending -= 1
         if not done.cancelled():

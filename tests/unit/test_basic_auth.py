@@ -286,6 +286,34 @@ def test_one_check_for_a_burst_of_the_same_credentials() -> None:
     v.close()
 
 
+def test_a_password_change_during_a_check_is_not_answered_by_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # alice's check against her old hash is running when the users file gives her a new one:
+    # a request with the old password that looks up the new hash must get its own check (and
+    # fail), not the running check's "yes".
+    monkeypatch.setattr(basic, "USERS_FILE_POLL", 0.0)
+    path = tmp_path / "users"
+    path.write_text(ALICE + "\n")
+    v = BasicVerifier()
+    s = spec(users_file=str(path))
+    old = header("alice", "pw-alice")
+
+    async def main() -> tuple[object, object]:
+        first = asyncio.ensure_future(v.verify(s, old))
+        await asyncio.sleep(0)  # the first check is running
+        path.write_text("alice:" + BOB.split(":", 1)[1] + "\n")  # her new password: pw-bob
+        os.utime(path, ns=(1, 1))
+        second = asyncio.ensure_future(v.verify(s, old))
+        got = await asyncio.gather(first, second, return_exceptions=True)
+        return got[0], got[1]
+
+    first, second = run(main())
+    assert first == "alice"  # checked against the hash it looked up
+    assert isinstance(second, BasicFailure) and second.cause == "wrong_password"
+    assert v.cached(s, old) is None
+    v.close()
+
+
 def test_users_file_reload_and_bad_file_keeps_previous(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(basic, "USERS_FILE_POLL", 0.0)
