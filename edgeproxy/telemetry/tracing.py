@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, Any
 from edgeproxy import __version__
 from edgeproxy.core.logs import get_logger
 from edgeproxy.core.settings import SettingsError
+from edgeproxy.telemetry import otlp
+from edgeproxy.telemetry.otlp import SpanRecord
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import Span, SpanContext, TraceState
 
     from edgeproxy.core.headers import RawHeaders
@@ -149,7 +152,8 @@ def _last_problem() -> _LastProblem:
 
 class BoundedBatchProcessor:
     """Spans to the exporter in batches from a background thread, through a bounded queue that
-    counts what it drops.
+    counts what it drops. `send` takes a batch out (from_env: encode it and post it); without
+    it a batch goes to `exporter.export` as it is.
 
     Why not the SDK's BatchSpanProcessor: it reports drops only through OTel's own metrics
     pipeline (a MeterProvider, behind an internal flag) and a warning log line per dropped span
@@ -161,16 +165,17 @@ class BoundedBatchProcessor:
     def __init__(self, exporter: SpanExporter, on_drop: Callable[[str, int], None],
                  max_queue: int = 2048, batch: int = 512, delay: float = 5.0,
                  timeout: float = 30.0,
-                 send: Callable[[list[ReadableSpan]], bool] | None = None) -> None:
+                 send: Callable[[list[SpanRecord]], bool] | None = None) -> None:
         self._exporter = exporter
-        self._send = send or (lambda batch: exporter.export(batch).name == "SUCCESS")
+        self._send = send or (
+            lambda batch: exporter.export(batch).name == "SUCCESS")  # type: ignore[arg-type]
         self._on_drop = on_drop
         self._max_queue = max_queue
         self._batch = batch
         self._delay = delay
         self._timeout = timeout
         # append/popleft on a deque are atomic under the GIL: no lock on the request path.
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._queue: collections.deque[SpanRecord] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._log = get_logger("tracing")
@@ -187,7 +192,7 @@ class BoundedBatchProcessor:
     def _on_ending(self, span: Span) -> None:
         """Nothing to do before a span ends."""
 
-    def on_end(self, span: ReadableSpan) -> None:
+    def on_end(self, span: SpanRecord) -> None:
         """Queue a sampled span for export, or count it dropped when the queue is full."""
         queue = self._queue
         if len(queue) >= self._max_queue or self._stopping:
@@ -256,7 +261,7 @@ class ServerTrace:
     `start_client`, `end_client`, `log_fields`, `inject`).
 
     While the request runs its server span is plain values: ids, start time, attributes. It
-    reaches the span processor as the SDK's own `ReadableSpan` when it ends (see Tracing for
+    reaches the export queue as plain values too, a SpanRecord, when it ends (see Tracing for
     why it is not an SDK `Span`)."""
 
     __slots__ = ("_context", "_tid", "attributes", "client_headers", "flags", "name", "parent",
@@ -300,6 +305,7 @@ class ServerTrace:
         if not self.recording:
             return
         end = time_ns()
+        parent = self.parent
         status = ex.status
         attributes = self.attributes
         attributes["http.response.status_code"] = status
@@ -313,8 +319,9 @@ class ServerTrace:
             attributes["edgeproxy.retries"] = ex.retries
         if ex.error:
             attributes["error.type"] = ex.error.split(":", 1)[0]
-        self.tracing.finish(name, self.context, self.parent, attributes, False, status >= 500,
-                            self.start, end)
+        self.tracing.finish(name, self.trace_id, self.span_id, self.flags, self.trace_state,
+                            0 if parent is None else parent.span_id, parent is not None,
+                            attributes, False, status >= 500, self.start, end)
 
     def start_client(self, method: str, upstream: Upstream, target: str,
                      attempt: int) -> tuple[ClientSpan, bytes]:
@@ -349,13 +356,10 @@ class ServerTrace:
             attributes["http.response.status_code"] = status
         if error is not None:
             attributes["error.type"] = error
-        tracing = self.tracing
-        tracing.finish(attributes["http.request.method"],
-                       tracing.span_context(self.trace_id, span.span_id, self.flags,
-                                            self.trace_state),
-                       self.context, attributes, True,
-                       error is not None or (status is not None and status >= 500),
-                       span.start, end)
+        self.tracing.finish(attributes["http.request.method"], self.trace_id, span.span_id,
+                            self.flags, self.trace_state, self.span_id, False, attributes, True,
+                            error is not None or (status is not None and status >= 500),
+                            span.start, end)
 
     def log_fields(self) -> dict[str, str]:
         """trace_id and span_id for the access log (W3C hex forms)."""
@@ -386,35 +390,28 @@ class Tracing:
     propagator, our bounded batch processor in front of the SDK's OTLP exporter, and
     `start_server`, which the pipeline calls per request.
 
-    Why spans are built as the SDK's `ReadableSpan` when they end instead of started through
-    `Tracer.start_span`: an SDK `Span` is made for code that learns its attributes bit by bit
-    and may be touched from several threads. Each one allocates four locks, validates every
-    attribute into a `BoundedAttributes`, makes two `BoundedList`s for events and links that
-    a proxy never adds, and copies itself into a `ReadableSpan` at `end()`. A request knows
-    all of a span's attributes when the span ends, on one thread: measured in-process, the two
-    spans of a request cost about 45 us through `Tracer.start_span` and under 10 us this way.
-    Everything that decides what goes on the wire stays the SDK's: the sampler from
+    Why spans are queued as plain values (a SpanRecord) when they end instead of started
+    through `Tracer.start_span`: an SDK `Span` is made for code that learns its attributes bit
+    by bit and may be touched from several threads. Each one allocates four locks, validates
+    every attribute into a `BoundedAttributes`, makes two `BoundedList`s for events and links
+    that a proxy never adds, and copies itself into a `ReadableSpan` at `end()`. A request
+    knows all of a span's attributes when the span ends, on one thread: measured in-process,
+    the two spans of a request cost about 45 us through `Tracer.start_span` and under 10 us
+    this way. Everything that decides what goes on the wire stays the SDK's: the sampler from
     OTEL_TRACES_SAMPLER/_ARG decides each server span, the `RandomIdGenerator` makes the ids,
     `TraceContextTextMapPropagator` reads the client's traceparent, the span limits from the
-    OTEL_*_LIMIT variables apply through the SDK's `BoundedAttributes` when they could bite,
-    and the OTLP exporter encodes and sends the `ReadableSpan`s (bench/README.md, "Tracing").
+    OTEL_*_LIMIT variables apply through the SDK's `BoundedAttributes` when they could bite;
+    the export thread encodes the records with opentelemetry-proto (otlp.SpanEncoder, which
+    says why not the SDK's encoder) and the OTLP exporter's client posts them
+    (bench/README.md, "Tracing").
     """
 
     def __init__(self, provider: TracerProvider, processor: BoundedBatchProcessor,
                  limits: SpanLimits) -> None:
         from opentelemetry.attributes import BoundedAttributes
         from opentelemetry.context import Context
-        from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.trace.sampling import Decision
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import (
-            SpanContext,
-            SpanKind,
-            Status,
-            StatusCode,
-            TraceFlags,
-            get_current_span,
-        )
+        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
@@ -428,15 +425,10 @@ class Tracing:
         self._sampler = provider.sampler
         self._ids = provider.id_generator
         self.new_span_id = provider.id_generator.generate_span_id
-        self._resource = _hashed_once(provider.resource)
-        self._scope = InstrumentationScope("edgeproxy", __version__)
-        self._readable = ReadableSpan
         self._context = SpanContext
         self._flags = [TraceFlags(f) for f in range(256)]
         self._random_ids = provider.id_generator.is_trace_id_random()
-        self._kinds = (SpanKind.SERVER, SpanKind.CLIENT)
-        self._error = Status(StatusCode.ERROR)
-        self._unset = Status(StatusCode.UNSET)
+        self._server_kind = SpanKind.SERVER
         self._on_end = processor.on_end
         # A server span has at most 11 attributes, a client span 7: the SDK's limits (128
         # attributes, no length limit, by default) only matter when they are set lower.
@@ -482,7 +474,7 @@ class Tracing:
         elif "tracestate" in headers:
             client_headers = True
         trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
-        result = self._sampler.should_sample(parent_context, trace_id, name, self._kinds[0],
+        result = self._sampler.should_sample(parent_context, trace_id, name, self._server_kind,
                                              attributes)
         decision = result.decision
         flags = 0x01 if decision is self._sampled else 0x00
@@ -497,19 +489,31 @@ class Tracing:
         """A local span's SpanContext (the API's type, as Tracer.start_span makes it)."""
         return self._context(trace_id, span_id, False, self._flags[flags], trace_state)
 
-    def finish(self, name: str, context: SpanContext, parent: SpanContext | None,
+    def finish(self, name: str, trace_id: int, span_id: int, flags: int,
+               trace_state: TraceState | None, parent_id: int, parent_remote: bool,
                attributes: dict[str, Any], client: bool, failed: bool, start: int,
                end: int) -> None:
-        """Hand one ended span to the span processor as the SDK's ReadableSpan."""
-        self._on_end(self._readable(
-            name, context, parent, self._resource,
-            attributes if self._bound is None else self._bound(attributes),
-            kind=self._kinds[client], status=self._error if failed else self._unset,
-            start_time=start, end_time=end, instrumentation_scope=self._scope))
+        """Hand one ended span to the export queue, as plain values (a SpanRecord)."""
+        self._on_end(SpanRecord(name, trace_id, span_id, flags, trace_state, parent_id,
+                                parent_remote, client, failed, start, end,
+                                attributes if self._bound is None else self._bound(attributes)))
 
     def shutdown(self, timeout: float = 2.0) -> None:
         """Send what is queued (bounded by `timeout`) and stop the export thread."""
         self.processor.shutdown(timeout)
+
+
+def _sender(exporter: SpanExporter, resource: Resource,
+            scope: InstrumentationScope) -> Callable[[list[SpanRecord]], bool]:
+    """How the export thread sends a batch: encoded by otlp.SpanEncoder and posted by the
+    exporter's own client when it has one (OTLP/HTTP); else as the SDK's ReadableSpans through
+    `exporter.export` (its encoder, about 7 x the CPU a span)."""
+    post = otlp.bytes_sender(exporter)
+    if post is not None:
+        encode = otlp.SpanEncoder(resource, scope).encode
+        return lambda batch: post(encode(batch))
+    return lambda batch: exporter.export(
+        [record.readable(resource, scope) for record in batch]).name == "SUCCESS"
 
 
 def _hashed_once(resource: Resource) -> Resource:
@@ -571,11 +575,14 @@ def from_env(on_drop: Callable[[str, int], None],
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     resource = Resource.create({"service.version": __version__})
     if not any(env.get(v) for v in ("OTEL_SERVICE_NAME",)) and \
             "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         resource = resource.merge(Resource({"service.name": "edgeproxy"}))
+    resource = _hashed_once(resource)
+    scope = InstrumentationScope("edgeproxy", __version__)
     _, protocol = _first(env, PROTOCOL_VARS) or ("", "http/protobuf")
     exporter: SpanExporter
     if protocol == "grpc":  # pragma: no cover - needs the optional gRPC exporter
@@ -583,13 +590,11 @@ def from_env(on_drop: Callable[[str, int], None],
             OTLPSpanExporter as GrpcExporter,
         )
         exporter = GrpcExporter()
-        send = None
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()
-        # The exporter's own protobuf encoding: the protocol stays the SDK's, not ours.
-        send = None
+    send = _sender(exporter, resource, scope)
     processor = BoundedBatchProcessor(
         exporter, on_drop, max_queue=_bsp(env, "OTEL_BSP_MAX_QUEUE_SIZE"),
         batch=_bsp(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),

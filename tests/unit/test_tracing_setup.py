@@ -1,6 +1,6 @@
 """edgeproxy.telemetry.tracing without a network: when tracing is on, which OTEL_* values are refused at
-start, the bounded export queue and what it counts, the SDK staying unloaded when off, and the
-spans the OTLP exporter is given (sampling, ids, limits, the SDK's encoding of them)."""
+start, the bounded export queue and what it counts, the SDK staying unloaded when off, the spans
+queued for export (sampling, ids, limits) and their encoding (the same bytes as the SDK's)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from typing import Any
 import pytest
 from helpers import ROOT, wait_for
 from multidict import CIMultiDict
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import TraceState
 
 from edgeproxy.core.settings import SettingsError
-from edgeproxy.telemetry import tracing
+from edgeproxy.telemetry import otlp, tracing
 
 ON = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
 
@@ -171,19 +176,18 @@ def request(traced: tracing.Tracing, headers: dict[str, str], path: str = "/api/
     return trace, lines
 
 
-def test_spans_reach_the_otlp_encoder_as_sdk_spans_of_the_clients_trace(
+def test_spans_reach_the_otlp_encoder_as_spans_of_the_clients_trace(
         monkeypatch: pytest.MonkeyPatch) -> None:
     traced = held_tracing(monkeypatch, OTEL_SERVICE_NAME="edge-unit")
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     trace, lines = request(traced, {"traceparent": f"00-{trace_id}-{parent}-01",
                                     "tracestate": "vendor=abc"}, status=502)
     client, server = list(traced.processor._queue)
-    assert isinstance(server, ReadableSpan) and isinstance(client, ReadableSpan)
     assert lines == (b"traceparent: 00-%s-%016x-01\r\ntracestate: vendor=abc\r\n"
-                     % (trace_id.encode(), client.context.span_id))
-    # What the collector gets: the SDK's encoding of them.
-    wire = ExportTraceServiceRequest.FromString(encode_spans([client, server])
-                                                .SerializeToString())
+                     % (trace_id.encode(), client.span_id))
+    # What the collector gets: the export thread's encoding of them.
+    encoder = otlp.SpanEncoder(traced.provider.resource, InstrumentationScope("edgeproxy"))
+    wire = ExportTraceServiceRequest.FromString(encoder.encode([client, server]))
     [resource_spans] = wire.resource_spans
     assert {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes
             }["service.name"] == "edge-unit"
@@ -212,7 +216,7 @@ def test_an_unsampled_parent_is_followed_and_nothing_is_exported(
     assert lines.endswith(b"-00\r\n")  # the replica is told: not sampled
     assert trace.log_fields()["trace_id"] == trace_id
     sampled, _ = request(traced, {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
-    assert [s.context.span_id for s in traced.processor._queue][-1] == sampled.context.span_id
+    assert [s.span_id for s in traced.processor._queue][-1] == sampled.span_id
     assert len(traced.processor._queue) == 2  # the sampled request's two spans only
     close(traced)
 
@@ -250,3 +254,70 @@ def test_the_pipeline_is_told_when_the_client_sent_trace_headers(
     assert trace.client_headers is strip
     assert lines.startswith(b"traceparent: 00-")
     close(traced)
+
+
+# --- the encoding: the same bytes as the SDK's encoder ----------------------------------------
+
+RESOURCE = Resource.create({"service.name": "edge-unit", "deployment.environment": "test"})
+SCOPE = InstrumentationScope("edgeproxy", "9.9")
+TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+RECORDS = [
+    # A server span under a client's span (remote), with tracestate, failed (5xx), every
+    # attribute type a span may hold.
+    otlp.SpanRecord("GET api", TRACE, 0x77, 0x03, TraceState([("vendor", "abc"), ("k", "v")]),
+                    0x00F067AA0BA902B7, True, False, True, 1_700_000_000_000_000_000,
+                    1_700_000_000_002_000_000,
+                    {"http.request.method": "GET", "http.response.status_code": 502,
+                     "edgeproxy.flag": True, "edgeproxy.ratio": 0.25,
+                     "edgeproxy.tags": ("a", "b"), "edgeproxy.list": ["unhashable", "list"]}),
+    # Its client span (a local parent), answered.
+    otlp.SpanRecord("GET", TRACE, 0x78, 0x01, None, 0x77, False, True, False,
+                    1_700_000_000_000_100_000, 1_700_000_000_001_900_000,
+                    {"http.request.method": "GET", "http.response.status_code": 200,
+                     "server.port": 8080, "edgeproxy.flag": 1}),  # 1 is not True on the wire
+    # A root span with an empty tracestate, its attributes cut by span limits (dropped count).
+    otlp.SpanRecord("POST", 7, 0x79, 0x00, TraceState(), 0, False, False, False, 5, 9,
+                    BoundedAttributes(2, {"a": "x", "b": 2, "c": 3})),
+]
+
+
+def test_the_encoding_is_the_sdk_encoders_byte_for_byte() -> None:
+    encoder = otlp.SpanEncoder(RESOURCE, SCOPE)
+    sdk = encode_spans([r.readable(RESOURCE, SCOPE) for r in RECORDS]).SerializeToString()
+    assert encoder.encode(RECORDS) == sdk
+    assert encoder.encode(RECORDS) == sdk  # again, from the encoded attributes it kept
+    assert encoder.encode(RECORDS[1:]) == encode_spans(
+        [r.readable(RESOURCE, SCOPE) for r in RECORDS[1:]]).SerializeToString()
+
+
+def test_kept_attributes_are_bounded() -> None:
+    encoder = otlp.SpanEncoder(RESOURCE, SCOPE)
+    many = [otlp.SpanRecord("GET", 1, n + 1, 1, None, 0, False, False, False, 1, 2,
+                            {"url.path": f"/p/{n}"}) for n in range(otlp._ATTRIBUTES_MAX + 10)]
+    wire = ExportTraceServiceRequest.FromString(encoder.encode(many))
+    assert [s.attributes[0].value.string_value for s in
+            wire.resource_spans[0].scope_spans[0].spans][-1] == f"/p/{otlp._ATTRIBUTES_MAX + 9}"
+    assert len(encoder._encoded) <= otlp._ATTRIBUTES_MAX
+
+
+def test_the_otlp_http_exporter_posts_the_encoded_bytes_itself() -> None:
+    """The installed exporter has the client the fast path uses (an upgrade that removes it
+    fails here, not as a silent 7x CPU per span)."""
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces")
+    posted: list[bytes] = []
+    exporter._client.export = lambda data: (  # type: ignore[method-assign]
+        posted.append(data) or SimpleNamespace(success=True))
+    exporter.export = None  # type: ignore[assignment,method-assign]  # not the SDK's encoder
+    send = tracing._sender(exporter, RESOURCE, SCOPE)
+    assert send(RECORDS)
+    assert posted == [otlp.SpanEncoder(RESOURCE, SCOPE).encode(RECORDS)]
+    exporter.shutdown()
+
+
+def test_an_exporter_without_that_client_gets_the_sdks_spans() -> None:
+    exporter = FakeExporter()
+    exporter.release.set()
+    assert tracing._sender(exporter, RESOURCE, SCOPE)(RECORDS)  # type: ignore[arg-type]
+    assert all(isinstance(s, ReadableSpan) for s in exporter.exported)
+    assert encode_spans(exporter.exported).SerializeToString() == \
+        otlp.SpanEncoder(RESOURCE, SCOPE).encode(RECORDS)
