@@ -98,7 +98,10 @@ def _says_close(resp: web.StreamResponse) -> bool:
     """Whether an answer ends its connection: aiohttp's own flag or a `Connection: close`."""
     if not resp.keep_alive:
         return True
-    value = resp.headers.get("Connection")
+    headers = resp.headers
+    if not headers:  # an answer written in one piece by the pipeline keeps none here
+        return False
+    value = headers.get("Connection")
     if not value:
         return False
     return "close" in (token.strip().lower() for token in value.split(","))
@@ -150,8 +153,18 @@ class _ProxyRequestHandler(RequestHandler):
             # The usual read: one whole head, within the limits, nothing after it. It is
             # parsed at once, so no header timer is armed for it (the cut below would find
             # the same single piece; this only skips its bookkeeping).
-            self._head_start = data[:_HEAD_START_KEPT]  # a too long target is told by it
-            self._feed(data)
+            self._head_start = data  # a too long target is told by it (no copy: reset below)
+            before = self._request_count
+            RequestHandler.data_received(self, data)
+            if self._request_count != before:
+                message, payload = self._messages[-1]
+                if payload is EMPTY_PAYLOAD and message.__class__ is not _ErrInfo:
+                    # A head without a body, parsed: the next head is measured from zero.
+                    self._head_start = b""
+                    if self._header_timer is not None:
+                        self._disarm_header_timer()
+                    return
+                self._after_feed(message, payload)
             return
         pos = 0
         while pos < len(data) or not data:
@@ -236,8 +249,11 @@ class _ProxyRequestHandler(RequestHandler):
         super().data_received(piece)
         if self._request_count == before or not self._messages:
             return
-        # A head ended (the input is cut there): measure the next one from zero.
         message, payload = self._messages[-1]
+        self._after_feed(message, payload)
+
+    def _after_feed(self, message: Any, payload: StreamReader) -> None:
+        # A head ended (the input is cut there): measure the next one from zero.
         if isinstance(message, _ErrInfo) and isinstance(message.exc, LineTooLong):
             self._target_too_long = self._is_target(message.exc)
         self._head_size = self._head_lines = 0
@@ -289,9 +305,11 @@ class _ProxyRequestHandler(RequestHandler):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        result = await super().finish_response(request, resp, start_time)
+    def log_access(self, request: web.BaseRequest, resp: web.StreamResponse,
+                   start_time: float | None) -> None:
+        # aiohttp's finish_response calls this last, once the answer is written (or the
+        # client is gone): a plain call, where an async finish_response override costs a
+        # coroutine per request. aiohttp's own access logger is off (access_log=None).
         self._finished += 1
         # A body found malformed while it was answered without reading it (a 401, say):
         # aiohttp would read on to discard it and log the error as unhandled. Close instead.
@@ -299,7 +317,6 @@ class _ProxyRequestHandler(RequestHandler):
             self._close_after_answer()
         elif self._finished == self._request_count and self._head_size > 0:
             self._arm_header_timer()  # a head that began while the connection was busy
-        return result
 
     def _close_after_answer(self) -> None:
         """End the connection right after its last answer: FIN at once, nothing more parsed."""
@@ -479,6 +496,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
     proxy: Proxy[web.StreamResponse] = Proxy(settings, lambda: table(), metrics=metrics,
                                              verifier=verifier, limiter=limiter,
                                              session=session)
+    if control_path is None:
+        proxy.set_table_source(table)  # the control plane's, from now on
     warned_auth: set[str] = set()
 
     def warn_unprotectable(new: RouteTable) -> None:
@@ -531,6 +550,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, worker: i
             return current.table
 
         table = feed_table
+        proxy.set_table_source(feed_table)  # without the lambda's extra call per request
         tasks.append(asyncio.create_task(feed.run(), name="feed"))
         # Serve the current table before accepting anything: a restarted worker never answers
         # 404 for a route the others serve.

@@ -114,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused_writing = False
         self._timeout = 0.0
+        self._sweeper: _Sweeper | None = None  # the loop's, once this connection is watched
         self.parser: httptools.HttpResponseParser | None = None
         self._parser_spent = False
         self._reset_response()
@@ -291,11 +292,14 @@ class _Connection(asyncio.Protocol):
         """Fail the request if neither side moves a byte for `timeout` seconds."""
         self._timeout = timeout
         self.last_activity = self.loop.time()
-        _Sweeper.of(self.loop).watch(self)
+        sweeper = self._sweeper
+        if sweeper is None:  # looked up once per connection, not per request
+            sweeper = self._sweeper = _Sweeper.of(self.loop)
+        sweeper.watch(self)
 
     def disarm(self) -> None:
         """The request is over (or the connection gone)."""
-        sweeper = _sweepers.get(self.loop)
+        sweeper = self._sweeper
         if sweeper is not None:
             sweeper.active.discard(self)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import NamedTuple
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from edgeproxy.core.settings import IPNetwork
 
@@ -49,6 +49,8 @@ os.register_at_fork(after_in_child=_new_rid_prefix)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+# Names looked up on every request, as istr: a lookup by a plain str case-folds it each time.
+HOST, X_REQUEST_ID, UPGRADE = istr("Host"), istr("X-Request-ID"), istr("Upgrade")
 _DOWNSTREAM_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
 
 
@@ -88,7 +90,7 @@ def client_address(peer: str | None, headers: Headers, trusted: tuple[IPNetwork,
 
 def request_id(headers: Headers) -> str:
     """The client's X-Request-ID when it looks like one, else a fresh one."""
-    rid = headers.get("X-Request-ID")
+    rid = headers.get(X_REQUEST_ID)
     if rid is not None and _REQUEST_ID.fullmatch(rid):
         return rid
     # A random per-process prefix and a counter: unique, and far cheaper than uuid4 per request.
@@ -337,7 +339,7 @@ def _status_line(version: tuple[int, int], status: int, reason: str) -> bytes:
 
 def request_host(headers: Headers) -> str:
     """Lower-case host name from the Host header, without port or trailing dot."""
-    return host_name(headers.get("Host", ""))
+    return host_name(headers.get(HOST, ""))
 
 
 def host_name(authority: str) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import aiohttp
@@ -202,6 +202,10 @@ class Proxy(Generic[R]):
         table: RouteTable = self._table()
         return table
 
+    def set_table_source(self, source: Callable[[], RouteTable]) -> None:
+        """Where the live table comes from, once the server knows (called per request)."""
+        self._table = source
+
     def tls(self, store: CertStore, acme: ChallengeAnswers) -> None:
         """Enable TLS at the edge: ACME challenges, https redirects and HSTS."""
         self._certs = store
@@ -283,7 +287,7 @@ class Proxy(Generic[R]):
                 )
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
-        decision = decide(self.table(), view.method, view.target, view.headers, view.secure,
+        decision = decide(self._table(), view.method, view.target, view.headers, view.secure,
                           self.edge)
         if isinstance(decision, Refusal):
             ex.route = decision.route
@@ -546,7 +550,7 @@ class Proxy(Generic[R]):
 
 def is_websocket(headers: h.Headers) -> bool:
     """A WebSocket upgrade request (HTTP/1.1 only: other protocols forbid Connection)."""
-    upgrade = headers.get("Upgrade")
+    upgrade = headers.get(h.UPGRADE)
     if upgrade is None or upgrade.lower() != "websocket":
         return False
     return "upgrade" in h.connection_tokens(headers)

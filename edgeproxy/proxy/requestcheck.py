@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import re
 
-from multidict import MultiMapping
+from multidict import MultiMapping, istr
 
 from edgeproxy.core.hosts import host_problem
 from edgeproxy.proxy.exchange import Refusal
 
 _WS_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")  # base64 of exactly 16 bytes (RFC 6455 4.1)
 _CHUNKED = "chunked"
+# Header names as istr: a multidict lookup by a plain str folds its case into a new key per
+# call; an istr carries its folded form.
+_TE, _WS_KEY_NAME, _UPGRADE = istr("Transfer-Encoding"), istr("Sec-WebSocket-Key"), istr("Upgrade")
+_HOST, _AUTHORIZATION = istr("Host"), istr("Authorization")
 # Host values already found valid: a site has a handful, and a dict probe costs a tenth of
 # parsing one again on every request.
 _GOOD_HOSTS: dict[str, None] = {}
@@ -47,7 +51,7 @@ def check_http1(version: tuple[int, int], headers: MultiMapping[str],
         # client believe it talks h2 over this connection.
         return Refusal(505, "http_version_not_supported",
                        f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1", CLOSE)
-    te = headers.get("Transfer-Encoding")
+    te = headers.get(_TE)
     if te is not None:
         if version < (1, 1):
             return Refusal(400, "bad_request", "Transfer-Encoding is not defined for HTTP/1.0 "
@@ -56,11 +60,11 @@ def check_http1(version: tuple[int, int], headers: MultiMapping[str],
             # nginx's answer too: a coding we don't apply would be dropped or misframed.
             return Refusal(501, "unsupported_transfer_encoding",
                            f"Transfer-Encoding {te!r} is not supported; only 'chunked' is", CLOSE)
-    keys = headers.getall("Sec-WebSocket-Key", ())
+    keys = headers.getall(_WS_KEY_NAME, ())
     if keys and (len(keys) > 1 or not _WS_KEY.fullmatch(keys[0])):
         return Refusal(400, "bad_websocket_handshake", "Sec-WebSocket-Key must appear once and "
                        "be the base64 encoding of 16 bytes (RFC 6455 4.1)")
-    upgrade = headers.get("Upgrade")
+    upgrade = headers.get(_UPGRADE)
     if upgrade is not None and upgrade.strip().lower() == "websocket":
         body = te is not None or headers.get("Content-Length", "0").strip() != "0"
         if method != "GET" or body:
@@ -78,7 +82,7 @@ def check_request(headers: MultiMapping[str]) -> Refusal | None:
     syntax and a repeated Authorization. Part of `decide`, so /explain reports it too.
 
     Cheap for an ordinary request: a few lookups in the C multidict and a dict probe."""
-    host = headers.get("Host")
+    host = headers.get(_HOST)
     if host is not None and host not in _GOOD_HOSTS:
         problem = host_problem(host)
         if problem is not None:
@@ -86,7 +90,7 @@ def check_request(headers: MultiMapping[str]) -> Refusal | None:
         if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:  # a flood of made-up names can't grow it
             _GOOD_HOSTS.clear()
         _GOOD_HOSTS[host] = None
-    if len(headers.getall("Authorization", ())) > 1:
+    if len(headers.getall(_AUTHORIZATION, ())) > 1:
         return Refusal(400, "duplicate_credentials", "the request carries more than one "
                        "Authorization header; send exactly one")
     return None
