@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -86,9 +86,12 @@ class ClientBodyTimeout(UpstreamError):
     code = "client_timeout"
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where to connect: pooled connections are shared per endpoint."""
+class Endpoint(NamedTuple):
+    """Where to connect: pooled connections are shared per endpoint.
+
+    A NamedTuple, not a frozen dataclass: one is made per try and used as the pool's dict
+    key, and a tuple is built and hashed in C (the frozen dataclass's __init__ made a
+    setattr call per field and its __hash__ a Python call per lookup)."""
 
     host: str
     port: int
