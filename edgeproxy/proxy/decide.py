@@ -6,7 +6,7 @@ with the same inputs, so what `/explain` reports is what the proxy does. No I/O,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgeproxy.core.headers import Headers, host_name, request_host
 from edgeproxy.core.hosts import host_problem
@@ -26,12 +26,14 @@ from edgeproxy.routes.model import Route, RouteSpec
 from edgeproxy.routes.table import RouteTable
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """A request to forward: the route, the path it matched on and the target the replica gets.
 
     `authority` is the absolute-form target's host[:port], which replaces Host (None: the
-    client's Host stands). `extra_headers` are ours for every answer (HSTS, CORS)."""
+    client's Host stands). `extra_headers` are ours for every answer (HSTS, CORS).
+
+    A NamedTuple: immutable like a frozen dataclass, without the frozen __init__'s setattr
+    call per field on every request."""
 
     route: Route
     prefix: str
