@@ -138,6 +138,7 @@ class _Connection(asyncio.Protocol):
         self.expecting = True  # an answer is due: bytes are parsed until its end
         self.status = 0
         self.reason = ""
+        self.content_length: int | None = None
         self._reason_parts: list[bytes] = []
         self._header_list: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # of heads so far (interim ones too), counted as parsed
@@ -258,7 +259,8 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # 103 Early Hints and friends: not forwarded, keep reading
             self._header_list = []
             return
-        _check_final_head(status, parser.get_http_version(), reason, self._header_list)
+        self.content_length = _check_final_head(status, parser.get_http_version(), reason,
+                                                self._header_list)
         self.reason = reason.decode("latin-1")
         self.status = status
         self.keep_alive = parser.should_keep_alive()
@@ -395,20 +397,30 @@ _REASON_OK = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # RFC 9112 reason-phrase
 
 
 def _check_final_head(status: int, version: str, reason: bytes,
-                      headers: list[tuple[bytes, bytes]]) -> None:
-    """Refuse what llhttp lets through but a client must never be handed (raises _Refused)."""
+                      headers: list[tuple[bytes, bytes]]) -> int | None:
+    """Refuse what llhttp lets through but a client must never be handed (raises _Refused);
+    else the answer's Content-Length (the last well-formed one), found in the same pass."""
     if status < 100:
         raise _Refused(f"status {status:03d}; expected 100-999")
     if version not in ("1.1", "1.0"):
         raise _Refused(f"HTTP/{version} in the status line; expected HTTP/1.1 or HTTP/1.0")
     if not _REASON_OK.fullmatch(reason):
         raise _Refused("control characters in the reason phrase")
-    codings = [v for n, v in headers if len(n) == 17 and n.lower() == b"transfer-encoding"]
+    codings: list[bytes] = []
+    length: int | None = None
+    for name, value in headers:  # one pass: these two are the only names looked for here
+        size = len(name)
+        if size == 14:
+            if name.lower() == b"content-length" and value.isdigit():
+                length = int(value)
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            codings.append(value)
     # As nginx: one Transfer-Encoding, exactly chunked. Any other coding would be read to the
     # connection's end and handed on without its coding; a list hides what the replica meant.
     if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
         raise _Refused("Transfer-Encoding " + repr(b", ".join(codings).decode("latin-1"))
                        + "; expected exactly chunked")
+    return length
 
 
 _SWEEP_INTERVAL = 0.1
@@ -463,10 +475,7 @@ class UpstreamResponse:
         self.status = conn.status
         self.reason = conn.reason
         self.raw_headers = conn._header_list
-        self.content_length: int | None = None
-        for name, value in self.raw_headers:
-            if len(name) == 14 and name.lower() == b"content-length" and value.isdigit():
-                self.content_length = int(value)
+        self.content_length = conn.content_length  # found while the head was checked
         self._released = False
 
     @property
