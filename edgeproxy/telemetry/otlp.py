@@ -157,6 +157,12 @@ def bytes_sender(exporter: SpanExporter) -> Callable[[bytes], bool] | None:
     `_client` is the exporter's private attribute (opentelemetry-exporter-otlp-proto-http
     1.45 has it); tests/unit/test_tracing_setup.py checks that the installed exporter has it,
     so an upgrade that takes it away shows there instead of as a silent slowdown."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:  # only the gRPC exporter installed
+        return None
+    if not isinstance(exporter, OTLPSpanExporter):  # e.g. the gRPC exporter: its own client
+        return None
     export = getattr(getattr(exporter, "_client", None), "export", None)
     if not callable(export):
         return None
