@@ -264,7 +264,7 @@ class ServerTrace:
     reaches the export queue as plain values too, a SpanRecord, when it ends (see Tracing for
     why it is not an SDK `Span`)."""
 
-    __slots__ = ("_context", "_tid", "attributes", "client_headers", "flags", "name", "parent",
+    __slots__ = ("_tid", "attributes", "client_headers", "flags", "name", "parent",
                  "recording", "span_id", "start", "state_line", "trace_id", "trace_state",
                  "tracing")
 
@@ -285,15 +285,6 @@ class ServerTrace:
         self._tid = b"%032x" % trace_id
         self.state_line = (b"tracestate: %s\r\n" % trace_state.to_header().encode(
             "ascii", "replace")) if trace_state else b""
-        self._context: SpanContext | None = None
-
-    @property
-    def context(self) -> SpanContext:
-        """The server span's SpanContext (made once, when a span needs it)."""
-        if self._context is None:
-            self._context = self.tracing.span_context(self.trace_id, self.span_id, self.flags,
-                                                      self.trace_state)
-        return self._context
 
     def header_lines(self, span_id: int) -> bytes:
         """traceparent (and tracestate) header lines naming `span_id` as the parent."""
@@ -411,7 +402,7 @@ class Tracing:
         from opentelemetry.attributes import BoundedAttributes
         from opentelemetry.context import Context
         from opentelemetry.sdk.trace.sampling import Decision
-        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
+        from opentelemetry.trace import SpanKind, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
@@ -425,8 +416,6 @@ class Tracing:
         self._sampler = provider.sampler
         self._ids = provider.id_generator
         self.new_span_id = provider.id_generator.generate_span_id
-        self._context = SpanContext
-        self._flags = [TraceFlags(f) for f in range(256)]
         self._random_ids = provider.id_generator.is_trace_id_random()
         self._server_kind = SpanKind.SERVER
         self._on_end = processor.on_end
@@ -483,11 +472,6 @@ class Tracing:
         return ServerTrace(self, trace_id, self.new_span_id(), flags, result.trace_state,
                            parent, name, attributes, decision is not self._dropped,
                            client_headers)
-
-    def span_context(self, trace_id: int, span_id: int, flags: int,
-                     trace_state: TraceState | None) -> SpanContext:
-        """A local span's SpanContext (the API's type, as Tracer.start_span makes it)."""
-        return self._context(trace_id, span_id, False, self._flags[flags], trace_state)
 
     def finish(self, name: str, trace_id: int, span_id: int, flags: int,
                trace_state: TraceState | None, parent_id: int, parent_remote: bool,
