@@ -103,7 +103,11 @@ def stack(swarm: None) -> Iterator[Stack]:
 def test_the_example_routes_every_task_and_the_vip(stack: Stack) -> None:
     names = {stack.get("/hello/").json()["hostname"] for _ in range(10)}
     assert len(names) == 2  # both hello tasks answer
-    assert stack.replicas("api") == stack.task_addresses("api")
+    # Every running api task is routed. Waited for, not read once: under load a task can
+    # miss its HEALTHCHECK and Swarm start a replacement, which is rightly not routed until
+    # it is healthy (seen once in CI: the proxy one task short for a moment).
+    wait_for(lambda: stack.replicas("api") == stack.task_addresses("api"), timeout=30,
+             interval=0.5, what="every running api task routed")
     legacy = stack.admin("/routes")["routes"]
     vip_route = next(r for r in legacy if r["name"] == f"{stack.name}_legacy")
     service = api(f"/services/{stack.name}_legacy")
