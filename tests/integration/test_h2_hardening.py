@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -216,20 +217,45 @@ def test_an_answer_larger_than_the_clients_window_arrives_whole(proxy: ProxyProc
         c.close()
 
 
-class _BigReplica:
-    """An HTTP/1.1 replica answering with an endless body, counting what it could send."""
+class _Replica:
+    """A replica on a loopback port: each connection it accepts is counted and served by
+    `serve` on a thread of its own."""
 
     def __init__(self) -> None:
+        self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.connections += 1
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+def _h2_server(conn: socket.socket, **config: Any) -> h2.connection.H2Connection:
+    """The server side of an h2c connection, its preface sent."""
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, **config))
+    h2c.initiate_connection()
+    conn.sendall(h2c.data_to_send())
+    return h2c
+
+
+class _BigReplica(_Replica):
+    """An HTTP/1.1 replica answering with an endless body, counting what it could send."""
+
+    def __init__(self) -> None:
         self.sent = 0
         self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
+    def serve(self, conn: socket.socket) -> None:
         conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
         conn.settimeout(0.5)
@@ -317,22 +343,12 @@ def test_silent_and_idle_connections_are_closed_and_sigterm_drains(
             assert p.proc.wait(15) == 0
 
 
-class _ResettingReplica:
+class _ResettingReplica(_Replica):
     """An h2c replica (h2 itself, server side) that answers a head and some data, then resets
     the stream with CANCEL."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
+    def serve(self, conn: socket.socket) -> None:
+        h2c = _h2_server(conn)
         while True:
             data = conn.recv(65536)
             if not data:
@@ -364,31 +380,17 @@ def test_a_replica_reset_reaches_the_client_with_its_code(
             c.close()
 
 
-class _MalformedReplica:
+class _MalformedReplica(_Replica):
     """An h2c replica (h2 with its own outbound checks off) that answers /bad with a field
     HTTP/2 forbids and anything else with 200 "ok", counting its connections."""
 
     def __init__(self, field: tuple[bytes, bytes]) -> None:
         self.field = field
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            conn, _ = self.sock.accept()
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, validate_outbound_headers=False,
-            normalize_outbound_headers=False))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
+    def serve(self, conn: socket.socket) -> None:
+        h2c = _h2_server(conn, validate_outbound_headers=False,
+                         normalize_outbound_headers=False)
         while data := conn.recv(65536):
             for event in h2c.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
@@ -421,21 +423,11 @@ def test_a_replicas_malformed_field_costs_that_request_only(
         assert replica.connections == 1
 
 
-class _CountingReplica:
+class _CountingReplica(_Replica):
     """An h2c replica that answers once the request body has ended, with its length."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        h2c.initiate_connection()
-        conn.sendall(h2c.data_to_send())
+    def serve(self, conn: socket.socket) -> None:
+        h2c = _h2_server(conn)
         sizes: dict[int, int] = {}
         while data := conn.recv(65536):
             for event in h2c.receive_data(data):
