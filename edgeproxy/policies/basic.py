@@ -247,13 +247,19 @@ class BasicVerifier:
         path); None: call `verify`, which checks (or refuses) it."""
         if not authorization:
             return None
-        hit = self._cache.get(self.cache_key(authorization))
+        return self._fresh(spec, self._file_users(spec), self.cache_key(authorization))
+
+    def _fresh(self, spec: BasicAuthSpec, file_users: Mapping[str, bytes] | None,
+               key: bytes) -> str | None:
+        """The cached user of `key` while the entry is fresh and the user still has the hash
+        it verified against; a stale entry is dropped."""
+        hit = self._cache.get(key)
         if hit is None:
             return None
         user, hashed, expires = hit
-        if expires > time.monotonic() and \
-                self._lookup(spec, self._file_users(spec), user) == hashed:
+        if expires > time.monotonic() and self._lookup(spec, file_users, user) == hashed:
             return user
+        del self._cache[key]  # expired, or the user's entry changed or went away
         return None
 
     async def verify(self, spec: BasicAuthSpec, authorization: str | None) -> str:
@@ -262,13 +268,9 @@ class BasicVerifier:
             raise BasicFailure(401, "missing_credentials", "credentials required")
         file_users = self._file_users(spec)
         key = self.cache_key(authorization)
-        hit = self._cache.get(key)
-        if hit is not None:
-            cached_user, cached_hash, expires = hit
-            if expires > time.monotonic() and \
-                    self._lookup(spec, file_users, cached_user) == cached_hash:
-                return cached_user
-            del self._cache[key]  # expired, or the user's entry changed or went away
+        cached_user = self._fresh(spec, file_users, key)
+        if cached_user is not None:
+            return cached_user
         creds = basic_credentials(authorization)
         if creds is None:
             raise BasicFailure(401, "malformed_header",
