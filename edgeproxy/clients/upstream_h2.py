@@ -41,9 +41,12 @@ H2_SCHEMES = frozenset(("h2c", "h2"))
 _WINDOW = 256 * 1024  # per stream: what a replica may send ahead of the client
 _IDLE = 30.0  # an unused connection to a replica is closed after this long
 _events = get_logger("upstream_h2")
-# Never sent in HTTP/2 (RFC 9113 8.2.2); the pipeline already removed the other hop-by-hop ones.
-_DROP = frozenset((b"host", b"connection", b"keep-alive", b"proxy-connection",
-                   b"transfer-encoding", b"upgrade", b"te"))
+# Connection-specific fields: never in an HTTP/2 head (RFC 9113 8.2.2), on either hop.
+CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                 b"transfer-encoding", b"upgrade", b"te"))
+# Left out of a request to a replica (Host becomes :authority); the pipeline already removed
+# the other hop-by-hop ones.
+_DROP = CONNECTION_SPECIFIC | {b"host"}
 # Fields kept out of the HPACK dynamic table, on both hops (h2's outbound normalisation, which
 # would mark the secrets, is off). Secrets: many clients' requests share one connection's
 # compression context, so a secret indexed there could be guessed by another client from the
@@ -61,8 +64,6 @@ NOT_INDEXED = frozenset((
 # pseudo-headers, dealt with apart), a value without NUL, CR or LF.
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\0\r\n]")
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection",
-                                  b"transfer-encoding", b"upgrade", b"te"))
 # The replica hop: our request heads are built by `request_headers` (lower-case names,
 # connection-specific fields dropped, values trimmed, secrets never indexed), so h2's
 # outbound passes would only walk them again. Response heads are checked once, by
@@ -428,7 +429,7 @@ def _response_fields(fields: Iterable[tuple[bytes, bytes]],
             raise UpstreamError(f"the replica sent {name!r} {value!r} in its response "
                                 f"{'trailers' if trailers else 'head'}; expected one 3-digit "
                                 ":status before the other fields of a head", False)
-        if _FIELD_NAME.fullmatch(name) is None or name in _CONNECTION_SPECIFIC:
+        if _FIELD_NAME.fullmatch(name) is None or name in CONNECTION_SPECIFIC:
             raise UpstreamError(f"the replica sent an invalid response field name {name!r}; "
                                 "expected a lower-case token, not connection-specific", False)
         if _FORBIDDEN_IN_VALUE.search(value) is not None:

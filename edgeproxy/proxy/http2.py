@@ -37,7 +37,12 @@ from hyperframe.frame import GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeproxy.clients.upstream import UpstreamError
-from edgeproxy.clients.upstream_h2 import NOT_INDEXED, GracefulH2Connection, UpstreamReset
+from edgeproxy.clients.upstream_h2 import (
+    CONNECTION_SPECIFIC,
+    NOT_INDEXED,
+    GracefulH2Connection,
+    UpstreamReset,
+)
 from edgeproxy.core import headers as h
 from edgeproxy.core.logs import get_logger
 from edgeproxy.core.settings import Settings
@@ -810,9 +815,8 @@ def _grpc_status(pairs: h.RawHeaders) -> int | None:
     return None
 
 
-_CONNECTION_SPECIFIC = frozenset(("connection", "keep-alive", "proxy-connection",
-                                  "transfer-encoding", "upgrade", "te", "content-length"))
-_CONNECTION_SPECIFIC_B = frozenset(n.encode() for n in _CONNECTION_SPECIFIC)
+# Not copied into an answer's head: connection-specific, and our own framing.
+_CONNECTION_SPECIFIC_B = CONNECTION_SPECIFIC | {b"content-length"}
 _FORBIDDEN_IN_VALUE = re.compile("[\0\r\n]")
 
 
