@@ -197,11 +197,6 @@ class Proxy(Generic[R]):
         # OpenTelemetry: None unless OTEL_EXPORTER_OTLP_ENDPOINT is set (see edgeproxy.telemetry.tracing).
         self.tracing = otel.from_env(self.metrics.trace_spans_dropped)
 
-    def table(self) -> RouteTable:
-        """The live route table."""
-        table: RouteTable = self._table()
-        return table
-
     def set_table_source(self, source: Callable[[], RouteTable]) -> None:
         """Where the live table comes from, once the server knows (called per request)."""
         self._table = source
