@@ -161,14 +161,19 @@ class _FastStamp:
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, _logger: Any, _name: str,
-                 event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        now = time.time()
-        second = int(now)
+    def now(self) -> str:
+        """The current time, e.g. 2026-12-04T21:00:00.012345Z."""
+        micros = time.time_ns() // 1000
+        second = micros // 1_000_000
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        # str() of 1_000_000 + the microseconds, less its leading 1: a cheaper :06d
+        return f"{self._prefix}{str(micros - second * 1_000_000 + 1_000_000)[1:]}Z"
+
+    def __call__(self, _logger: Any, _name: str,
+                 event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["timestamp"] = self.now()
         return event
 
 
@@ -208,29 +213,51 @@ def access_logger(fmt: str = "json", **context: Any) -> Any:
 class FastAccessLog:
     """The same `access` event as the structlog logger renders, for the JSON format.
 
-    Measured (200k lines to /dev/null): 5.1 us per line through structlog's pipeline, 2.95 us
-    here, about 2 % of a proxied request. Lifecycle events keep using structlog; the console
-    format falls back to the structlog logger."""
+    The caller builds each record as one dict literal in the order structlog renders an event:
+    `logger`, `worker` (this logger's `worker`; dropped when None), the fields, `event`,
+    `level`; this adds the timestamp, renders with orjson and queues the line. Measured with
+    callgrind (20k lines in one process): 43 k instructions a line when the record was merged
+    from keyword arguments and a bound context, 25 k built in place. Lifecycle events keep
+    using structlog; the console format falls back to it (`_StructlogAccessLog`)."""
 
-    def __init__(self, **context: Any) -> None:
-        self._head = {"logger": "access", **context}
-        self._stamp = _FastStamp()
+    def __init__(self, worker: Any = None, **context: Any) -> None:
+        self.worker = worker
+        self._context = context  # anything bound besides the worker: added at the end
+        self._now = _FastStamp().now
 
-    def info(self, event: str, **fields: Any) -> None:
-        """Render and queue one line."""
-        record: dict[str, Any] = {**self._head, **fields, "event": event, "level": "info"}
-        self._stamp(None, "info", record)
+    def emit(self, record: dict[str, Any]) -> None:
+        """Stamp, render and queue one line."""
+        if record["worker"] is None:
+            del record["worker"]
+        if self._context:
+            record.update(self._context)
+        record["timestamp"] = self._now()
         line = _orjson.dumps(record, default=str)
         if len(line) > MAX_LINE:  # a long URL or header: cut to fit one atomic write
             line = fit_line(record, _orjson_dumps)
         _access_sink.msg(line)
 
 
-def fast_access_logger(fmt: str = "json", **context: Any) -> Any:
-    """FastAccessLog when it can render exactly the same line, else the structlog logger."""
+class _StructlogAccessLog:
+    """`emit` through structlog's pipeline (the console format, or no orjson)."""
+
+    _ADDED = frozenset(("logger", "worker", "event", "level"))  # bound or added by structlog
+
+    def __init__(self, fmt: str, **context: Any) -> None:
+        self.worker = context.get("worker")
+        self._logger = access_logger(fmt, **context)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Render and queue one line."""
+        self._logger.info(record["event"],
+                          **{k: v for k, v in record.items() if k not in self._ADDED})
+
+
+def fast_access_logger(fmt: str = "json", **context: Any) -> FastAccessLog | _StructlogAccessLog:
+    """FastAccessLog when it can render exactly the same line, else structlog's pipeline."""
     if fmt == "json" and _orjson is not None:
         return FastAccessLog(**context)
-    return access_logger(fmt, **context)
+    return _StructlogAccessLog(fmt, **context)
 
 
 def flush_access_log() -> None:

@@ -58,7 +58,6 @@ _EJECTING = frozenset(("upstream_unreachable", "upstream_timeout"))
 _CLIENT_FAULTS = frozenset(("body_too_large", "client_timeout", "bad_request"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
-_NO_TRACE: dict[str, str] = {}  # the access log's trace fields while tracing is off
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -269,17 +268,25 @@ class Proxy(Generic[R]):
             if trace is not None:  # --- tracing hook: end the server span
                 trace.end(ex)
             if self._access:
-                self._log.info(
-                    "access", method=view.method, path=view.target, status=ex.status,
-                    route=ex.route, upstream=ex.upstream, bytes=ex.bytes,
-                    duration_ms=round(elapsed * 1000, 3), request_id=ex.rid,
+                log = self._log
+                # One literal in the line's order (see FastAccessLog): no keyword arguments
+                # merged into a second dict, a third of the line's cost.
+                record = {
+                    "logger": "access", "worker": log.worker,
+                    "method": view.method, "path": view.target, "status": ex.status,
+                    "route": ex.route, "upstream": ex.upstream, "bytes": ex.bytes,
+                    "duration_ms": round(elapsed * 1000, 3), "request_id": ex.rid,
                     # Refused before routing (404, 400): the client is still worth a line.
-                    client=ex.client or h.client_address(view.peer, view.headers, self._trusted),
-                    error=ex.error, retries=ex.retries,
-                    protocol=view.protocol if view.protocol != "HTTP/1.1" else None,
-                    grpc_status=ex.grpc_status,  # edgeproxy-h2
-                    **(_NO_TRACE if trace is None else trace.log_fields()),
-                )
+                    "client": ex.client or h.client_address(view.peer, view.headers,
+                                                            self._trusted),
+                    "error": ex.error, "retries": ex.retries,
+                    "protocol": view.protocol if view.protocol != "HTTP/1.1" else None,
+                    "grpc_status": ex.grpc_status,  # edgeproxy-h2
+                    "event": "access", "level": "info",
+                }
+                if trace is not None:
+                    record.update(trace.log_fields())
+                log.emit(record)
 
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
         decision = decide(self._table(), view.method, view.target, view.headers, view.secure,
