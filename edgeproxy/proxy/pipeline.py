@@ -11,7 +11,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import aiohttp
@@ -422,8 +422,11 @@ class Proxy(Generic[R]):
             replied: int | None = None
             try:
                 try:
-                    resp = await self._attempt(route, current, method, target, head, body,
-                                               trace_lines)
+                    try:
+                        resp = await self._attempt(route, current, method, target, head, body,
+                                                   trace_lines)
+                    except (BodyTooLarge, BodyMalformed, UpstreamError) as exc:
+                        raise _failed(exc) from None
                     replied = resp.status
                     try:
                         out = await front.relay(resp, route.spec, ex)
@@ -451,36 +454,30 @@ class Proxy(Generic[R]):
                 if span is not None and trace is not None:  # --- tracing hook: try answered
                     trace.end_client(span, replied, None)
 
-    async def _attempt(self, route: Route, upstream: Upstream, method: str, target: str,
-                       head: h.UpstreamHead, body: CountedBody | None,
-                       trace_lines: bytes = b"") -> ReplicaResponse:
-        """One try against one replica: its answer's head, or UpstreamFailed. `trace_lines`
-        are this try's traceparent/tracestate header lines (tracing on)."""
+    def _attempt(self, route: Route, upstream: Upstream, method: str, target: str,
+                 head: h.UpstreamHead, body: CountedBody | None,
+                 trace_lines: bytes = b"") -> Awaitable[ReplicaResponse]:
+        """One try against one replica: the awaitable of its answer's head (not a coroutine of
+        its own: one frame less on every request). It fails with the client's exceptions,
+        which `_forward` turns into UpstreamFailed. `trace_lines` are this try's
+        traceparent/tracestate header lines (tracing on)."""
         spec = route.spec
         chunked = body is not None and not head.has_length
-        try:
-            if upstream.scheme in H2_SCHEMES:  # edgeproxy-h2: HTTP/2 to the replica
-                tls = (self._h2.tls_context(spec.tls_verify, spec.tls_ca)
-                       if upstream.scheme == "h2" else None)
-                return await self._h2.request(
-                    Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
-                    method, target, upstream.address, head,
-                    body.stream() if body is not None else None,
-                    connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
-                    extra=trace_lines)
-            endpoint = self._endpoint(upstream, spec)
-            return await self._pool.request(
-                endpoint, head.parts(method, target, upstream.address, chunked, trace_lines),
-                method,
-                body.stream() if body is not None else None, chunked,
+        if upstream.scheme in H2_SCHEMES:  # edgeproxy-h2: HTTP/2 to the replica
+            tls = (self._h2.tls_context(spec.tls_verify, spec.tls_ca)
+                   if upstream.scheme == "h2" else None)
+            return self._h2.request(
+                Endpoint(upstream.host, upstream.port, tls, spec.tls_server_name),
+                method, target, upstream.address, head,
+                body.stream() if body is not None else None,
                 connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
-                idempotent=method in IDEMPOTENT)
-        except BodyTooLarge:
-            raise UpstreamFailed("body_too_large", False) from None
-        except BodyMalformed as exc:
-            raise UpstreamFailed("bad_request", False, str(exc)) from None
-        except UpstreamError as exc:
-            raise UpstreamFailed(exc.code, exc.before_send, exc.detail) from None
+                extra=trace_lines)
+        return self._pool.request(
+            self._endpoint(upstream, spec),
+            head.parts(method, target, upstream.address, chunked, trace_lines),
+            method, body.stream() if body is not None else None, chunked,
+            connect_timeout=spec.connect_timeout, read_timeout=spec.read_timeout,
+            idempotent=method in IDEMPOTENT)
 
     # --- policies ----------------------------------------------------------------------------
 
@@ -548,6 +545,15 @@ class Proxy(Generic[R]):
             return Endpoint(upstream.host, upstream.port)
         return Endpoint(upstream.host, upstream.port, self._tls_context(spec),
                         spec.tls_server_name)
+
+
+def _failed(exc: BodyTooLarge | BodyMalformed | UpstreamError) -> UpstreamFailed:
+    """A failed try as the pipeline's UpstreamFailed."""
+    if isinstance(exc, BodyTooLarge):
+        return UpstreamFailed("body_too_large", False)
+    if isinstance(exc, BodyMalformed):
+        return UpstreamFailed("bad_request", False, str(exc))
+    return UpstreamFailed(exc.code, exc.before_send, exc.detail)
 
 
 def is_websocket(headers: h.Headers) -> bool:
