@@ -40,10 +40,10 @@ def http1_handler(proxy: Proxy[web.StreamResponse], session: aiohttp.ClientSessi
     """aiohttp's request handler: each request goes through the pipeline with this front."""
     run = proxy.run
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # What llhttp lets through and HTTP/1.1 does not allow (HTTP/2.0 request lines,
         # Transfer-Encoding other than chunked, bad WebSocket handshakes) is refused up front.
-        return await run(Http1Request(request, session, ws_max_message),
+        return run(Http1Request(request, session, ws_max_message),
                          check_http1(request.version, request.headers, request.method))
 
     return handle
