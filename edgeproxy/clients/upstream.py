@@ -139,11 +139,13 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.content_length: int | None = None
-        self._reason_parts: list[bytes] = []
+        self._reason = b""  # the status line's reason phrase, as parsed so far
         self._header_list: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # of heads so far (interim ones too), counted as parsed
-        self._fed_in_head = 0  # bytes fed while no final head is complete
+        self._fed_in_head = 0  # bytes fed while no final head was complete (1xx heads too)
+        self._read = b""  # the last read fed while no final head was complete
         self._header_count = 0
+        self._trailers = 0
         self._silent_bytes = 0  # bytes fed since the last body byte (trailers, extensions)
         self._body_seen = 0
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
@@ -171,6 +173,9 @@ class _Connection(asyncio.Protocol):
         self.received_any = True
         self.last_activity = self.loop.time()
         body_before = self._body_seen
+        if self.status == 0:
+            self._fed_in_head += len(data)  # what the head is in: a bound on its size
+            self._read = data
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserError as exc:
@@ -183,10 +188,12 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError(f"malformed response from the replica: {detail}", False))
             self.discard(detail)
             return
-        if self.status == 0:
-            self._fed_in_head += len(data)  # llhttp holds an unfinished header line for us
+        if self.status == 0:  # llhttp holds an unfinished header line for us
             if self._fed_in_head > self.limits.head:
                 self._refuse(f"response head over {self.limits.head} bytes")
+            elif self._header_count + len(self._header_list) > self.limits.headers:
+                # Lines of a head still arriving: no more than one read's worth held.
+                self._refuse(f"more than {self.limits.headers} header lines")
         elif not self.complete:
             # Chunk extensions and trailers arrive with no body byte; cap them like a head.
             if self._body_seen == body_before:
@@ -229,29 +236,49 @@ class _Connection(asyncio.Protocol):
             raise _Overrun()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.headers:
-            raise _Refused(f"more than {self.limits.headers} header lines")
-        self._head_bytes += len(name) + len(value) + 4  # trailers count with the head
-        if self._head_bytes > self.limits.head:
-            raise _Refused(f"response head over {self.limits.head} bytes")
-        if self.status == 0:  # a trailer is not forwarded, and never a header of the answer
+        # Called for each line: only collected here; the limits are checked when a head is
+        # complete, and in data_received for a head still arriving.
+        if self.status == 0:
             self._header_list.append((name, value))
+        else:  # a trailer is not forwarded, and never a header of the answer
+            self._count_trailer(name, value)
 
     def on_status(self, status: bytes) -> None:
         # llhttp hands the reason over in pieces when it spans two reads.
-        self._reason_parts.append(status)
-        self._head_bytes += len(status)
+        self._reason += status
+
+    def _count_lines(self, lines: int, size: int) -> None:
+        """Count header lines and their bytes (1xx heads, the final head, trailers)."""
+        self._header_count += lines
+        if self._header_count > self.limits.headers:
+            raise _Refused(f"more than {self.limits.headers} header lines")
+        self._head_bytes += size
+        if self._head_bytes > self.limits.head:
+            raise _Refused(f"response head over {self.limits.head} bytes")
+
+    def _count_trailer(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 4
+        if not self._trailers and self._fed_in_head <= self.limits.head:
+            # The final head was not counted byte by byte (see on_headers_complete): it is
+            # now, trailers count with it.
+            size += _head_size(self.reason.encode("latin-1"), self._header_list)
+        self._trailers += 1
+        self._count_lines(1, size)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # noqa: S101 - set before any byte can arrive
-        self._head_bytes += 17  # status line and blank line: a flood of empty 1xx counts too
-        if self._head_bytes > self.limits.head:
-            raise _Refused(f"response head over {self.limits.head} bytes")
+        headers = self._header_list
+        reason = self._reason
+        self._reason = b""
         status = parser.get_status_code()
-        reason = b"".join(self._reason_parts)
-        self._reason_parts = []
+        if status < 200 or self._fed_in_head > self.limits.head:
+            # The head's exact size: always for an interim head (a flood of empty 1xx
+            # counts), for the final one only when the bytes fed since the answer began,
+            # which bound it, pass the limit.
+            self._count_lines(len(headers), _head_size(reason, headers))
+        else:
+            self._count_lines(len(headers), 0)
         if status == 101:
             # The pool never asks for an upgrade (WebSockets go through aiohttp): a switch
             # would hand the rest of the connection to a protocol we would parse as HTTP.
@@ -259,8 +286,15 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:  # 103 Early Hints and friends: not forwarded, keep reading
             self._header_list = []
             return
-        self.content_length = _check_final_head(status, parser.get_http_version(), reason,
-                                                self._header_list)
+        read = self._read
+        if (self._head_bytes == 0 and self._fed_in_head == len(read)
+                and read.startswith(b"HTTP/1.1 ")):
+            # This read began the answer and no interim head came first: llhttp parsed this
+            # status line. (get_http_version() formats a string: 1 % of a request.)
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
+        self.content_length = _check_final_head(status, version, reason, headers)
         self.reason = reason.decode("latin-1")
         self.status = status
         self.keep_alive = parser.should_keep_alive()
@@ -396,6 +430,15 @@ _events = get_logger("upstream")
 _REASON_OK = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # RFC 9112 reason-phrase
 
 
+def _head_size(reason: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """A head's bytes as sent: each line's name, value, ": " and CRLF; the status line and
+    the blank line (17) with the reason."""
+    size = 17 + len(reason)
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _check_final_head(status: int, version: str, reason: bytes,
                       headers: list[tuple[bytes, bytes]]) -> int | None:
     """Refuse what llhttp lets through but a client must never be handed (raises _Refused);
@@ -404,7 +447,7 @@ def _check_final_head(status: int, version: str, reason: bytes,
         raise _Refused(f"status {status:03d}; expected 100-999")
     if version not in ("1.1", "1.0"):
         raise _Refused(f"HTTP/{version} in the status line; expected HTTP/1.1 or HTTP/1.0")
-    if not _REASON_OK.fullmatch(reason):
+    if reason != b"OK" and not _REASON_OK.fullmatch(reason):
         raise _Refused("control characters in the reason phrase")
     codings: list[bytes] = []
     length: int | None = None

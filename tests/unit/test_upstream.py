@@ -280,6 +280,8 @@ MALFORMED = {
     "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n",
     "status 000": b"HTTP/1.1 000 OK\r\nContent-Length: 0\r\n\r\n",
     "HTTP/2.0": b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "HTTP/2.0 after an interim head": b"HTTP/1.1 103 Early Hints\r\n\r\n"
+                                      b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
     "not HTTP": b"hello there\r\n\r\n",
     "NUL in the reason": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",
     "101 unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -313,6 +315,20 @@ def test_malformed_answers_are_upstream_errors(answer: bytes) -> None:
     asyncio.run(main())
 
 
+def test_the_status_lines_version_is_checked_when_the_head_spans_reads() -> None:
+    async def script(w: asyncio.StreamWriter, conn: int, n: int) -> bytes:
+        w.write(b"HTTP/2.0 200 OK\r\nX-A: ")
+        await w.drain()
+        await asyncio.sleep(0.05)  # the last read of the head starts like a status line
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    async def main() -> None:
+        async with replica(script) as (_, ep):
+            with pytest.raises(UpstreamError, match="HTTP/2.0 in the status line"):
+                await fetch(pool(), ep)
+    asyncio.run(main())
+
+
 def test_header_limits_come_from_the_pool() -> None:
     async def main() -> None:
         head = b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 300 + b"\r\nContent-Length: 0\r\n\r\n"
@@ -323,6 +339,41 @@ def test_header_limits_come_from_the_pool() -> None:
                 await fetch(pool(head=256), ep)
             with pytest.raises(UpstreamError, match="more than 1 header lines"):
                 await fetch(pool(headers=1), ep)
+    asyncio.run(main())
+
+
+def test_a_head_still_arriving_is_refused_once_it_has_too_many_lines() -> None:
+    async def script(w: asyncio.StreamWriter, conn: int, n: int) -> bytes | None:
+        w.write(b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 150)  # and no end of the head
+        await w.drain()
+        await asyncio.sleep(5)
+        return None
+
+    async def main() -> None:
+        async with replica(script) as (_, ep):
+            with pytest.raises(UpstreamError, match="more than 100 header lines"):
+                await fetch(pool(), ep)  # not the read timeout (2 s) of a head never ending
+    asyncio.run(main())
+
+
+def test_trailers_count_with_the_head_they_follow() -> None:
+    # 150 bytes of head, 80 of trailers: each alone under a 200-byte limit, not together.
+    head = b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 96 + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    trailers = b"X-T: " + b"t" * 30 + b"\r\nX-U: " + b"u" * 34 + b"\r\n"
+    assert (len(head), len(trailers)) == (150, 78)
+
+    async def script(w: asyncio.StreamWriter, conn: int, n: int) -> bytes:
+        w.write(head + b"2\r\nok\r\n0\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)  # the trailers in a read of their own
+        return trailers + b"\r\n"
+
+    async def main() -> None:
+        async with replica(script) as (_, ep):
+            with pytest.raises(UpstreamError, match="response head over 200 bytes"):
+                await fetch(pool(head=200), ep)
+            _, body = await fetch(pool(head=240), ep)
+            assert body == b"ok"
     asyncio.run(main())
 
 
