@@ -149,9 +149,24 @@ class Http1Request:
                 and resp.content_length in (None, len(whole))):
             # The common case: a small answer is all here and nothing rewrites its headers.
             # Serialise head and body straight from the replica's bytes in one write.
-            return await _write_whole(request, status, h.response_head(
+            # Written here, not in a coroutine of its own; it waits only if the client does
+            # not read.
+            keep_alive = request.keep_alive
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                ex.error = "client_aborted"
+                return _Written(status, False)
+            transport.write(h.response_head(
                 request.version, status, resp.reason, resp.raw_headers, ex.rid, extra,
-                len(whole), request.keep_alive), whole, ex)
+                len(whole), keep_alive) + whole)
+            if transport.get_write_buffer_size() > _WRITE_WAIT:
+                try:
+                    await request.writer.drain()
+                except ConnectionError:
+                    ex.error = "client_aborted"
+                    return _Written(status, False)
+            ex.bytes = len(whole)
+            return _Written(status, keep_alive)
         headers, gzip = answer_headers(resp.raw_headers, ex, spec.compress, method, status,
                                        request.headers.get("Accept-Encoding", ""),
                                        resp.content_length)
@@ -266,7 +281,7 @@ async def _read_whole(resp: ReplicaResponse) -> bytes:
 
 
 class _Written(web.StreamResponse):
-    """A response whose head and body are already on the wire (see `_write_whole`).
+    """A response whose head and body are already on the wire (see `relay`).
 
     aiohttp's request loop still calls prepare() and write_eof() and then reads keep_alive;
     there is nothing left for them to do."""
@@ -304,25 +319,6 @@ def _refuse_in_http11(request: web.BaseRequest, refusal: Refusal,
     if transport is not None and not transport.is_closing():
         transport.write(head + body)
     return _Written(refusal.status, False)
-
-
-async def _write_whole(request: web.BaseRequest, status: int, head: bytes, body: bytes,
-                       ex: Exchange) -> web.StreamResponse:
-    """Write a complete small response in one send; wait only if the client is not reading."""
-    keep_alive = request.keep_alive
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        ex.error = "client_aborted"
-        return _Written(status, False)
-    transport.write(head + body)
-    if transport.get_write_buffer_size() > _WRITE_WAIT:
-        try:
-            await request.writer.drain()
-        except ConnectionError:
-            ex.error = "client_aborted"
-            return _Written(status, False)
-    ex.bytes = len(body)
-    return _Written(status, keep_alive)
 
 
 async def _send_head(out: web.StreamResponse, request: web.BaseRequest,
