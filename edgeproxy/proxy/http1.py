@@ -56,10 +56,14 @@ class Http1Request:
         "_request",
         "_session",
         "_ws_max",
+        "content_length",
+        "has_body",
         "headers",
         "method",
+        "peer",
         "protocol",
         "raw_headers",
+        "secure",
         "target",
     )
 
@@ -74,28 +78,17 @@ class Http1Request:
         self.raw_headers = request.raw_headers
         version = request.version
         self.protocol = "HTTP/1.1" if version == (1, 1) else f"HTTP/{version[0]}.{version[1]}"
+        # Read here once: each is a property of aiohttp's, and the pipeline reads some twice.
+        self.peer: str | None = request.remote
+        self.secure: bool = request.secure
+        self.has_body: bool = request.body_exists
+        self.content_length: int | None = request.content_length
 
     # --- RequestView ---------------------------------------------------------------------------
 
     @property
     def view(self) -> Http1Request:
         return self
-
-    @property
-    def peer(self) -> str | None:
-        return self._request.remote
-
-    @property
-    def secure(self) -> bool:
-        return self._request.secure
-
-    @property
-    def has_body(self) -> bool:
-        return self._request.body_exists
-
-    @property
-    def content_length(self) -> int | None:
-        return self._request.content_length
 
     async def body(self) -> AsyncIterator[bytes]:
         request = self._request

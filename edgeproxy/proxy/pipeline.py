@@ -395,19 +395,19 @@ class Proxy(Generic[R]):
         else:  # no rules: straight from the client's header bytes to the replica's
             head = h.upstream_head(raw_headers, hop, auth)
         if not view.has_body:
-            return await self._forward(front, route, upstream, plan.target, head, None, ex)
+            return await self._forward(front, view.method, route, upstream, plan.target, head, None, ex)
         body = CountedBody(view.body(), limit)
         try:
-            return await self._forward(front, route, upstream, plan.target, head, body, ex)
+            return await self._forward(front, view.method, route, upstream, plan.target, head, body, ex)
         finally:
             ex.request_bytes = body.seen
 
-    async def _forward(self, front: Front[R], route: Route, upstream: Upstream, target: str,
-                       head: h.UpstreamHead, body: CountedBody | None, ex: Exchange) -> R:
+    async def _forward(self, front: Front[R], method: str, route: Route, upstream: Upstream,
+                       target: str, head: h.UpstreamHead, body: CountedBody | None,
+                       ex: Exchange) -> R:
         """Try replicas until one answers or retrying is no longer safe; relay the answer."""
         tried: list[Upstream] = []
         balancer = self.balancer
-        method = front.view.method
         limit = body.limit if body is not None else 0
         trace = ex.trace
         while True:
