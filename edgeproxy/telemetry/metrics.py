@@ -121,6 +121,9 @@ class Metrics:
         # Both reasons exist from the start: a dashboard sees 0, not an absent series.
         self._dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
         self._children: dict[tuple[str, str, int, str], tuple[Any, Any, Any, Any, Any]] = {}
+        # Called once per request: straight to the one-process counters when they are used.
+        self.observe_request: Callable[..., None] = (
+            self._fast.observe if self._fast is not None else self._observe_shared)
 
     def trace_spans_dropped(self, reason: str, count: int) -> None:
         """Count spans the tracing exporter lost (called from its thread, too)."""
@@ -131,17 +134,12 @@ class Metrics:
         """Bound the method label's cardinality."""
         return method if method in _METHODS else "OTHER"
 
-    def observe_request(self, route: str | None, method: str, status: int,
+    def _observe_shared(self, route: str | None, method: str, status: int,
                         seconds: float, request_bytes: int = 0, response_bytes: int = 0,
                         protocol: str = "HTTP/1.1", grpc_status: int | None = None) -> None:
-        """Count one answered request, its body bytes, its protocol (HTTP/1.1, HTTP/2) and,
-        for gRPC, its grpc-status (label children cached: labels() costs a lock and more)."""
+        """`observe_request` with several workers (prometheus_client's multiprocess files):
+        label children cached, since labels() costs a lock and more."""
         name = route or ""
-        fast = self._fast
-        if fast is not None:
-            fast.observe(name, self.method_label(method), status, seconds, request_bytes,
-                         response_bytes, protocol, grpc_status)
-            return
         key = (name, method, status, protocol)
         children = self._children.get(key)
         if children is None:
@@ -189,10 +187,14 @@ class _RequestStats(Collector):
         self._routes: dict[str, list[float]] = {}
         self._grpc: dict[tuple[str, str], int] = {}  # (route, grpc_status label) -> n
 
-    def observe(self, route: str, method: str, status: int, seconds: float,
+    def observe(self, route: str | None, method: str, status: int, seconds: float,
                 request_bytes: int = 0, response_bytes: int = 0, protocol: str = "HTTP/1.1",
                 grpc_status: int | None = None) -> None:
-        key = (route, method, status)
+        """`observe_request` in one process: count one answered request, its body bytes, its
+        protocol (HTTP/1.1, HTTP/2) and, for gRPC, its grpc-status."""
+        if route is None:
+            route = ""
+        key = (route, method if method in _METHODS else "OTHER", status)
         self._counts[key] = self._counts.get(key, 0) + 1
         h = self._routes.get(route)
         if h is None:
