@@ -120,6 +120,7 @@ class _Connection(asyncio.Protocol):
         self._sweeper: _Sweeper | None = None  # the loop's, once this connection is watched
         self.parser: httptools.HttpResponseParser | None = None
         self._parser_spent = False
+        self.last_activity = loop.time()  # and again when a request is sent (arm, write)
         self._reset_response()
         # No request yet: a byte now is nobody's answer.
         self.expecting = False
@@ -154,7 +155,6 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.received_any = False
         self.keep_alive = False
-        self.last_activity = self.loop.time()
         self._body_waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
 
@@ -318,14 +318,18 @@ class _Connection(asyncio.Protocol):
         if self.buffered > _HIGH_WATER and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
-        self._wake_body()
+        w = self._body_waiter  # _wake_body() inline: once per piece of every answer
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def on_message_complete(self) -> None:
         if self.status == 0:  # the end of a 1xx
             return
         self.complete = True
         self.expecting = False
-        self._wake_body()
+        w = self._body_waiter  # _wake_body() inline
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # --- inactivity watchdog: a set membership per request; one sweeper per loop checks ------
 
