@@ -313,7 +313,9 @@ class _ProxyRequestHandler(RequestHandler):
         self._finished += 1
         # A body found malformed while it was answered without reading it (a 401, say):
         # aiohttp would read on to discard it and log the error as unhandled. Close instead.
-        if _says_close(resp) or isinstance(request.content.exception(), BodyMalformed):
+        # (_done is set wherever a body is found malformed: most answers skip the lookup.)
+        if _says_close(resp) or (self._done
+                                 and isinstance(request.content.exception(), BodyMalformed)):
             self._close_after_answer()
         elif self._finished == self._request_count and self._head_size > 0:
             self._arm_header_timer()  # a head that began while the connection was busy
