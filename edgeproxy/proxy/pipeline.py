@@ -43,7 +43,7 @@ from edgeproxy.policies.ratelimit import (
 )
 from edgeproxy.proxy.access import Access, AccessContext, Grant
 from edgeproxy.proxy.balancer import Balancer
-from edgeproxy.proxy.decide import decide
+from edgeproxy.proxy.decide import Plan, decide
 from edgeproxy.proxy.exchange import Exchange, LocalAnswer, Refusal, ReplicaResponse, RequestView
 from edgeproxy.proxy.requestcheck import check_credentials, check_forwarded_host
 from edgeproxy.routes.model import Route, RouteSpec, Upstream
@@ -291,12 +291,13 @@ class Proxy(Generic[R]):
     async def _serve(self, front: Front[R], view: RequestView, ex: Exchange) -> R:
         decision = decide(self._table(), view.method, view.target, view.headers, view.secure,
                           self.edge)
-        if isinstance(decision, Refusal):
-            ex.route = decision.route
-            return front.refuse(decision, ex)
-        if isinstance(decision, LocalAnswer):
-            ex.route = decision.route
-            return front.answer(decision, ex)
+        if type(decision) is not Plan:  # one check on the common path
+            if isinstance(decision, Refusal):
+                ex.route = decision.route
+                return front.refuse(decision, ex)
+            if isinstance(decision, LocalAnswer):
+                ex.route = decision.route
+                return front.answer(decision, ex)
         plan = decision
         route = plan.route
         spec = route.spec
@@ -310,9 +311,9 @@ class Proxy(Generic[R]):
         ex.client = client
         # Credentials this route's policies read: sent twice, we would check one and the
         # replica might read the other (Authorization is checked on every route, in decide).
-        rl_key = spec.ratelimit.key if spec.ratelimit is not None else ""
-        refusal = (check_credentials(view.headers, (rl_key[7:],))
-                   if rl_key.startswith("header:") else None) or (
+        rate = spec.ratelimit
+        refusal = (check_credentials(view.headers, (rate.key[7:],))
+                   if rate is not None and rate.key.startswith("header:") else None) or (
             check_forwarded_host(view.headers) if trusted_peer else None)
         if refusal is not None:
             ex.error = refusal.code
@@ -338,7 +339,6 @@ class Proxy(Generic[R]):
                 if isinstance(checked, LocalAnswer):
                     return front.answer(checked, ex)
                 grant = checked
-        rate = spec.ratelimit
         if rate is not None:
             key = client_key(rate, ip=client, subject=grant.subject if grant else None,
                              headers=view.headers)
@@ -379,7 +379,7 @@ class Proxy(Generic[R]):
         if plan.authority is not None:  # the replica gets the target's authority as its Host
             raw_headers = (*(p for p in raw_headers if p[0].lower() != b"host"),
                            (b"Host", plan.authority.encode()))
-        websocket = is_websocket(view.headers)
+        websocket = h.UPGRADE in view.headers and is_websocket(view.headers)
         if spec.request_headers or websocket:
             hdrs = h.upstream_request_headers(raw_headers, hop)
             if spec.request_headers:
