@@ -549,8 +549,7 @@ class UpstreamResponse:
         data = b"".join(conn.body)
         conn.body.clear()
         conn.buffered = 0
-        conn.disarm()
-        return data
+        return data  # (no disarm: a complete answer never times out, and release() disarms)
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises UpstreamError (UpstreamTimeout after silence)."""
@@ -593,7 +592,9 @@ class UpstreamPool:
 
     def put(self, endpoint: Endpoint, conn: _Connection) -> None:
         """Return a clean connection for reuse."""
-        idle = self._idle.setdefault(endpoint, [])
+        idle = self._idle.get(endpoint)
+        if idle is None:
+            idle = self._idle[endpoint] = []
         now = time.monotonic()
         while idle and (now - idle[0].idle_since > self.idle_timeout or idle[0].closed
                         or not idle[0].reusable):
@@ -604,7 +605,7 @@ class UpstreamPool:
             if conn.transport is not None:
                 conn.transport.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
 
     def _take(self, endpoint: Endpoint) -> _Connection | None:
