@@ -324,7 +324,7 @@ def test_the_status_lines_version_is_checked_when_the_head_spans_reads() -> None
 
     async def main() -> None:
         async with replica(script) as (_, ep):
-            with pytest.raises(UpstreamError, match="HTTP/2.0 in the status line"):
+            with pytest.raises(UpstreamError, match=r"HTTP/2\.0 in the status line"):
                 await fetch(pool(), ep)
     asyncio.run(main())
 
