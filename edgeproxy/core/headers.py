@@ -339,7 +339,20 @@ def _status_line(version: tuple[int, int], status: int, reason: str) -> bytes:
 
 def request_host(headers: Headers) -> str:
     """Lower-case host name from the Host header, without port or trailing dot."""
-    return host_name(headers.get(HOST, ""))
+    value = headers.get(HOST, "")
+    name = _HOST_NAMES.get(value)
+    if name is None:
+        name = host_name(value)
+        if len(_HOST_NAMES) >= _HOST_NAMES_MAX:  # made-up Host values can't grow it
+            _HOST_NAMES.clear()
+        _HOST_NAMES[value] = name
+    return name
+
+
+# Host header values seen and their host names: a site has a handful, and a dict probe is
+# cheaper than the five string operations of host_name on every request.
+_HOST_NAMES: dict[str, str] = {}
+_HOST_NAMES_MAX = 4096
 
 
 def host_name(authority: str) -> str:

@@ -101,6 +101,8 @@ def _decode_unreserved(raw: str) -> str:
 
 def split_target(target: str) -> tuple[str, str]:
     """Split a raw request target into (path, query); a fragment is dropped, never forwarded."""
+    if "?" not in target and "#" not in target:  # the common case: two scans, no new objects
+        return target, ""
     target = target.split("#", 1)[0]
     path, _, query = target.partition("?")
     return path, query

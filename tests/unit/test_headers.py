@@ -317,6 +317,16 @@ def test_request_host_missing() -> None:
     assert request_host(headers()) == ""
 
 
+def test_request_host_stays_right_and_bounded_under_a_flood_of_names() -> None:
+    from edgeproxy.core import headers as h
+    for i in range(3 * h._HOST_NAMES_MAX):
+        assert request_host(headers(("Host", f"Site{i}.Example:80"))) == f"site{i}.example"
+        assert len(h._HOST_NAMES) <= h._HOST_NAMES_MAX
+    # Seen before and seen again: the same answer as the first time.
+    assert request_host(headers(("Host", "API.Example.com:443"))) == "api.example.com"
+    assert request_host(headers(("Host", "API.Example.com:443"))) == "api.example.com"
+
+
 # --- response_head: the client's head for a small answer, straight from the replica's bytes ----
 
 
