@@ -59,6 +59,8 @@ _CLIENT_FAULTS = frozenset(("body_too_large", "client_timeout", "bad_request"))
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 
+_ENDPOINTS_MAX = 4096
+
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 
@@ -182,6 +184,7 @@ class Proxy(Generic[R]):
         self.limiter: Limiter = limiter or LocalLimiter()
         self.edge = Edge(redirect_port=settings.tls_redirect_port)
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+        self._plain_endpoints: dict[str, Endpoint] = {}  # http replicas' by address
         # edgeproxy-h2: replicas with gateway.scheme=h2c/h2 get multiplexed HTTP/2 connections.
         self._h2 = H2Pool(H2Settings(settings.h2_upstream_streams, settings.connect_timeout,
                                      settings.read_timeout))
@@ -543,7 +546,15 @@ class Proxy(Generic[R]):
 
     def _endpoint(self, upstream: Upstream, spec: RouteSpec) -> Endpoint:
         if upstream.scheme != "https":
-            return Endpoint(upstream.host, upstream.port)
+            # The same for every request to the replica: made once (a NamedTuple's __new__ is
+            # a Python call), kept by address; replicas come and go, so the dict is bounded.
+            endpoint = self._plain_endpoints.get(upstream.address)
+            if endpoint is None:
+                if len(self._plain_endpoints) >= _ENDPOINTS_MAX:
+                    self._plain_endpoints.clear()
+                endpoint = self._plain_endpoints[upstream.address] = Endpoint(upstream.host,
+                                                                              upstream.port)
+            return endpoint
         return Endpoint(upstream.host, upstream.port, self._tls_context(spec),
                         spec.tls_server_name)
 

@@ -225,3 +225,17 @@ def test_ratelimit_headers_reach_the_relayed_answer_and_the_refusal() -> None:
     assert first.headers["RateLimit-Policy"] == '"default";q=1;w=60'
     assert (second.kind, second.status, second.code) == ("refuse", 429, "rate_limited")
     assert int(second.headers["Retry-After"]) >= 1
+
+
+def test_replica_endpoints_are_kept_per_address_and_bounded() -> None:
+    from edgeproxy.proxy import pipeline
+    proxy = proxy_for(table_with([]))
+    spec = RouteSpec(paths=("/app",))
+    for i in range(3 * pipeline._ENDPOINTS_MAX):
+        host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
+        endpoint = proxy._endpoint(Upstream("http", host, 8000 + i % 7, f"r{i}"), spec)
+        assert (endpoint.host, endpoint.port, endpoint.tls) == (host, 8000 + i % 7, None)
+        assert len(proxy._plain_endpoints) <= pipeline._ENDPOINTS_MAX
+    first = proxy._endpoint(Upstream("http", "10.9.9.9", 80, "a"), spec)
+    assert proxy._endpoint(Upstream("http", "10.9.9.9", 80, "b"), spec) is first
+    proxy.close()
