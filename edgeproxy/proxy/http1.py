@@ -280,7 +280,12 @@ class _Written(web.StreamResponse):
     there is nothing left for them to do."""
 
     def __init__(self, status: int, keep_alive: bool) -> None:
-        super().__init__(status=status)
+        # StreamResponse.__init__'s fields without its keyword call and reason lookup (one
+        # of these per small answer): nothing reads the reason of an answer already sent.
+        self._state = {}
+        self._headers = CIMultiDict()
+        self._status = status
+        self._reason = ""
         self._written_keep_alive = keep_alive
 
     @property
