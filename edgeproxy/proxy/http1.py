@@ -44,7 +44,7 @@ def http1_handler(proxy: Proxy[web.StreamResponse], session: aiohttp.ClientSessi
         # What llhttp lets through and HTTP/1.1 does not allow (HTTP/2.0 request lines,
         # Transfer-Encoding other than chunked, bad WebSocket handshakes) is refused up front.
         return run(Http1Request(request, session, ws_max_message),
-                         check_http1(request.version, request.headers, request.method))
+                   check_http1(request.version, request.headers, request.method))
 
     return handle
 

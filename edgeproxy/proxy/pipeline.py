@@ -273,7 +273,7 @@ class Proxy(Generic[R]):
             if self._access:
                 log = self._log
                 # One literal in the line's order (see FastAccessLog): no keyword arguments
-                # merged into a second dict, a third of the line's cost.
+                # merged into a second dict, which cost a third of the line.
                 record = {
                     "logger": "access", "worker": log.worker,
                     "method": view.method, "path": view.target, "status": ex.status,
@@ -399,10 +399,12 @@ class Proxy(Generic[R]):
         else:  # no rules: straight from the client's header bytes to the replica's
             head = h.upstream_head(raw_headers, hop, auth)
         if not view.has_body:
-            return await self._forward(front, view.method, route, upstream, plan.target, head, None, ex)
+            return await self._forward(front, view.method, route, upstream, plan.target, head,
+                                       None, ex)
         body = CountedBody(view.body(), limit)
         try:
-            return await self._forward(front, view.method, route, upstream, plan.target, head, body, ex)
+            return await self._forward(front, view.method, route, upstream, plan.target, head,
+                                       body, ex)
         finally:
             ex.request_bytes = body.seen
 
