@@ -343,16 +343,20 @@ def request_host(headers: Headers) -> str:
     name = _HOST_NAMES.get(value)
     if name is None:
         name = host_name(value)
-        if len(_HOST_NAMES) >= _HOST_NAMES_MAX:  # made-up Host values can't grow it
-            _HOST_NAMES.clear()
-        _HOST_NAMES[value] = name
+        if len(value) <= _HOST_KEPT_MAX_LEN:
+            if len(_HOST_NAMES) >= _HOST_NAMES_MAX:  # made-up Host values can't grow it
+                _HOST_NAMES.clear()
+            _HOST_NAMES[value] = name
     return name
 
 
 # Host header values seen and their host names: a site has a handful, and a dict probe is
-# cheaper than the five string operations of host_name on every request.
+# cheaper than the five string operations of host_name on every request. Bounded in count and
+# in each value's length (a DNS name and a port; the proxy refuses longer Host values before
+# routing, other callers may not), so made-up names hold at most about 2 MB.
 _HOST_NAMES: dict[str, str] = {}
 _HOST_NAMES_MAX = 4096
+_HOST_KEPT_MAX_LEN = 260
 
 
 def host_name(authority: str) -> str:

@@ -325,6 +325,10 @@ def test_request_host_stays_right_and_bounded_under_a_flood_of_names() -> None:
     # Seen before and seen again: the same answer as the first time.
     assert request_host(headers(("Host", "API.Example.com:443"))) == "api.example.com"
     assert request_host(headers(("Host", "API.Example.com:443"))) == "api.example.com"
+    # A long made-up name is answered but never kept: 4096 of them would hold 100 MB.
+    long_host = "A" * 20_000 + ".example"
+    assert request_host(headers(("Host", long_host))) == long_host.lower()
+    assert long_host not in h._HOST_NAMES
 
 
 # --- response_head: the client's head for a small answer, straight from the replica's bytes ----
