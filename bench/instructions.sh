@@ -28,16 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$WORK/nginx.conf" <<EOF
-daemon off; worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $WORK; proxy_temp_path $WORK;
-  fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
-  server { listen 127.0.0.1:$BACKEND; location / { return 200 "hello from backend!\n"; } } }
-EOF
-printf '[routes.plain]\npath = "/plain"\nupstreams = ["http://127.0.0.1:%s"]\n' $BACKEND \
-    > "$WORK/routes.toml"
-nginx -c "$WORK/nginx.conf" & NGINX_PID=$!
+# shellcheck source=bench/plain_backend.sh
+. "$ROOT/bench/plain_backend.sh"
+start_plain_backend "$WORK" "$BACKEND"
 
 (cd "$SRC" && EDGEPROXY_LISTEN=127.0.0.1:$PORT EDGEPROXY_ADMIN_LISTEN=127.0.0.1:$ADMIN \
     EDGEPROXY_WORKERS=1 EDGEPROXY_DOCKER=false EDGEPROXY_ROUTES_FILE="$WORK/routes.toml" \
