@@ -152,8 +152,8 @@ def _last_problem() -> _LastProblem:
 
 class BoundedBatchProcessor:
     """Spans to the exporter in batches from a background thread, through a bounded queue that
-    counts what it drops. `send` takes a batch out (from_env: encode it and post it); without
-    it a batch goes to `exporter.export` as it is.
+    counts what it drops. `send` takes a batch out (from_env's: encode it and post it, see
+    `_sender`); `exporter` is shut down with the processor.
 
     Why not the SDK's BatchSpanProcessor: it reports drops only through OTel's own metrics
     pipeline (a MeterProvider, behind an internal flag) and a warning log line per dropped span
@@ -164,11 +164,10 @@ class BoundedBatchProcessor:
 
     def __init__(self, exporter: SpanExporter, on_drop: Callable[[str, int], None],
                  max_queue: int = 2048, batch: int = 512, delay: float = 5.0,
-                 timeout: float = 30.0,
-                 send: Callable[[list[SpanRecord]], bool] | None = None) -> None:
+                 timeout: float = 30.0, *,
+                 send: Callable[[list[SpanRecord]], bool]) -> None:
         self._exporter = exporter
-        self._send = send or (
-            lambda batch: exporter.export(batch).name == "SUCCESS")  # type: ignore[arg-type]
+        self._send = send
         self._on_drop = on_drop
         self._max_queue = max_queue
         self._batch = batch

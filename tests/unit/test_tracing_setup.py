@@ -87,6 +87,10 @@ class FakeExporter:
         self.exported.extend(batch)
         return self.result
 
+    def send(self, batch: list[Any]) -> bool:
+        """What from_env's sender does with a batch, through this fake's export."""
+        return self.export(batch) is SpanExportResult.SUCCESS
+
     def shutdown(self) -> None:
         self.shut = True
 
@@ -103,7 +107,7 @@ def test_a_stuck_exporter_fills_the_queue_and_drops_are_counted() -> None:
     exporter = FakeExporter()
     counted, on_drop = drops()
     processor = tracing.BoundedBatchProcessor(exporter, on_drop, max_queue=3, batch=2,
-                                              delay=0.01)  # type: ignore[arg-type]
+                                              delay=0.01, send=exporter.send)  # type: ignore[arg-type]
     processor.on_end("s1")  # type: ignore[arg-type]
     processor.on_end("s2")  # type: ignore[arg-type]  # a whole batch: the exporter takes it
     wait_for(lambda: not processor._queue, 5, what="the batch taken")
@@ -121,7 +125,7 @@ def test_spans_of_a_failed_export_are_counted_as_dropped() -> None:
     exporter.release.set()
     counted, on_drop = drops()
     processor = tracing.BoundedBatchProcessor(exporter, on_drop, max_queue=10, batch=4,
-                                              delay=0.01)  # type: ignore[arg-type]
+                                              delay=0.01, send=exporter.send)  # type: ignore[arg-type]
     for n in range(3):
         processor.on_end(f"s{n}")  # type: ignore[arg-type]
     wait_for(lambda: counted.get("export_failed") == 3, 5, what="failed spans counted")
