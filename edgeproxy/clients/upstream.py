@@ -277,10 +277,8 @@ class _Connection(asyncio.Protocol):
             # counts), for the final one only when the bytes fed since the answer began,
             # which bound it, pass the limit.
             self._count_lines(len(headers), _head_size(reason, headers))
-        else:  # _count_lines(len(headers), 0) without the call
-            self._header_count += len(headers)
-            if self._header_count > self.limits.headers:
-                raise _Refused(f"more than {self.limits.headers} header lines")
+        else:
+            self._count_lines(len(headers), 0)
         if status == 101:
             # The pool never asks for an upgrade (WebSockets go through aiohttp): a switch
             # would hand the rest of the connection to a protocol we would parse as HTTP.
